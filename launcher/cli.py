@@ -1,0 +1,140 @@
+"""The ``lmscale`` command line. Entry points only parse arguments and call into ``lmscale`` or ``launcher``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from lmscale.errors import LmscaleError, UsageError
+
+log = logging.getLogger("lmscale")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmscale.data.shard import PrepareOptions, prepare, summary
+    from lmscale.data.sources import ReadOptions
+
+    options = PrepareOptions(
+        inputs=args.input,
+        output=Path(args.output),
+        seq_len=args.seq_len,
+        vocab_size=args.vocab_size,
+        tokenizer=args.tokenizer,
+        tokenizer_kind=args.tokenizer_kind,
+        tokenizer_sample_mb=args.tokenizer_sample_mb,
+        shard_size=args.shard_size,
+        val_fraction=args.val_fraction,
+        dedup=args.dedup,
+        workers=args.workers,
+        ray_address=args.ray_address,
+        read=ReadOptions(text_field=args.text_field, txt_mode=args.txt_mode, strict=args.strict),
+        overwrite=args.overwrite,
+    )
+    manifest = prepare(options)
+    print(summary(manifest, options.output))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from launcher.inspect import inspect_dataset
+
+    return inspect_dataset(Path(args.directory), samples=args.samples, verify=not args.no_verify)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.train import train
+
+    return train(args)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from launcher.demo import demo
+
+    return demo(Path(args.workdir), nproc=args.nproc, steps=args.steps)
+
+
+def _prepare_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="tokenize raw text into WebDataset shards with Ray workers")
+    p.add_argument(
+        "--input", nargs="+", required=True, help="files, directories or glob patterns (.txt/.jsonl, .gz/.zst)"
+    )
+    p.add_argument("--output", required=True, help="dataset directory to write")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sample (context length)")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer")
+    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    p.add_argument(
+        "--tokenizer-kind", choices=["bpe", "wordpiece"], default="bpe", help="bpe (GPT) or wordpiece (BERT)"
+    )
+    p.add_argument("--tokenizer-sample-mb", type=float, default=64.0, help="text to train the tokenizer on")
+    p.add_argument("--shard-size", default="64MB", help="samples per shard (10000) or a size (64MB)")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
+    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument(
+        "--txt-mode",
+        choices=["paragraphs", "file"],
+        default="paragraphs",
+        help="documents in .txt files: separated by blank lines, or one per file",
+    )
+    p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
+    p.add_argument("--workers", type=int, help="Ray tasks in flight (default: all cores)")
+    p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--strict", action="store_true", help="fail on the first bad input line instead of skipping it")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=cmd_prepare)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmscale", description="Pretrain GPT/BERT models with DeepSpeed ZeRO.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _prepare_parser(sub)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("inspect", help="summarise a prepared dataset, verify checksums, decode samples")
+    p.add_argument("directory")
+    p.add_argument("--samples", type=int, default=2, help="samples to decode back to text")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every shard")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="train from a YAML config on N local ranks with DeepSpeed")
+    p.add_argument("config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--nproc", type=int, help="ranks on this node (default: GPUs, or 1 on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved and DeepSpeed configs and exit")
+    p.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a checkpoint tag")
+    p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("demo", help="the whole path on a small corpus built from Python's own docstrings")
+    p.add_argument("--workdir", default="demo", help="where the corpus, dataset and run go")
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--steps", type=int, default=150)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except LmscaleError as err:
+        if args.debug:
+            raise
+        print(f"lmscale: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("lmscale: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+__all__ = ["UsageError", "entry", "main"]

@@ -1,0 +1,87 @@
+"""``lmscale train``: validate and resolve the config, write it into the run directory, start the ranks.
+
+Local ranks are started by the DeepSpeed launcher (``deepspeed.launcher.runner``), which sets RANK,
+LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT for each ``python -m lmscale.train.main`` process. Without
+a GPU the ranks are CPU processes talking over gloo (``DS_ACCELERATOR=cpu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from lmscale.config import Config, load_config
+from lmscale.errors import UsageError
+from lmscale.train import checkpoint
+from lmscale.train.ds_config import deepspeed_config
+from lmscale.train.plan import RunPlan, plan_run
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def resolve(config: str, overrides: list[str], world_size: int) -> tuple[Config, RunPlan, dict]:
+    cfg = load_config(config, overrides)
+    # Pin the run directory in the resolved config so every rank and every resume agrees on it.
+    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(cfg.run.path)))
+    plan = plan_run(cfg, world_size)
+    return plan.cfg, plan, deepspeed_config(plan, "cuda" if gpu_count() else "cpu")
+
+
+def check_resume(ckpt_dir: Path, resume: str) -> None:
+    if resume == "none" and checkpoint.latest_tag(ckpt_dir):
+        raise UsageError(
+            f"{ckpt_dir}: the run already has checkpoints; use --resume auto to continue it or another run.name"
+        )
+    if resume not in ("auto", "none"):
+        checkpoint.read_state(ckpt_dir, resume)
+
+
+def rank_command(nproc: int, port: int, config_path: Path, resume: str) -> list[str]:
+    return [
+        sys.executable, "-m", "deepspeed.launcher.runner",
+        "--num_gpus", str(nproc), "--master_port", str(port),
+        "--module", "lmscale.train.main", "--config", str(config_path), "--resume", resume,
+    ]  # fmt: skip
+
+
+def train(args: argparse.Namespace) -> int:
+    gpus = gpu_count()
+    nproc = args.nproc or max(gpus, 1)
+    if nproc < 1:
+        raise UsageError(f"--nproc {nproc}: must be at least 1")
+    if gpus and nproc > gpus:
+        raise UsageError(f"--nproc {nproc}: this node has {gpus} GPUs")
+    cfg, _, ds_config = resolve(args.config, args.set, nproc)
+    if args.dry_run:
+        print("# resolved lmscale config")
+        print(cfg.to_yaml())
+        print(f"# generated DeepSpeed config (world size {nproc})")
+        print(json.dumps(ds_config, indent=2))
+        return 0
+    run_dir = cfg.run.path
+    check_resume(run_dir / "checkpoints", args.resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.yaml"
+    config_path.write_text(cfg.to_yaml())
+    (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    env = dict(os.environ)
+    if not gpus:
+        env.setdefault("DS_ACCELERATOR", "cpu")
+    command = rank_command(nproc, args.master_port or free_port(), config_path, args.resume)
+    return subprocess.run(command, env=env).returncode

@@ -1,0 +1,374 @@
+"""The typed schema of a training run.
+
+Defaults in code < YAML file < ``--set a.b=c`` overrides. Every section is a dataclass; loading walks the
+dataclass fields, so an unknown key, a wrong type or a bad value is an error that names the dotted field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lmscale.errors import UsageError
+
+
+class ConfigError(UsageError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Name of the run; the run directory defaults to runs/<name>."""
+    dir: str | None = None
+    """Run directory (config, checkpoints, metrics); default runs/<name>."""
+    seed: int = 1234
+    """Seed for weight init, data order and dropout."""
+
+    @property
+    def path(self) -> Path:
+        return Path(self.dir) if self.dir else Path("runs") / self.name
+
+
+@dataclass
+class DataSourceConfig:
+    path: str
+    """A directory written by `lmscale prepare` (holds manifest.json)."""
+    weight: float = 1.0
+    """Relative share of this dataset in the training stream."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """A prepared dataset directory; shorthand for a single entry in `sources`."""
+    sources: list[DataSourceConfig] = field(default_factory=list)
+    """Several prepared datasets mixed by weight."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank; the sample order does not depend on it."""
+    shuffle: bool = True
+    """Seeded shuffle of shard order and of samples within a shard, new every epoch."""
+    strict: bool = False
+    """Fail on a corrupt shard instead of skipping it with a counted warning."""
+
+    def resolved_sources(self) -> list[DataSourceConfig]:
+        if self.path is not None and self.sources:
+            raise ConfigError("data: give either data.path or data.sources, not both")
+        if self.path is not None:
+            return [DataSourceConfig(path=self.path)]
+        if not self.sources:
+            raise ConfigError("data.path: missing (a directory written by `lmscale prepare`)")
+        return self.sources
+
+
+@dataclass
+class ModelConfig:
+    flavor: Literal["gpt2", "llama"] = "gpt2"
+    """Architecture family: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, GQA)."""
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (llama); default n_heads."""
+    d_ff: int | None = None
+    """MLP hidden size; default 4*d_model (gpt2) or the Llama 8/3*d_model rounded to 64."""
+    seq_len: int | None = None
+    """Context length (positions); default the dataset's seq_len."""
+    vocab_size: int | None = None
+    """Embedding rows; default the dataset tokenizer's vocabulary."""
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    init_from: str | None = None
+    """A Hugging Face-format model directory to start (continued pretraining) from."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not biases, norms)."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    """Linear warmup from 0 to optim.lr over this many optimizer steps."""
+    total_steps: int | None = None
+    """Length of the cosine schedule; default trainer.max_steps."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to optim.lr * min_lr_ratio."""
+
+
+@dataclass
+class ZeroConfig:
+    stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    offload_optimizer: Literal["none", "cpu"] = "none"
+    offload_params: Literal["none", "cpu"] = "none"
+    """Parameter offload (stage 3 only)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for (a resumed run continues to this step)."""
+    micro_batch_size: int = 8
+    """Sequences per rank per forward pass."""
+    grad_accum_steps: int | None = None
+    """Micro-batches per optimizer step; derived from global_batch_size when that is given, else 1."""
+    global_batch_size: int | None = None
+    """Sequences per optimizer step over all ranks; must equal micro_batch_size * grad_accum_steps * world."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every_steps: int = 100
+    """Validation loss every N steps (0 disables)."""
+    eval_batches: int = 10
+    """Micro-batches per rank in one validation pass."""
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 500
+    """Save a checkpoint every N steps (0 disables periodic saves); a final one is always saved."""
+    keep_last: int = 3
+    """Checkpoints kept in the run directory; older ones are deleted after a successful save."""
+
+
+@dataclass
+class WandbConfig:
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    """online needs an API key; without one lmscale falls back to offline."""
+    project: str = "lmscale"
+    entity: str | None = None
+    name: str | None = None
+    """Display name; default run.name."""
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggingConfig:
+    every_steps: int = 10
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps or self.trainer.max_steps
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: expected one of {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{where}: unknown key (known keys here: {known})")
+        kwargs[key] = _coerce(value, hints[key], where)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{prefix + '.' if prefix else ''}{missing[0]}: missing")
+    return cls(**kwargs)
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` as a string (it wants ``3.0e-4``); learning rates are written that way."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.\d*)?[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
+def apply_override(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override to a raw config mapping; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected key=value, e.g. optim.lr=3e-4")
+    dotted, text = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = parse_yaml(text) if text.strip() else None
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> Config:
+    """Read a YAML config, apply ``--set`` overrides and validate the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = parse_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err.__class__.__name__})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return from_dict(raw)
+
+
+def _positive(value: int | float | None, where: str, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data or world size; see ``resolve`` for those that do."""
+    m, t = cfg.model, cfg.trainer
+    for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "seq_len", "vocab_size"):
+        _positive(getattr(m, name), f"model.{name}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model.n_kv_heads: {m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
+    if m.flavor == "gpt2" and m.n_kv_heads not in (None, m.n_heads):
+        raise ConfigError("model.n_kv_heads: grouped-query attention needs model.flavor: llama")
+    if m.flavor == "llama" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError("model.d_model: the llama flavor needs an even head size for rotary embeddings")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    _positive(cfg.optim.lr, "optim.lr")
+    _positive(cfg.optim.grad_clip, "optim.grad_clip", allow_zero=True)
+    _positive(t.max_steps, "trainer.max_steps")
+    _positive(t.micro_batch_size, "trainer.micro_batch_size")
+    _positive(t.grad_accum_steps, "trainer.grad_accum_steps")
+    _positive(t.global_batch_size, "trainer.global_batch_size")
+    _positive(t.eval_every_steps, "trainer.eval_every_steps", allow_zero=True)
+    _positive(t.eval_batches, "trainer.eval_batches")
+    _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
+    _positive(cfg.schedule.total_steps, "schedule.total_steps")
+    if cfg.schedule.total_steps is not None and cfg.schedule.total_steps < t.max_steps:
+        raise ConfigError(
+            f"schedule.total_steps: {cfg.schedule.total_steps} is shorter than trainer.max_steps={t.max_steps}"
+        )
+    if not 0.0 <= cfg.schedule.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    _positive(cfg.checkpoint.every_steps, "checkpoint.every_steps", allow_zero=True)
+    _positive(cfg.checkpoint.keep_last, "checkpoint.keep_last")
+    _positive(cfg.logging.every_steps, "logging.every_steps")
+    _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)
+    if cfg.zero.offload_params != "none" and cfg.zero.stage != 3:
+        raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")
+    if cfg.zero.offload_optimizer != "none" and cfg.zero.stage == 0:
+        raise ConfigError("zero.offload_optimizer: optimizer offload needs zero.stage >= 1")
+    for i, source in enumerate(cfg.data.sources):
+        _positive(source.weight, f"data.sources[{i}].weight")
+    cfg.data.resolved_sources()
+
+
+def grad_accum_steps(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step on each rank, checked against the global batch size."""
+    t = cfg.trainer
+    per_pass = t.micro_batch_size * world_size
+    if t.global_batch_size is None:
+        return t.grad_accum_steps or 1
+    if t.global_batch_size % per_pass:
+        raise ConfigError(
+            f"trainer.global_batch_size: {t.global_batch_size} is not divisible by "
+            f"micro_batch_size * world_size = {t.micro_batch_size} * {world_size}"
+        )
+    accum = t.global_batch_size // per_pass
+    if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+        raise ConfigError(
+            f"trainer.grad_accum_steps: {t.grad_accum_steps} disagrees with global_batch_size "
+            f"{t.global_batch_size} = micro_batch_size {t.micro_batch_size} * world {world_size} * {accum}"
+        )
+    return accum

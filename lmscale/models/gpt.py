@@ -1,0 +1,166 @@
+"""Decoder-only causal language model in two flavors.
+
+- ``gpt2``: learned absolute positions, pre-LayerNorm with biases, GELU MLP, tied embeddings (GPT-2).
+- ``llama``: rotary positions, RMSNorm, SwiGLU MLP, grouped-query attention, no biases, optionally
+  untied embeddings (Llama 2/3).
+
+Architecture only: no DeepSpeed, data, logging or checkpoint code lives here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmscale.models.layers import Attention, GeluMLP, KVCache, RMSNorm, SwiGLUMLP, rotary_tables
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int
+    seq_len: int
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None
+    d_ff: int | None = None
+    flavor: Literal["gpt2", "llama"] = "gpt2"
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.flavor == "gpt2":
+            return 4 * self.d_model
+        # Llama keeps the parameter count of a 4x GELU MLP with three matrices: 2/3 * 4d, rounded up to 64.
+        return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        llama = cfg.flavor == "llama"
+        norm = (
+            (lambda: RMSNorm(cfg.d_model, cfg.norm_eps)) if llama else (lambda: nn.LayerNorm(cfg.d_model, cfg.norm_eps))
+        )
+        self.attn_norm = norm()
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, bias=not llama, dropout=cfg.dropout, causal=True)
+        self.mlp_norm = norm()
+        self.mlp = SwiGLUMLP(cfg.d_model, cfg.ff_dim) if llama else GeluMLP(cfg.d_model, cfg.ff_dim, bias=True)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache, layer))
+        return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.flavor == "gpt2" else None
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = (
+            RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.flavor == "llama" else nn.LayerNorm(cfg.d_model, cfg.norm_eps)
+        )
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.flavor == "llama":
+            cos, sin = rotary_tables(cfg.seq_len, cfg.head_dim, cfg.rope_theta)
+            # Not persistent: the tables are a function of the config, so checkpoints need not carry them.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream keeps unit scale.
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets`` also the mean cross-entropy.
+
+        Targets equal to -100 are ignored. With a ``cache``, ``idx`` continues the cached positions.
+        """
+        T = idx.shape[1]
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.seq_len:
+            raise ValueError(f"sequence of {past + T} tokens exceeds the model's {self.cfg.seq_len} positions")
+        x = self.tok_emb(idx)  # (B, T, d)
+        rotary = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+        else:
+            rotary = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+        x = self.emb_dropout(x)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rotary, cache, layer)
+        logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+
+def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
+    """Training FLOPs (forward + backward) per token, counted exactly over the matrix products.
+
+    Each weight matrix costs 2 FLOPs per multiply-add in the forward pass and twice that in the backward:
+    6 * (matmul weights). Attention adds Q @ K^T and A @ V: 2 * 2 * seq_len * d_model per layer forward,
+    so 12 * n_layers * seq_len * d_model for training (the PaLM appendix B convention: the causal half
+    is not subtracted, matching what the kernels compute).
+    """
+    d, L = cfg.d_model, cfg.n_layers
+    kv = cfg.kv_heads * cfg.head_dim
+    attn_weights = d * d + 2 * d * kv + d * d  # q, k, v, o
+    mlp_weights = (3 if cfg.flavor == "llama" else 2) * d * cfg.ff_dim
+    matmul_weights = L * (attn_weights + mlp_weights) + d * cfg.vocab_size  # + lm_head
+    return 6.0 * matmul_weights + 12.0 * L * seq_len * d

@@ -1,0 +1,47 @@
+"""The DeepSpeed JSON config, generated from the lmscale config and never kept by hand."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lmscale.train.plan import RunPlan
+
+
+def deepspeed_config(plan: RunPlan, accelerator: str) -> dict[str, Any]:
+    """``accelerator`` is DeepSpeed's accelerator name ("cuda", "cpu", ...)."""
+    cfg = plan.cfg
+    zero: dict[str, Any] = {"stage": cfg.zero.stage}
+    if cfg.zero.stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=accelerator != "cpu", reduce_bucket_size=int(5e7))
+    if cfg.zero.stage == 3:
+        zero.update(stage3_param_persistence_threshold=int(1e4))
+    if cfg.zero.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": cfg.zero.offload_optimizer, "pin_memory": accelerator == "cuda"}
+    if cfg.zero.offload_params != "none":
+        zero["offload_param"] = {"device": cfg.zero.offload_params, "pin_memory": accelerator == "cuda"}
+    optim = cfg.optim
+    return {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum_steps,
+        "gradient_clipping": optim.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                # The schedule sets the learning rate before every step; this is only the initial value.
+                "lr": optim.lr,
+                "betas": [optim.beta1, optim.beta2],
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,
+                # DeepSpeed's fused Adam is a CUDA kernel; CPU ranks use torch.optim.AdamW.
+                "torch_adam": accelerator == "cpu" and cfg.zero.offload_optimizer == "none",
+                "adam_w_mode": True,
+            },
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        "fp16": {"enabled": False},
+        "steps_per_print": 10**9,  # lmscale does its own logging
+        "wall_clock_breakdown": False,
+        "dump_state": False,
+    }

@@ -1,0 +1,53 @@
+"""The one module that imports DeepSpeed: distributed start-up and the ZeRO engine."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.accelerator import get_accelerator
+
+from lmscale.models import GPT
+from lmscale.train.ds_config import deepspeed_config
+from lmscale.train.plan import RunPlan
+
+
+def accelerator_name() -> str:
+    return get_accelerator().device_name()
+
+
+def init_distributed() -> tuple[int, int, int]:
+    """(rank, local rank, world size). CPU ranks talk over gloo; GPUs over NCCL."""
+    backend = "gloo" if accelerator_name() == "cpu" else get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if accelerator_name() != "cpu":
+        get_accelerator().set_device(local_rank)
+    return torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size()
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only: biases, norm gains and the (tied) embedding rows keep their scale."""
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(plan: RunPlan, model: GPT) -> tuple[Any, dict[str, Any]]:
+    """Wrap the model in a DeepSpeed engine (ZeRO stage, precision, clipping and AdamW from the plan)."""
+    ds_config = deepspeed_config(plan, accelerator_name())
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, plan.cfg.optim.weight_decay), config=ds_config
+    )
+    return engine, ds_config
+
+
+def barrier() -> None:
+    torch.distributed.barrier()

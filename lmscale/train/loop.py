@@ -1,0 +1,162 @@
+"""The training loop, readable top to bottom: step, evaluate, log, checkpoint, stop on request."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from lmscale.train import checkpoint
+from lmscale.train.metrics import MetricsLogger
+from lmscale.train.plan import RunPlan
+from lmscale.train.schedule import lr_at
+from lmscale.train.signals import StopRequest
+
+log = logging.getLogger("lmscale")
+
+EXIT_PREEMPTED = 3
+"""Exit code of a run stopped by a signal after saving a checkpoint: requeue it to continue."""
+
+
+@dataclass
+class TrainState:
+    """Everything besides the engine that a resume needs; saved as ``lmscale_state.json``."""
+
+    step: int = 0
+    samples_seen: int = 0
+    """Global data position: samples consumed by all ranks. Independent of the world size."""
+    tokens_seen: int = 0
+    wandb_id: str = ""
+    resumes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    value = value.detach().float().cpu()
+    dist.all_reduce(value)
+    return value.item() / dist.get_world_size()
+
+
+class Trainer:
+    def __init__(
+        self,
+        plan: RunPlan,
+        engine: Any,
+        train_batches: Iterator[dict[str, Any]],
+        eval_batches: Any,
+        logger: MetricsLogger,
+        state: TrainState,
+        rank: int,
+        run_dir: Path,
+        flops_per_token: float,
+        peak_flops: float | None,
+    ) -> None:
+        self.plan, self.cfg, self.engine = plan, plan.cfg, engine
+        self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.logger, self.state, self.rank = logger, state, rank
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.stop = StopRequest()
+        self.device = engine.device
+
+    def train_step(self) -> dict[str, float]:
+        cfg, plan = self.cfg, self.plan
+        lr = lr_at(self.state.step, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.total_steps, cfg.schedule.min_lr_ratio)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        started = time.perf_counter()
+        data_wait = 0.0
+        loss_sum = torch.zeros((), device=self.device)
+        for _ in range(plan.grad_accum_steps):
+            wait_started = time.perf_counter()
+            batch = next(self.train_batches)
+            data_wait += time.perf_counter() - wait_started
+            tokens = batch["tokens"].to(self.device, non_blocking=True)
+            _, loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            self.engine.backward(loss)
+            self.engine.step()
+            loss_sum += loss.detach()
+        loss_value = mean_over_ranks(loss_sum / plan.grad_accum_steps)
+        step_time = time.perf_counter() - started
+        self.state.step += 1
+        self.state.samples_seen += plan.global_batch_size
+        self.state.tokens_seen += plan.tokens_per_step
+        grad_norm = self.engine.get_global_grad_norm()
+        tokens_per_s = plan.tokens_per_step / step_time
+        return {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens_per_s,
+            "tokens_per_s_per_rank": tokens_per_s / plan.world_size,
+            "samples_per_s": plan.global_batch_size / step_time,
+            "step_time_s": step_time,
+            "data_wait_frac": data_wait / step_time,
+            "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * plan.world_size)
+            if self.peak_flops
+            else None,
+            "tokens_seen": self.state.tokens_seen,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        count = 0
+        for batch in self.eval_batches:
+            tokens = batch["tokens"].to(self.device)
+            _, loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            total += loss.float()
+            count += 1
+        self.engine.train()
+        return mean_over_ranks(total / max(count, 1))
+
+    def save(self) -> None:
+        state = {
+            "step": self.state.step,
+            "samples_seen": self.state.samples_seen,
+            "tokens_seen": self.state.tokens_seen,
+            "world_size": self.plan.world_size,
+            "wandb_id": self.state.wandb_id,
+            "resumes": self.state.resumes,
+            "config": self.cfg.to_dict(),
+            "saved_at": time.time(),
+        }
+        tag = checkpoint.save(
+            self.engine, self.ckpt_dir, self.state.step, state, self.rank, self.cfg.checkpoint.keep_last
+        )
+        self.logger.event(self.state.step, "checkpoint", tag=tag)
+
+    def stop_requested(self) -> bool:
+        flag = torch.tensor(1.0 if self.stop.requested else 0.0)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def fit(self) -> int:
+        cfg = self.cfg
+        every_eval, every_ckpt = cfg.trainer.eval_every_steps, cfg.checkpoint.every_steps
+        first_step, saved_step = self.state.step, -1
+        while self.state.step < cfg.trainer.max_steps:
+            metrics: dict[str, Any] = self.train_step()
+            step = self.state.step
+            if every_eval and step % every_eval == 0:
+                val_loss = self.evaluate()
+                metrics["val_loss"] = val_loss
+            if step % cfg.logging.every_steps == 0 or "val_loss" in metrics or step == cfg.trainer.max_steps:
+                self.logger.log(step, metrics)
+            stopping = self.stop_requested()
+            if (every_ckpt and step % every_ckpt == 0) or stopping:
+                self.save()
+                saved_step = step
+            if stopping:
+                self.logger.event(step, "preempted", signal=self.stop.signal_name or "peer rank")
+                return EXIT_PREEMPTED
+        if self.state.step > first_step and saved_step != self.state.step:
+            self.save()
+        return 0

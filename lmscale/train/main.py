@@ -1,0 +1,179 @@
+"""What each rank runs: ``python -m lmscale.train.main --config runs/<name>/config.yaml``.
+
+Started by the DeepSpeed launcher, ``srun`` or a Ray job; the launcher has already validated the config
+and written the resolved copy into the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lmscale.config import Config, load_config
+from lmscale.data.stream import ShardStream, StreamSource, split_shards
+from lmscale.errors import LmscaleError
+from lmscale.models import GPT, flops_per_token
+from lmscale.train import checkpoint
+from lmscale.train.engine import build_engine, init_distributed
+from lmscale.train.loop import Trainer, TrainState
+from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
+from lmscale.train.plan import RunPlan, plan_run
+
+log = logging.getLogger("lmscale")
+
+
+def data_loaders(plan: RunPlan, rank: int, start_position: int) -> tuple[DataLoader, DataLoader | None]:
+    cfg = plan.cfg
+    sources = cfg.data.resolved_sources()
+    manifest = plan.manifests[0]
+    common = dict(
+        sample_len=manifest.sample_len,
+        dtype=manifest.dtype,
+        micro_batch_size=plan.micro_batch_size,
+        rank=rank,
+        world_size=plan.world_size,
+        seed=cfg.run.seed,
+        strict=cfg.data.strict,
+    )
+    train = ShardStream(
+        [
+            StreamSource(split_shards(s.path, m, "train"), s.weight)
+            for s, m in zip(sources, plan.manifests, strict=True)
+        ],
+        start_position=start_position,
+        shuffle=cfg.data.shuffle,
+        **common,
+    )
+    workers = cfg.data.num_workers
+    train_loader = DataLoader(
+        train,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )
+    val_record = manifest.splits.get("validation")
+    if not cfg.trainer.eval_every_steps or val_record is None or not val_record.shards:
+        if cfg.trainer.eval_every_steps:
+            log.warning("%s has no validation samples: validation loss is not computed", sources[0].path)
+        return train_loader, None
+    val = ShardStream(
+        [StreamSource(split_shards(sources[0].path, manifest, "validation"))],
+        shuffle=False,
+        max_micro_batches=cfg.trainer.eval_batches,
+        **common,
+    )
+    return train_loader, DataLoader(val, batch_size=None, num_workers=0)
+
+
+def resume_tag(ckpt_dir: Path, resume: str) -> str | None:
+    if resume == "none":
+        return None
+    if resume == "auto":
+        return checkpoint.latest_tag(ckpt_dir)
+    checkpoint.read_state(ckpt_dir, resume)
+    return resume
+
+
+def wandb_run_id(run_dir: Path, saved: str | None) -> str:
+    """The checkpoint's id, else the run directory's (a job that died before its first save), else new."""
+    id_file = run_dir / "wandb_id"
+    run_id = saved or (id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12])
+    id_file.write_text(run_id)
+    return run_id
+
+
+def run(cfg: Config, resume: str) -> int:
+    rank, _, world_size = init_distributed()
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    plan = plan_run(cfg, world_size)
+    cfg = plan.cfg
+    run_dir = cfg.run.path
+    ckpt_dir = run_dir / "checkpoints"
+
+    # Same seed on every rank: identical initial weights before ZeRO partitions them.
+    torch.manual_seed(cfg.run.seed)
+    model = GPT(plan.model_config())
+    engine, ds_config = build_engine(plan, model)
+
+    state = TrainState()
+    tag = resume_tag(ckpt_dir, resume)
+    saved: dict = {}
+    # Dropout differs per rank; restored from the checkpoint below when there is one for this rank.
+    torch.manual_seed(cfg.run.seed * 1000 + rank)
+    if tag is not None:
+        saved = checkpoint.load(engine, ckpt_dir, tag, rank)
+        state = TrainState(
+            step=saved["step"],
+            samples_seen=saved["samples_seen"],
+            tokens_seen=saved["tokens_seen"],
+            resumes=saved.get("resumes", 0) + 1,
+        )
+        if saved["world_size"] != world_size:
+            torch.manual_seed(cfg.run.seed * 1000 + rank + state.step)
+    train_loader, val_loader = data_loaders(plan, rank, state.samples_seen)
+
+    sinks: list[Sink] = []
+    if rank == 0:
+        state.wandb_id = wandb_run_id(run_dir, saved.get("wandb_id"))
+        sinks = [ConsoleSink(), JsonlSink(run_dir / "metrics.jsonl", resume_step=state.step if tag else None)]
+        if cfg.logging.wandb.mode != "disabled":
+            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, {"deepspeed": ds_config, "world_size": world_size}))
+    logger = MetricsLogger(sinks)
+    model_cfg = plan.model_config()
+    if rank == 0:
+        log.info(
+            "model %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d",
+            model_cfg.flavor,
+            model.num_params() / 1e6,
+            world_size,
+            plan.global_batch_size,
+            plan.seq_len,
+            cfg.zero.stage,
+        )
+    if tag is not None:
+        logger.event(state.step, "resume", tag=tag, world_size=world_size, previous_world_size=saved["world_size"])
+
+    trainer = Trainer(
+        plan,
+        engine,
+        iter(train_loader),
+        val_loader,
+        logger,
+        state,
+        rank,
+        run_dir,
+        flops_per_token=flops_per_token(model_cfg, plan.seq_len),
+        peak_flops=None,
+    )
+    try:
+        return trainer.fit()
+    finally:
+        logger.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", required=True, help="the resolved config written by `lmscale train`")
+    parser.add_argument("--resume", default="auto")
+    parser.add_argument("--local_rank", type=int, help="set by the DeepSpeed launcher; LOCAL_RANK is used")
+    args = parser.parse_args(argv)
+    try:
+        return run(load_config(args.config), args.resume)
+    except LmscaleError as err:
+        print(f"lmscale: error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Resolve a validated config against its datasets and world size: the numbers every rank agrees on."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from lmscale.config import Config, ConfigError, grad_accum_steps
+from lmscale.data.manifest import Manifest, read_manifest
+from lmscale.models import GPTConfig
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: Config
+    """The config with model.vocab_size, model.seq_len and trainer.grad_accum_steps filled in."""
+    world_size: int
+    manifests: list[Manifest]
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.cfg.trainer.micro_batch_size
+
+    @property
+    def grad_accum_steps(self) -> int:
+        assert self.cfg.trainer.grad_accum_steps is not None
+        return self.cfg.trainer.grad_accum_steps
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.grad_accum_steps * self.world_size
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens each sample trains on (the dataset's seq_len)."""
+        return self.manifests[0].seq_len
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.seq_len
+
+    def model_config(self) -> GPTConfig:
+        m = self.cfg.model
+        assert m.vocab_size is not None and m.seq_len is not None
+        return GPTConfig(
+            vocab_size=m.vocab_size,
+            seq_len=m.seq_len,
+            d_model=m.d_model,
+            n_layers=m.n_layers,
+            n_heads=m.n_heads,
+            n_kv_heads=m.n_kv_heads,
+            d_ff=m.d_ff,
+            flavor=m.flavor,
+            dropout=m.dropout,
+            tie_embeddings=m.tie_embeddings,
+            rope_theta=m.rope_theta,
+            init_std=m.init_std,
+        )
+
+
+def plan_run(cfg: Config, world_size: int) -> RunPlan:
+    sources = cfg.data.resolved_sources()
+    manifests = [read_manifest(s.path) for s in sources]
+    first = manifests[0]
+    for source, manifest in zip(sources[1:], manifests[1:], strict=True):
+        if manifest.tokenizer_sha256 != first.tokenizer_sha256:
+            raise ConfigError(f"data.sources: {source.path} uses another tokenizer than {sources[0].path}")
+        if manifest.seq_len != first.seq_len:
+            raise ConfigError(
+                f"data.sources: {source.path} has seq_len {manifest.seq_len}, {sources[0].path} {first.seq_len}"
+            )
+    m = cfg.model
+    vocab_size = m.vocab_size or first.vocab_size
+    if vocab_size < first.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {first.vocab_size} ({sources[0].path})"
+        )
+    seq_len = m.seq_len or first.seq_len
+    if first.seq_len > seq_len:
+        raise ConfigError(
+            f"model.seq_len: the data's seq_len {first.seq_len} ({sources[0].path}) is larger than "
+            f"the model's {seq_len} positions"
+        )
+    trainer = dataclasses.replace(cfg.trainer, grad_accum_steps=grad_accum_steps(cfg, world_size))
+    model = dataclasses.replace(m, vocab_size=vocab_size, seq_len=seq_len)
+    resolved = dataclasses.replace(cfg, model=model, trainer=trainer)
+    return RunPlan(resolved, world_size, manifests)

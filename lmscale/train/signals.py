@@ -1,0 +1,24 @@
+"""Preemption: SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a clean stop.
+
+The handler only sets a flag; the loop agrees on it across ranks at the next step boundary, so every rank
+saves the same step.
+"""
+
+from __future__ import annotations
+
+import signal
+import types
+
+
+class StopRequest:
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+        self.signal_name: str | None = None
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
