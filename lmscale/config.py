@@ -57,6 +57,8 @@ class DataConfig:
     """Seeded shuffle of shard order and of samples within a shard, new every epoch."""
     strict: bool = False
     """Fail on a corrupt shard instead of skipping it with a counted warning."""
+    log_sample_keys: bool = False
+    """Write the sample keys of every step to <run>/sample_keys/rank_<r>.jsonl (data provenance)."""
 
     def resolved_sources(self) -> list[DataSourceConfig]:
         if self.path is not None and self.sources:

@@ -123,7 +123,7 @@ class GPT(nn.Module):
         Targets equal to -100 are ignored. With a ``cache``, ``idx`` continues the cached positions.
         """
         T = idx.shape[1]
-        past = cache.length if cache is not None else 0
+        past = cache.length() if cache is not None else 0
         if past + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds the model's {self.cfg.seq_len} positions")
         x = self.tok_emb(idx)  # (B, T, d)

@@ -48,9 +48,9 @@ class KVCache:
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
 
-    @property
-    def length(self) -> int:
-        k = self.keys[0]
+    def length(self, layer: int = 0) -> int:
+        """Positions cached for ``layer`` (layers fill in turn during a forward pass)."""
+        k = self.keys[layer]
         return 0 if k is None else k.shape[2]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +91,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         past = 0
         if cache is not None:
-            past = cache.length
+            past = cache.length(layer)
             k, v = cache.update(layer, k, v)  # (B, nkv, past+T, hs)
         if self.n_kv_heads != self.n_heads:
             # Each group of query heads shares one key/value head.

@@ -16,6 +16,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from lmscale.errors import LmscaleError
 
 STATE_FILE = "lmscale_state.json"
 LATEST = "latest"
+UNIVERSAL = "universal"
+"""Sub-directory of a tag holding DeepSpeed's universal (world-size independent) form of the checkpoint."""
 
 
 def tag_for(step: int) -> str:
@@ -88,10 +92,40 @@ def save(engine: Any, ckpt_dir: Path, step: int, state: dict[str, Any], rank: in
     return tag
 
 
-def load(engine: Any, ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Collective: restore engine, optimizer and RNG; returns the lmscale state saved with the tag."""
+def convert_to_universal(ckpt_dir: Path, tag: str) -> None:
+    """Rewrite a ZeRO checkpoint in DeepSpeed's universal format, which loads on any world size.
+
+    Runs DeepSpeed's own converter (``deepspeed.checkpoint.ds_to_universal``) once per tag; the result
+    is published by rename, so an interrupted conversion is redone, never half-used.
+    """
+    target = ckpt_dir / tag / UNIVERSAL
+    if (target / "zero").is_dir():
+        return
+    tmp = ckpt_dir / tag / f".{UNIVERSAL}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    command = [
+        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
+        "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise LmscaleError(f"{ckpt_dir / tag}: conversion to a universal checkpoint failed ({last})")
+    os.replace(tmp, target)
+
+
+def load(engine: Any, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -> dict[str, Any]:
+    """Collective: restore engine, optimizer and RNG; returns the lmscale state saved with the tag.
+
+    ``universal`` loads the tag's universal form (after ``convert_to_universal``), for another world size;
+    the engine must then have been built with ``checkpoint.load_universal``.
+    """
     state = read_state(ckpt_dir, tag)
-    path, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False)
+    load_dir, load_tag = (ckpt_dir / tag, UNIVERSAL) if universal else (ckpt_dir, tag)
+    path, _ = engine.load_checkpoint(
+        str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=False
+    )
     if path is None:
         raise LmscaleError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     rng_file = ckpt_dir / tag / "rng" / f"rank_{rank}.pt"

@@ -7,8 +7,9 @@ from typing import Any
 from lmscale.train.plan import RunPlan
 
 
-def deepspeed_config(plan: RunPlan, accelerator: str) -> dict[str, Any]:
-    """``accelerator`` is DeepSpeed's accelerator name ("cuda", "cpu", ...)."""
+def deepspeed_config(plan: RunPlan, accelerator: str, load_universal: bool = False) -> dict[str, Any]:
+    """``accelerator`` is DeepSpeed's accelerator name ("cuda", "cpu", ...); ``load_universal`` prepares
+    the engine to load a universal checkpoint (a resume on another world size)."""
     cfg = plan.cfg
     zero: dict[str, Any] = {"stage": cfg.zero.stage}
     if cfg.zero.stage >= 1:
@@ -44,4 +45,5 @@ def deepspeed_config(plan: RunPlan, accelerator: str) -> dict[str, Any]:
         "steps_per_print": 10**9,  # lmscale does its own logging
         "wall_clock_breakdown": False,
         "dump_state": False,
+        "checkpoint": {"load_universal": load_universal},
     }

@@ -40,9 +40,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(plan: RunPlan, model: GPT) -> tuple[Any, dict[str, Any]]:
+def build_engine(plan: RunPlan, model: GPT, load_universal: bool = False) -> tuple[Any, dict[str, Any]]:
     """Wrap the model in a DeepSpeed engine (ZeRO stage, precision, clipping and AdamW from the plan)."""
-    ds_config = deepspeed_config(plan, accelerator_name())
+    ds_config = deepspeed_config(plan, accelerator_name(), load_universal)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, plan.cfg.optim.weight_decay), config=ds_config
     )

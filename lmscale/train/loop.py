@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from lmscale.train import checkpoint
-from lmscale.train.metrics import MetricsLogger
+from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
 from lmscale.train.signals import StopRequest
@@ -63,6 +64,16 @@ class Trainer:
         self.ckpt_dir = run_dir / "checkpoints"
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.stop = StopRequest()
+        self.key_log = None
+        if self.cfg.data.log_sample_keys:
+            key_dir = run_dir / "sample_keys"
+            resumed = state.step if state.step else None
+            self.key_log = open_step_log(key_dir / f"rank_{rank}.jsonl", resumed)
+            if rank == 0 and resumed is not None:
+                # Ranks beyond this world size (a resume on fewer ranks) keep only the steps they trained.
+                for path in key_dir.glob("rank_*.jsonl"):
+                    if int(path.stem.removeprefix("rank_")) >= plan.world_size:
+                        open_step_log(path, resumed).close()
         self.device = engine.device
 
     def train_step(self) -> dict[str, float]:
@@ -72,11 +83,13 @@ class Trainer:
             group["lr"] = lr
         started = time.perf_counter()
         data_wait = 0.0
+        keys: list[str] = []
         loss_sum = torch.zeros((), device=self.device)
         for _ in range(plan.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(self.train_batches)
             data_wait += time.perf_counter() - wait_started
+            keys.extend(batch["keys"])
             tokens = batch["tokens"].to(self.device, non_blocking=True)
             _, loss = self.engine(tokens[:, :-1], tokens[:, 1:])
             self.engine.backward(loss)
@@ -87,6 +100,8 @@ class Trainer:
         self.state.step += 1
         self.state.samples_seen += plan.global_batch_size
         self.state.tokens_seen += plan.tokens_per_step
+        if self.key_log is not None:
+            self.key_log.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
         grad_norm = self.engine.get_global_grad_norm()
         tokens_per_s = plan.tokens_per_step / step_time
         return {
@@ -132,6 +147,10 @@ class Trainer:
             self.engine, self.ckpt_dir, self.state.step, state, self.rank, self.cfg.checkpoint.keep_last
         )
         self.logger.event(self.state.step, "checkpoint", tag=tag)
+
+    def close(self) -> None:
+        if self.key_log is not None:
+            self.key_log.close()
 
     def stop_requested(self) -> bool:
         flag = torch.tensor(1.0 if self.stop.requested else 0.0)

@@ -20,7 +20,7 @@ from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import LmscaleError
 from lmscale.models import GPT, flops_per_token
 from lmscale.train import checkpoint
-from lmscale.train.engine import build_engine, init_distributed
+from lmscale.train.engine import barrier, build_engine, init_distributed
 from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
 from lmscale.train.plan import RunPlan, plan_run
@@ -101,25 +101,33 @@ def run(cfg: Config, resume: str) -> int:
     run_dir = cfg.run.path
     ckpt_dir = run_dir / "checkpoints"
 
+    tag = resume_tag(ckpt_dir, resume)
+    saved = checkpoint.read_state(ckpt_dir, tag) if tag else {}
+    # ZeRO partitions optimizer state by world size: another world size resumes from the universal form.
+    elastic = bool(saved) and saved["world_size"] != world_size
+    if elastic:
+        if rank == 0:
+            log.info("resuming a %d-rank checkpoint on %d ranks: converting %s", saved["world_size"], world_size, tag)
+            checkpoint.convert_to_universal(ckpt_dir, tag)
+        barrier()
+
     # Same seed on every rank: identical initial weights before ZeRO partitions them.
     torch.manual_seed(cfg.run.seed)
     model = GPT(plan.model_config())
-    engine, ds_config = build_engine(plan, model)
+    engine, ds_config = build_engine(plan, model, load_universal=elastic)
 
     state = TrainState()
-    tag = resume_tag(ckpt_dir, resume)
-    saved: dict = {}
-    # Dropout differs per rank; restored from the checkpoint below when there is one for this rank.
+    # Dropout differs per rank; restored from the checkpoint below when the world size is unchanged.
     torch.manual_seed(cfg.run.seed * 1000 + rank)
     if tag is not None:
-        saved = checkpoint.load(engine, ckpt_dir, tag, rank)
+        checkpoint.load(engine, ckpt_dir, tag, rank, universal=elastic)
         state = TrainState(
             step=saved["step"],
             samples_seen=saved["samples_seen"],
             tokens_seen=saved["tokens_seen"],
             resumes=saved.get("resumes", 0) + 1,
         )
-        if saved["world_size"] != world_size:
+        if elastic:
             torch.manual_seed(cfg.run.seed * 1000 + rank + state.step)
     train_loader, val_loader = data_loaders(plan, rank, state.samples_seen)
 
@@ -159,6 +167,7 @@ def run(cfg: Config, resume: str) -> int:
     try:
         return trainer.fit()
     finally:
+        trainer.close()
         logger.close()
 
 

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 from lmscale.config import Config
 
@@ -51,17 +51,19 @@ class ConsoleSink:
         pass
 
 
+def open_step_log(path: Path, resume_step: int | None) -> TextIO:
+    """Open a JSONL file of step records for appending, first dropping records past ``resume_step``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None and path.is_file():
+        lines = path.read_text().splitlines()
+        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+    return open(path, "a", buffering=1)
+
+
 class JsonlSink:
     def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        if resume_step is not None and path.is_file():
-            kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line and json.loads(line).get("step", 0) <= resume_step
-            ]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a", buffering=1)  # noqa: SIM115 - open for the whole run, closed in close()
+        self.file = open_step_log(path, resume_step)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from lmscale.config import Config, ConfigError, grad_accum_steps
 from lmscale.data.manifest import Manifest, read_manifest
+from lmscale.errors import UsageError
 from lmscale.models import GPTConfig
 
 
@@ -60,7 +61,13 @@ class RunPlan:
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
     sources = cfg.data.resolved_sources()
-    manifests = [read_manifest(s.path) for s in sources]
+    manifests = []
+    for i, source in enumerate(sources):
+        field = "data.path" if cfg.data.path is not None else f"data.sources[{i}].path"
+        try:
+            manifests.append(read_manifest(source.path))
+        except UsageError as err:
+            raise ConfigError(f"{field}: {err}") from None
     first = manifests[0]
     for source, manifest in zip(sources[1:], manifests[1:], strict=True):
         if manifest.tokenizer_sha256 != first.tokenizer_sha256:

@@ -1,0 +1,38 @@
+"""``lmscale demo``: the whole path on the embedded default, with no download.
+
+corpus (Python's own docstrings) -> ``prepare`` on local Ray -> ``train`` on CPU ranks with ZeRO stage 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from launcher.train import train
+from lmscale.data.demo_corpus import write_demo_corpus
+from lmscale.data.manifest import MANIFEST
+from lmscale.data.shard import PrepareOptions, prepare, summary
+
+log = logging.getLogger("lmscale")
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "gpt-tiny.yaml"
+
+
+def demo(workdir: Path, nproc: int, steps: int) -> int:
+    data_dir = workdir / "data"
+    if not (data_dir / MANIFEST).is_file():
+        files = write_demo_corpus(workdir / "corpus")
+        log.info("demo corpus: %d files in %s", len(files), workdir / "corpus")
+        options = PrepareOptions(
+            inputs=[str(workdir / "corpus")], output=data_dir, seq_len=256, vocab_size=8192, val_fraction=0.05,
+            shard_size="200", overwrite=True,
+        )  # fmt: skip
+        print(summary(prepare(options), data_dir))
+    args = argparse.Namespace(
+        config=str(TINY_CONFIG),
+        set=[f"data.path={data_dir}", f"run.dir={workdir / 'runs' / 'gpt-tiny'}", f"trainer.max_steps={steps}",
+             "zero.stage=2"],
+        nproc=nproc, dry_run=False, resume="auto", master_port=None,
+    )  # fmt: skip
+    return train(args)

@@ -1,0 +1,66 @@
+"""The user's path through the CLI: prepare -> train -> resume, with W&B offline."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import TINY_OVERRIDES, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_prepare_train_resume(corpus_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    result = run_cli("prepare", "--input", str(corpus_dir), "--output", str(data), "--seq-len", "64",
+                     "--vocab-size", "512", "--shard-size", "0.2MB", "--workers", "2", "--val-fraction", "0.1")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "prepared" in result.stdout and (data / "manifest.json").is_file()
+
+    run_dir = tmp_path / "run"
+    sets = [*TINY_OVERRIDES, f"data.path={data}", f"run.dir={run_dir}", "logging.wandb.mode=offline",
+            "schedule.total_steps=6", "checkpoint.every_steps=3", "trainer.eval_every_steps=3"]  # fmt: skip
+    args = ["train", "configs/gpt-tiny.yaml", "--nproc", "2"] + [a for s in sets for a in ("--set", s)]
+
+    dry = run_cli(*args, "--dry-run", "--set", "trainer.max_steps=6")
+    assert dry.returncode == 0, dry.stderr
+    assert '"stage": 2' in dry.stdout and "d_model: 64" in dry.stdout and not run_dir.exists()
+
+    first = run_cli(*args, "--set", "trainer.max_steps=3", env={"WANDB_API_KEY": ""})
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli(*args, "--set", "trainer.max_steps=6")
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resume" in second.stderr and "step_00000003" in second.stderr
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        if "loss" in r:
+            assert {"lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= r.keys()
+            assert r["tokens_seen"] == r["step"] * 16 * 64
+    assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
+    assert [r["event"] for r in records if "event" in r] == ["checkpoint", "resume", "checkpoint"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed.json").is_file()
+    # One offline W&B run, continued by the resume rather than started anew.
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    run_id = (run_dir / "wandb_id").read_text()
+    assert wandb_runs and all(p.name.endswith(run_id) for p in wandb_runs)
+    assert "wandb sync" in second.stderr
+
+
+def test_world_size_that_does_not_divide_the_batch(dataset: Path) -> None:
+    result = run_cli("train", "configs/gpt-tiny.yaml", "--nproc", "3", "--set", f"data.path={dataset}",
+                     "--set", "trainer.global_batch_size=16", "--set", "trainer.grad_accum_steps=null")  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "lmscale: error: trainer.global_batch_size: 16 is not divisible by micro_batch_size * world_size = 8 * 3"
+    )
+
+
+def test_missing_data_dir_exit_code_2(tmp_path: Path) -> None:
+    result = run_cli("train", "configs/gpt-tiny.yaml", "--set", f"data.path={tmp_path / 'none'}")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("lmscale: error: data.path: ")
+    assert len(result.stderr.strip().splitlines()) == 1

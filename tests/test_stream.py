@@ -1,0 +1,114 @@
+"""The training stream over real shards: rank split, elastic determinism, resume, epochs, mixtures, corruption."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+from torch.utils.data import DataLoader
+
+from lmscale.data.manifest import read_manifest
+from lmscale.data.stream import ShardStream, StreamSource, split_shards
+from lmscale.errors import LmscaleError
+
+
+def make_stream(dataset: Path, rank: int, world: int, mb: int = 4, start: int = 0, **kw: object) -> ShardStream:
+    manifest = read_manifest(dataset)
+    sources = kw.pop("sources", None) or [StreamSource(split_shards(str(dataset), manifest, "train"))]
+    return ShardStream(
+        sources,
+        manifest.sample_len,
+        manifest.dtype,
+        mb,
+        rank,
+        world,
+        seed=7,
+        start_position=start,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def global_sequence(dataset: Path, world: int, samples: int, start: int = 0, mb: int = 4, **kw: object) -> list[str]:
+    """Keys by global position, gathered from every rank's micro-batches."""
+    by_position: dict[int, str] = {}
+    for rank in range(world):
+        stream = make_stream(dataset, rank, world, mb, start, **kw)
+        for i in range(samples // (mb * world)):
+            batch = stream.micro_batch(i)
+            by_position.update(zip(stream.positions(i), batch["keys"], strict=True))  # type: ignore[arg-type]
+    return [by_position[p] for p in range(start, start + samples)]
+
+
+def test_ranks_read_disjoint_samples_covering_the_epoch(dataset: Path) -> None:
+    n = read_manifest(dataset).splits["train"].samples
+    usable = n - n % 8
+    per_rank = [
+        [k for i in range(usable // 8) for k in make_stream(dataset, r, 2).micro_batch(i)["keys"]]  # type: ignore[union-attr]
+        for r in range(2)
+    ]
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert len(set(per_rank[0]) | set(per_rank[1])) == usable
+
+
+def test_global_order_is_independent_of_world_size(dataset: Path) -> None:
+    one = global_sequence(dataset, 1, 96)
+    assert global_sequence(dataset, 2, 96) == one
+    assert global_sequence(dataset, 3, 96) == one
+    assert len(set(one)) == 96
+
+
+def test_resume_at_any_position_continues_the_sequence_on_another_world_size(dataset: Path) -> None:
+    full = global_sequence(dataset, 2, 240)
+    assert global_sequence(dataset, 3, 96, start=48) == full[48:144]
+    assert global_sequence(dataset, 1, 96, start=144) == full[144:240]
+
+
+def test_loader_workers_do_not_change_the_order(dataset: Path) -> None:
+    direct = [make_stream(dataset, 1, 2).micro_batch(i)["keys"] for i in range(6)]
+    for workers in (1, 3):
+        loader = DataLoader(make_stream(dataset, 1, 2), batch_size=None, num_workers=workers)
+        it = iter(loader)
+        assert [next(it)["keys"] for _ in range(6)] == direct
+
+
+def test_epochs_cover_every_sample_with_a_new_order(dataset: Path) -> None:
+    n = read_manifest(dataset).splits["train"].samples
+    seq = global_sequence(dataset, 1, 2 * n, mb=1)
+    first, second = seq[:n], seq[n:]
+    assert sorted(first) == sorted(second) and len(set(first)) == n
+    assert first != second
+    unshuffled = global_sequence(dataset, 1, n, mb=1, shuffle=False)
+    assert unshuffled == sorted(unshuffled)
+
+
+def test_mixture_draws_in_proportion(dataset: Path, tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    shutil.copytree(dataset, other)
+    manifest = read_manifest(dataset)
+    sources = [
+        StreamSource(split_shards(str(dataset), manifest, "train"), weight=3.0),
+        StreamSource(split_shards(str(other), manifest, "train"), weight=1.0),
+    ]
+    stream = make_stream(dataset, 0, 1, mb=1, sources=sources)
+    urls = []
+    for i in range(4000):
+        source, _ = stream.mixture.locate(i)
+        urls.append(source)
+    assert urls.count(0) == 3000 and urls.count(1) == 1000
+    # Real samples come from both directories, and the order is seed-determined.
+    keys = [stream.micro_batch(i)["keys"][0] for i in range(40)]
+    assert len(set(keys)) > 20
+
+
+def test_corrupt_shard_is_skipped_with_a_count_or_fatal_when_strict(dataset: Path, tmp_path: Path, caplog) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    manifest = read_manifest(broken)
+    victim = broken / manifest.splits["train"].shards[0].file
+    victim.write_bytes(victim.read_bytes()[:3000])  # truncated tar
+    n = manifest.splits["train"].samples
+    seq = global_sequence(broken, 2, n - n % 8)
+    assert not any(k.startswith("train-000000-") for k in seq)
+    assert any("skipping corrupt shard" in r.message and "train-000000.tar" in r.message for r in caplog.records)
+    stream = make_stream(broken, 0, 1, mb=n, strict=True)
+    with pytest.raises(LmscaleError, match=r"train-000000.tar: sha256 does not match the manifest \(data.strict"):
+        stream.micro_batch(0)

@@ -1,0 +1,88 @@
+"""Real DeepSpeed engines on 2 CPU ranks over gloo, started by the CLI as a user would."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from lmscale.train.checkpoint import LATEST
+
+from .conftest import TINY_OVERRIDES, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def train(run_dir: Path, dataset: Path, nproc: int, *overrides: str) -> None:
+    args = ["train", "configs/gpt-tiny.yaml", "--nproc", str(nproc)]
+    for item in [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", "data.log_sample_keys=true",
+                 "trainer.eval_every_steps=4", "schedule.total_steps=8", *overrides]:  # fmt: skip
+        args += ["--set", item]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in lines if "loss" in r}
+
+
+def step_keys(run_dir: Path) -> dict[int, list[str]]:
+    """Every rank's keys per step, merged."""
+    merged: dict[int, list[str]] = {}
+    for path in sorted((run_dir / "sample_keys").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            merged.setdefault(record["step"], []).extend(record["keys"])
+    return merged
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_and_resumes_exactly(stage: int, dataset: Path, tmp_path: Path) -> None:
+    common = [f"zero.stage={stage}", "checkpoint.every_steps=4"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(full, dataset, 2, "trainer.max_steps=8", *common)
+    train(part, dataset, 2, "trainer.max_steps=4", *common)
+    assert (part / "checkpoints" / LATEST).read_text() == "step_00000004"
+    train(part, dataset, 2, "trainer.max_steps=8", *common)
+
+    reference = losses(full)
+    assert sorted(reference) == list(range(1, 9))
+    assert losses(part) == reference  # identical floats at every step
+    assert reference[8] < reference[1] - 0.3
+    records = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    val = [r["val_loss"] for r in records if "val_loss" in r]
+    assert len(val) == 2 and val[1] < val[0]
+    # The two ranks read disjoint samples, and the resumed data loader continued where it stopped.
+    for path in (full / "sample_keys").glob("rank_*.jsonl"):
+        assert (part / "sample_keys" / path.name).read_text() == path.read_text()
+    rank0, rank1 = ((full / "sample_keys" / f"rank_{r}.jsonl").read_text().splitlines() for r in (0, 1))
+    keys0 = {k for line in rank0 for k in json.loads(line)["keys"]}
+    keys1 = {k for line in rank1 for k in json.loads(line)["keys"]}
+    assert len(keys0) == len(keys1) == 8 * 8 and not keys0 & keys1
+    state = json.loads((part / "checkpoints" / "step_00000008" / "lmscale_state.json").read_text())
+    assert state["step"] == 8 and state["samples_seen"] == 8 * 16 and state["tokens_seen"] == 8 * 16 * 64
+    assert state["resumes"] == 1
+
+
+def test_elastic_resume_on_another_world_size_continues_the_sample_sequence(dataset: Path, tmp_path: Path) -> None:
+    common = [
+        "zero.stage=2",
+        "checkpoint.every_steps=4",
+        "trainer.global_batch_size=24",
+        "trainer.grad_accum_steps=null",
+    ]
+    full = tmp_path / "full"
+    train(full, dataset, 2, "trainer.max_steps=8", *common)
+    reference = step_keys(full)
+    for world in (1, 3):
+        resumed = tmp_path / f"resumed{world}"
+        shutil.copytree(full, resumed)
+        shutil.rmtree(resumed / "checkpoints" / "step_00000008")
+        (resumed / "checkpoints" / LATEST).write_text("step_00000004")
+        train(resumed, dataset, world, "trainer.max_steps=8", *common)
+        keys = step_keys(resumed)
+        for step in range(1, 9):
+            assert sorted(keys[step]) == sorted(reference[step]), f"world {world}, step {step}"
+        state = json.loads((resumed / "checkpoints" / "step_00000008" / "lmscale_state.json").read_text())
+        assert state["world_size"] == world and state["samples_seen"] == 8 * 24
