@@ -50,10 +50,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(args)
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from lmscale.export.export import export_checkpoint
+
+    result = export_checkpoint(
+        Path(args.run_dir), Path(args.output), args.checkpoint, args.dtype, args.overwrite, args.max_shard_size
+    )
+    print(
+        f"exported {args.run_dir} {result.tag} -> {result.output} ({result.architecture}, {args.dtype}); "
+        f"logits check: max |diff| {result.max_abs_diff:.3g} <= tolerance {result.tolerance:.3g}"
+    )
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from lmscale.report import write_report
+
+    run_dir = Path(args.run_dir)
+    output = Path(args.output) if args.output else run_dir / "report.png"
+    summary = write_report(run_dir, output)
+    for name, value in summary.rows():
+        print(f"{name:<15} {value}")
+    print(f"wrote {output}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from launcher.demo import demo
 
     return demo(Path(args.workdir), nproc=args.nproc, steps=args.steps)
+
+
+def _infer(name: str, args: argparse.Namespace) -> int:
+    import launcher.infer
+
+    return getattr(launcher.infer, name)(args)
 
 
 def _prepare_parser(sub: argparse._SubParsersAction) -> None:
@@ -106,7 +137,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the resolved and DeepSpeed configs and exit")
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a checkpoint tag")
     p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (sets logging.peak_flops)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="a ZeRO checkpoint to a Hugging Face model directory")
+    p.add_argument("run_dir", help="runs/<name>")
+    p.add_argument("--checkpoint", default="latest", help="a tag (step_00000040) or latest")
+    p.add_argument("--output", required=True, help="directory to write, e.g. exported/<name>")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="sample from an exported model (KV cache, no DeepSpeed)")
+    p.add_argument("model", help="an exported model directory")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=lambda a: _infer("cmd_generate", a))
+
+    p = sub.add_parser("eval", help="loss and perplexity of an exported model or a run's latest checkpoint")
+    p.add_argument("model", help="an exported model directory or runs/<name>")
+    p.add_argument("--data", nargs="+", required=True, help="a prepared dataset directory, or text files")
+    p.add_argument("--split", default="validation", help="split of a prepared dataset")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, help="stop after this many batches")
+    p.set_defaults(func=lambda a: _infer("cmd_eval", a))
+
+    p = sub.add_parser("report", help="plot a run's metrics.jsonl and summarise it")
+    p.add_argument("run_dir")
+    p.add_argument("--output", help="report.png or report.html (default: <run_dir>/report.png)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="the whole path on a small corpus built from Python's own docstrings")
     p.add_argument("--workdir", default="demo", help="where the corpus, dataset and run go")

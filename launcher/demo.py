@@ -1,6 +1,7 @@
 """``lmscale demo``: the whole path on the embedded default, with no download.
 
-corpus (Python's own docstrings) -> ``prepare`` on local Ray -> ``train`` on CPU ranks with ZeRO stage 2.
+corpus (Python's own docstrings) -> ``prepare`` on local Ray -> ``train`` on CPU ranks with ZeRO stage 2
+-> ``export`` to a Hugging Face directory -> a generated sample.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import argparse
 import logging
 from pathlib import Path
 
+from launcher.infer import cmd_generate
 from launcher.train import train
 from lmscale.data.demo_corpus import write_demo_corpus
 from lmscale.data.manifest import MANIFEST
 from lmscale.data.shard import PrepareOptions, prepare, summary
+from lmscale.export.export import export_checkpoint
 
 log = logging.getLogger("lmscale")
 
@@ -35,4 +38,18 @@ def demo(workdir: Path, nproc: int, steps: int) -> int:
              "zero.stage=2"],
         nproc=nproc, dry_run=False, resume="auto", master_port=None,
     )  # fmt: skip
-    return train(args)
+    code = train(args)
+    if code != 0:
+        return code
+    run_dir, exported = workdir / "runs" / "gpt-tiny", workdir / "exported" / "gpt-tiny"
+    result = export_checkpoint(run_dir, exported, overwrite=True)
+    print(
+        f"exported {run_dir} {result.tag} -> {exported} ({result.architecture}); max |diff| {result.max_abs_diff:.3g}"
+    )
+    print("sample:")
+    return cmd_generate(
+        argparse.Namespace(
+            model=str(exported), prompt=["Return the"], max_new_tokens=60, temperature=0.8, top_k=40, top_p=None,
+            seed=0,
+        )
+    )  # fmt: skip

@@ -11,15 +11,21 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lmscale.config import Config, load_config
+from lmscale.data.manifest import is_remote
 from lmscale.errors import UsageError
+from lmscale.export.export import RUN_TOKENIZER
 from lmscale.train import checkpoint
 from lmscale.train.ds_config import deepspeed_config
+from lmscale.train.loop import LAUNCH_FILE
 from lmscale.train.plan import RunPlan, plan_run
 
 
@@ -41,6 +47,18 @@ def resolve(config: str, overrides: list[str], world_size: int) -> tuple[Config,
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(cfg.run.path)))
     plan = plan_run(cfg, world_size)
     return plan.cfg, plan, deepspeed_config(plan, "cuda" if gpu_count() else "cpu")
+
+
+def launch_record() -> dict[str, str | None]:
+    repo = Path(__file__).resolve().parents[1]
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True)
+    return {
+        "launch_command": shlex.join(["lmscale", *sys.argv[1:]]),
+        "git_commit": commit.stdout.strip() or None if commit.returncode == 0 else None,
+        "git_dirty": str(bool(dirty.stdout.strip())) if dirty.returncode == 0 else None,
+        "launched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def check_resume(ckpt_dir: Path, resume: str) -> None:
@@ -67,7 +85,8 @@ def train(args: argparse.Namespace) -> int:
         raise UsageError(f"--nproc {nproc}: must be at least 1")
     if gpus and nproc > gpus:
         raise UsageError(f"--nproc {nproc}: this node has {gpus} GPUs")
-    cfg, _, ds_config = resolve(args.config, args.set, nproc)
+    overrides = [*args.set, *([f"logging.peak_flops={args.peak_flops}"] if getattr(args, "peak_flops", None) else [])]
+    cfg, plan, ds_config = resolve(args.config, overrides, nproc)
     if args.dry_run:
         print("# resolved lmscale config")
         print(cfg.to_yaml())
@@ -80,6 +99,11 @@ def train(args: argparse.Namespace) -> int:
     config_path = run_dir / "config.yaml"
     config_path.write_text(cfg.to_yaml())
     (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    data_path = cfg.data.resolved_sources()[0].path
+    if not is_remote(data_path):
+        # Export needs the tokenizer; keep it with the run in case the dataset moves.
+        shutil.copyfile(Path(data_path) / plan.manifests[0].tokenizer_file, run_dir / RUN_TOKENIZER)
+    (run_dir / LAUNCH_FILE).write_text(json.dumps(launch_record(), indent=2) + "\n")
     env = dict(os.environ)
     if not gpus:
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -166,6 +166,8 @@ class WandbConfig:
 class LoggingConfig:
     every_steps: int = 10
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    peak_flops: float | None = None
+    """Peak FLOP/s of one device for MFU; default: a table of known GPUs, or measured on CPU."""
 
 
 @dataclass
@@ -346,6 +348,7 @@ def validate(cfg: Config) -> None:
     _positive(cfg.checkpoint.every_steps, "checkpoint.every_steps", allow_zero=True)
     _positive(cfg.checkpoint.keep_last, "checkpoint.keep_last")
     _positive(cfg.logging.every_steps, "logging.every_steps")
+    _positive(cfg.logging.peak_flops, "logging.peak_flops")
     _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)
     if cfg.zero.offload_params != "none" and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")

@@ -1,11 +1,21 @@
 """The user's path through the CLI: prepare -> train -> resume, with W&B offline."""
 
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from .conftest import TINY_OVERRIDES, run_cli
+
+
+def wandb_records(path: Path) -> list[dict]:
+    """The records of an offline run file, read back by wandb's own reader."""
+    result = subprocess.run(
+        ["wandb", "leet", "inspect", "--json", str(path)], capture_output=True, text=True, check=True
+    )
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
 
 pytestmark = pytest.mark.slow
 
@@ -43,10 +53,26 @@ def test_prepare_train_resume(corpus_dir: Path, tmp_path: Path) -> None:
     assert [r["event"] for r in records if "event" in r] == ["checkpoint", "resume", "checkpoint"]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed.json").is_file()
-    # One offline W&B run, continued by the resume rather than started anew.
-    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    # One offline W&B run, continued by the resume: same id, the step axis goes on with no step twice.
     run_id = (run_dir / "wandb_id").read_text()
-    assert wandb_runs and all(p.name.endswith(run_id) for p in wandb_runs)
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 2 and all(f.parent.name.endswith(run_id) for f in files)
+    records = [r for f in files for r in wandb_records(f)]
+    assert {r["run"]["run_id"] for r in records if r["type"] == "run"} == {run_id}
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    losses = {h["_step"]: h["loss"] for h in history if "loss" in h}
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and len([h for h in history if "loss" in h]) == 6
+    jsonl = {
+        r["step"]: r["loss"]
+        for r in (json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines())
+        if "loss" in r
+    }
+    assert losses == pytest.approx(jsonl)
+    for h in (h for h in history if "loss" in h):
+        assert 0 < h["mfu"] < 1.5 and h["memory_gb"] > 0.1 and h["tokens_per_s"] > 0 and 0 <= h["data_wait_frac"] < 1
+    assert any("events/resume" in h for h in history) and any("val_perplexity" in h for h in history)
+    config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
+    assert {"deepspeed", "model", "git_commit", "launch_command", "peak_flops_per_rank"} <= set(config)
     assert "wandb sync" in second.stderr
 
 

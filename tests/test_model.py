@@ -58,3 +58,21 @@ def test_flops_per_token_counts_every_matmul() -> None:
     assert flops_per_token(cfg, 1024) == expected
     # GPT-2 small: ~124M parameters, ~0.85 GFLOPs per token of training.
     assert 0.8e9 < expected < 0.9e9
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_left_padded_batch_matches_each_prompt_alone(flavor: str) -> None:
+    model = tiny(flavor)
+    short, long = torch.randint(0, 97, (1, 5)), torch.randint(0, 97, (1, 9))
+    batch = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], dim=1), long])
+    pad_mask = torch.ones(2, 9, dtype=torch.bool)
+    pad_mask[0, :4] = False
+    cache = KVCache(2)
+    logits, _ = model(batch, cache=cache, pad_mask=pad_mask)
+    torch.testing.assert_close(logits[0, 4:], model(short)[0][0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits[1], model(long)[0][0], atol=1e-5, rtol=1e-4)
+    # One decoding step continues both rows from their own positions.
+    nxt = torch.tensor([[3], [4]])
+    step, _ = model(nxt, cache=cache, pad_mask=torch.cat([pad_mask, torch.ones(2, 1, dtype=torch.bool)], dim=1))
+    torch.testing.assert_close(step[0, 0], model(torch.cat([short, nxt[:1]], 1))[0][0, -1], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(step[1, 0], model(torch.cat([long, nxt[1:]], 1))[0][0, -1], atol=1e-5, rtol=1e-4)

@@ -112,3 +112,41 @@ def test_cli_strict_bad_line_fails_and_leaves_no_manifest(tmp_path: Path, datase
     assert result.returncode == 0, result.stderr
     assert read_manifest(out).stats["bad_lines"] == 1
     assert "bad lines skipped 1" in result.stdout
+
+
+def test_killing_a_ray_worker_mid_run_still_gives_the_complete_dataset(tmp_path: Path, dataset: Path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    corpus = tmp_path / "big"
+    corpus.mkdir()
+    docs = [json.dumps({"text": f"{i} " + "the quick brown fox jumps over the lazy dog " * 40}) for i in range(4000)]
+    for f in range(6):
+        (corpus / f"part-{f}.jsonl").write_text("\n".join(docs[f::6]) + "\n")
+    common = ["--input", str(corpus), "--seq-len", "64", "--tokenizer", str(dataset / "tokenizer.json"),
+              "--workers", "2", "--shard-size", "500"]  # fmt: skip
+    reference = run_cli("prepare", "--output", str(tmp_path / "ref"), *common)
+    assert reference.returncode == 0, reference.stderr
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "launcher", "prepare", "--output", str(tmp_path / "killed"), *common],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    killed = None
+    deadline = time.time() + 120
+    while killed is None and proc.poll() is None and time.time() < deadline:
+        for p in psutil.process_iter(["cmdline"]):
+            if any("ray::tokenize_file" in part for part in (p.info["cmdline"] or [])):
+                p.kill()
+                killed = p.pid
+                break
+        time.sleep(0.05)
+    _, err = proc.communicate(timeout=300)
+    assert killed is not None, "no Ray worker was caught running a task"
+    assert proc.returncode == 0, err
+    a, b = read_manifest(tmp_path / "ref"), read_manifest(tmp_path / "killed")
+    assert a.stats["documents"] == b.stats["documents"] == 4000
+    assert [s.sha256 for s in a.splits["train"].shards] == [s.sha256 for s in b.splits["train"].shards]

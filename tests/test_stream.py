@@ -112,3 +112,11 @@ def test_corrupt_shard_is_skipped_with_a_count_or_fatal_when_strict(dataset: Pat
     stream = make_stream(broken, 0, 1, mb=n, strict=True)
     with pytest.raises(LmscaleError, match=r"train-000000.tar: sha256 does not match the manifest \(data.strict"):
         stream.micro_batch(0)
+
+
+@pytest.mark.parametrize("template", ["file://{dir}", "pipe:cat {dir}/{{file}}"])
+def test_shards_stream_from_urls_and_pipe_commands(dataset: Path, template: str) -> None:
+    location = template.format(dir=dataset)
+    manifest = read_manifest(location)
+    remote = [StreamSource(split_shards(location, manifest, "train"))]
+    assert global_sequence(dataset, 2, 48, sources=remote) == global_sequence(dataset, 2, 48)

@@ -73,8 +73,9 @@ class Block(nn.Module):
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
         layer: int,
+        mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache, layer))
+        x = x + self.resid_dropout(self.attn(self.attn_norm(x), rotary, cache, layer, mask))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -117,29 +118,48 @@ class GPT(nn.Module):
         idx: torch.Tensor,
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets`` also the mean cross-entropy.
 
         Targets equal to -100 are ignored. With a ``cache``, ``idx`` continues the cached positions.
+        ``pad_mask`` (B, past + T), True for real tokens, serves left-padded batches of prompts: each row's
+        positions count its real tokens only, and no token attends to padding.
         """
-        T = idx.shape[1]
+        B, T = idx.shape
         past = cache.length() if cache is not None else 0
         if past + T > self.cfg.seq_len:
             raise ValueError(f"sequence of {past + T} tokens exceeds the model's {self.cfg.seq_len} positions")
+        mask = None
+        if pad_mask is not None:
+            positions = (pad_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:]  # (B, T)
+            mask = self._causal_mask(T, past, idx.device) & pad_mask[:, None, None, :]  # (B, 1, T, past+T)
+            # A padding query would see no key at all (NaN); letting it see itself keeps the row finite.
+            keys = torch.arange(past + T, device=idx.device)
+            mask = mask | (keys[None, :] == past + torch.arange(T, device=idx.device)[:, None])
+        else:
+            positions = torch.arange(past, past + T, device=idx.device).expand(B, T)
+            if past and T > 1:
+                mask = self._causal_mask(T, past, idx.device)
         x = self.tok_emb(idx)  # (B, T, d)
         rotary = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+            x = x + self.pos_emb(positions)
         else:
-            rotary = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+            rotary = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, hs)
         x = self.emb_dropout(x)
         for layer, block in enumerate(self.blocks):
-            x = block(x, rotary, cache, layer)
+            x = block(x, rotary, cache, layer, mask)
         logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @staticmethod
+    def _causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:
+        """(T, past + T): query i (at position past + i) sees keys up to and including itself."""
+        return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
     def num_params(self, include_embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())
@@ -164,3 +184,20 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     mlp_weights = (3 if cfg.flavor == "llama" else 2) * d * cfg.ff_dim
     matmul_weights = L * (attn_weights + mlp_weights) + d * cfg.vocab_size  # + lm_head
     return 6.0 * matmul_weights + 12.0 * L * seq_len * d
+
+
+def load_checked(model: GPT, state: dict[str, torch.Tensor], origin: str) -> None:
+    """Load a full state dict, naming the first key or shape that does not fit (a checkpoint of another model)."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            raise ValueError(f"{origin}: no weight {key!r} (a checkpoint of another model?)")
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise ValueError(
+                f"{origin}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)} "
+                "(a checkpoint of another model shape)"
+            )
+    unexpected = sorted(set(state) - set(expected))
+    if unexpected:
+        raise ValueError(f"{origin}: unexpected weight {unexpected[0]!r} (a checkpoint of another model?)")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

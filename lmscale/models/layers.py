@@ -98,14 +98,9 @@ class Attention(nn.Module):
             repeat = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if self.causal and past and T > 1:
-            # Prefill after earlier tokens: each new query sees the cache and the new keys up to itself.
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        else:
-            # A single new token attends to everything cached, so it needs no mask.
-            is_causal = self.causal and past == 0 and attn_mask is None
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        # Without a mask: plain causal attention, or one new token that may see everything cached.
+        is_causal = self.causal and attn_mask is None and past == 0 and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d)
         return self.o_proj(y)
 

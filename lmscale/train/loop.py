@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from lmscale.train.signals import StopRequest
 
 log = logging.getLogger("lmscale")
 
+LAUNCH_FILE = "launch.json"
+"""Written by the launcher into the run directory: launch command, git commit, time."""
 EXIT_PREEMPTED = 3
 """Exit code of a run stopped by a signal after saving a checkpoint: requeue it to continue."""
 
@@ -36,6 +39,15 @@ class TrainState:
     wandb_id: str = ""
     resumes: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def memory_gb(device: torch.device) -> float:
+    """Peak GPU memory allocated by this rank, or this CPU rank's resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import psutil
+
+    return psutil.Process().memory_info().rss / 1e9
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
@@ -116,6 +128,7 @@ class Trainer:
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * plan.world_size)
             if self.peak_flops
             else None,
+            "memory_gb": memory_gb(self.device),
             "tokens_seen": self.state.tokens_seen,
         }
 
@@ -167,6 +180,7 @@ class Trainer:
             if every_eval and step % every_eval == 0:
                 val_loss = self.evaluate()
                 metrics["val_loss"] = val_loss
+                metrics["val_perplexity"] = math.exp(min(val_loss, 50.0))
             if step % cfg.logging.every_steps == 0 or "val_loss" in metrics or step == cfg.trainer.max_steps:
                 self.logger.log(step, metrics)
             stopping = self.stop_requested()

@@ -7,6 +7,7 @@ and written the resolved copy into the run directory.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import uuid
@@ -18,11 +19,13 @@ from torch.utils.data import DataLoader
 from lmscale.config import Config, load_config
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import LmscaleError
+from lmscale.export.hf_dir import load_hf_model
 from lmscale.models import GPT, flops_per_token
 from lmscale.train import checkpoint
 from lmscale.train.engine import barrier, build_engine, init_distributed
-from lmscale.train.loop import Trainer, TrainState
+from lmscale.train.loop import LAUNCH_FILE, Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
+from lmscale.train.peak import peak_flops
 from lmscale.train.plan import RunPlan, plan_run
 
 log = logging.getLogger("lmscale")
@@ -89,6 +92,12 @@ def wandb_run_id(run_dir: Path, saved: str | None) -> str:
     return run_id
 
 
+def launch_info(run_dir: Path) -> dict:
+    """The launch command and git commit that ``lmscale train`` recorded for this run."""
+    path = run_dir / LAUNCH_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run(cfg: Config, resume: str) -> int:
     rank, _, world_size = init_distributed()
     logging.basicConfig(
@@ -114,6 +123,11 @@ def run(cfg: Config, resume: str) -> int:
     # Same seed on every rank: identical initial weights before ZeRO partitions them.
     torch.manual_seed(cfg.run.seed)
     model = GPT(plan.model_config())
+    if cfg.model.init_from and tag is None:
+        # Continued pretraining: start from a Hugging Face-format model (a checkpoint resume supersedes it).
+        pretrained, _ = load_hf_model(cfg.model.init_from)
+        model.load_state_dict(pretrained.state_dict())
+    n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
     engine, ds_config = build_engine(plan, model, load_universal=elastic)
 
     state = TrainState()
@@ -131,24 +145,30 @@ def run(cfg: Config, resume: str) -> int:
             torch.manual_seed(cfg.run.seed * 1000 + rank + state.step)
     train_loader, val_loader = data_loaders(plan, rank, state.samples_seen)
 
+    model_cfg = plan.model_config()
+    peak, peak_source = peak_flops(engine.device, cfg.trainer.precision, cfg.logging.peak_flops)
+    run_info = {
+        "deepspeed": ds_config,
+        "world_size": world_size,
+        "parameters": n_params,
+        "flops_per_token": flops_per_token(model_cfg, plan.seq_len),
+        "peak_flops_per_rank": peak,
+        "peak_flops_source": peak_source,
+        **launch_info(run_dir),
+    }
     sinks: list[Sink] = []
     if rank == 0:
         state.wandb_id = wandb_run_id(run_dir, saved.get("wandb_id"))
-        sinks = [ConsoleSink(), JsonlSink(run_dir / "metrics.jsonl", resume_step=state.step if tag else None)]
+        sinks = [ConsoleSink(cfg.trainer.max_steps, state.step),
+                 JsonlSink(run_dir / "metrics.jsonl", resume_step=state.step if tag else None)]  # fmt: skip
         if cfg.logging.wandb.mode != "disabled":
-            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, {"deepspeed": ds_config, "world_size": world_size}))
-    logger = MetricsLogger(sinks)
-    model_cfg = plan.model_config()
-    if rank == 0:
+            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, run_info))
         log.info(
-            "model %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d",
-            model_cfg.flavor,
-            model.num_params() / 1e6,
-            world_size,
-            plan.global_batch_size,
-            plan.seq_len,
-            cfg.zero.stage,
-        )
+            "model %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d, peak %.3g FLOP/s per "
+            "rank (%s)", model_cfg.flavor, n_params / 1e6, world_size, plan.global_batch_size, plan.seq_len,
+            cfg.zero.stage, peak or float("nan"), peak_source,
+        )  # fmt: skip
+    logger = MetricsLogger(sinks)
     if tag is not None:
         logger.event(state.step, "resume", tag=tag, world_size=world_size, previous_world_size=saved["world_size"])
 
@@ -161,8 +181,8 @@ def run(cfg: Config, resume: str) -> int:
         state,
         rank,
         run_dir,
-        flops_per_token=flops_per_token(model_cfg, plan.seq_len),
-        peak_flops=None,
+        flops_per_token=run_info["flops_per_token"],
+        peak_flops=peak,
     )
     try:
         return trainer.fit()

@@ -12,10 +12,12 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from lmscale.config import Config
+from lmscale.progress import Progress
 
 log = logging.getLogger("lmscale")
 
@@ -29,17 +31,33 @@ class Sink(Protocol):
 
 
 class ConsoleSink:
+    """A progress bar with ETA on a terminal (steps, loss, tokens/s); plain log lines otherwise."""
+
+    FIELDS = (
+        ("loss", "{:.4f}"),
+        ("val_loss", "{:.4f}"),
+        ("lr", "{:.2e}"),
+        ("grad_norm", "{:.3f}"),
+        ("tokens_per_s", "{:,.0f}"),
+        ("mfu", "{:.1%}"),
+        ("data_wait_frac", "{:.1%}"),
+        ("memory_gb", "{:.2f}"),
+    )
+
+    def __init__(self, max_steps: int, start_step: int) -> None:
+        self.last_step = start_step
+        self.progress = Progress("train", total=max_steps - start_step, unit="steps") if sys.stderr.isatty() else None
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.advance(
+                step - self.last_step, loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:,.0f}"
+            )
+            self.last_step = step
+            if "val_loss" not in metrics:
+                return
         parts = [f"step {step}"]
-        for key, fmt in (
-            ("loss", "{:.4f}"),
-            ("val_loss", "{:.4f}"),
-            ("lr", "{:.2e}"),
-            ("grad_norm", "{:.3f}"),
-            ("tokens_per_s", "{:,.0f}"),
-            ("mfu", "{:.1%}"),
-            ("data_wait_frac", "{:.1%}"),
-        ):
+        for key, fmt in self.FIELDS:
             if metrics.get(key) is not None:
                 parts.append(f"{key} " + fmt.format(metrics[key]))
         log.info(" | ".join(parts))
@@ -48,7 +66,8 @@ class ConsoleSink:
         log.info("step %d: %s %s", step, name, json.dumps(detail))
 
     def close(self) -> None:
-        pass
+        if self.progress is not None:
+            self.progress.close()
 
 
 def open_step_log(path: Path, resume_step: int | None) -> TextIO:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
-from lmscale.config import Config, ConfigError, grad_accum_steps
+from lmscale.config import Config, ConfigError, ModelConfig, grad_accum_steps
 from lmscale.data.manifest import Manifest, read_manifest
 from lmscale.errors import UsageError
 from lmscale.models import GPTConfig
@@ -41,22 +42,26 @@ class RunPlan:
         return self.global_batch_size * self.seq_len
 
     def model_config(self) -> GPTConfig:
-        m = self.cfg.model
-        assert m.vocab_size is not None and m.seq_len is not None
-        return GPTConfig(
-            vocab_size=m.vocab_size,
-            seq_len=m.seq_len,
-            d_model=m.d_model,
-            n_layers=m.n_layers,
-            n_heads=m.n_heads,
-            n_kv_heads=m.n_kv_heads,
-            d_ff=m.d_ff,
-            flavor=m.flavor,
-            dropout=m.dropout,
-            tie_embeddings=m.tie_embeddings,
-            rope_theta=m.rope_theta,
-            init_std=m.init_std,
-        )
+        return gpt_config(self.cfg.model)
+
+
+def gpt_config(m: ModelConfig) -> GPTConfig:
+    """The architecture of a resolved model section (vocab_size and seq_len filled in)."""
+    assert m.vocab_size is not None and m.seq_len is not None
+    return GPTConfig(
+        vocab_size=m.vocab_size,
+        seq_len=m.seq_len,
+        d_model=m.d_model,
+        n_layers=m.n_layers,
+        n_heads=m.n_heads,
+        n_kv_heads=m.n_kv_heads,
+        d_ff=m.d_ff,
+        flavor=m.flavor,
+        dropout=m.dropout,
+        tie_embeddings=m.tie_embeddings,
+        rope_theta=m.rope_theta,
+        init_std=m.init_std,
+    )
 
 
 def plan_run(cfg: Config, world_size: int) -> RunPlan:
@@ -90,5 +95,25 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
         )
     trainer = dataclasses.replace(cfg.trainer, grad_accum_steps=grad_accum_steps(cfg, world_size))
     model = dataclasses.replace(m, vocab_size=vocab_size, seq_len=seq_len)
+    if model.init_from:
+        check_init_from(model)
     resolved = dataclasses.replace(cfg, model=model, trainer=trainer)
     return RunPlan(resolved, world_size, manifests)
+
+
+def check_init_from(m: ModelConfig) -> None:
+    """model.init_from must hold exactly the architecture the model section describes."""
+    from lmscale.export.hf_dir import read_hf_config
+
+    assert m.init_from is not None
+    try:
+        theirs, _ = read_hf_config(Path(m.init_from))
+    except UsageError as err:
+        raise ConfigError(f"model.init_from: {err}") from None
+    ours = gpt_config(m)
+    for name in ("flavor", "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim",
+                 "tie_embeddings"):  # fmt: skip
+        if getattr(ours, name) != getattr(theirs, name):
+            raise ConfigError(
+                f"model.{name}: {getattr(ours, name)} here, {getattr(theirs, name)} in {m.init_from}/config.json"
+            )

@@ -1,0 +1,66 @@
+"""`lmscale prepare` tokenization throughput with 1 and 2 Ray workers against plain `tokenizers`.
+
+Baseline: one process calling `Tokenizer.encode_batch` on the same documents with one thread (each Ray
+worker runs its tokenizer on one thread too). Reported: tokens/s of the tokenize phase of `prepare`
+(reading, tokenizing and writing token files, Ray scheduling included; Ray start-up excluded), the
+ratio to the baseline, and the scaling from 1 to 2 workers.
+
+    python benchmarks/prepare_throughput.py --megabytes 40
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["RAYON_NUM_THREADS"] = "1"  # before tokenizers starts its thread pool
+
+from tokenizers import Tokenizer
+
+from benchmarks.common import write_corpus
+from lmscale.data.shard import PrepareOptions, prepare
+from lmscale.data.tokenizer import train_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--megabytes", type=float, default=40.0)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        documents = write_corpus(root / "corpus", args.megabytes)
+        tok = train_tokenizer(documents[:5000], 8192)
+        tok.save(str(root / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(root / "tokenizer.json"))
+
+        started = time.perf_counter()
+        tokens = 0
+        for i in range(0, len(documents), 512):
+            tokens += sum(len(e.ids) + 1 for e in tok.encode_batch(documents[i : i + 512], add_special_tokens=False))
+        baseline = tokens / (time.perf_counter() - started)
+
+        rates = {}
+        for workers in (1, 2):
+            manifest = prepare(
+                PrepareOptions(
+                    inputs=[str(root / "corpus")], output=root / f"out{workers}", seq_len=1024,
+                    tokenizer=str(root / "tokenizer.json"), workers=workers, val_fraction=0.0,
+                )
+            )  # fmt: skip
+            rates[workers] = manifest.stats["tokens"] / manifest.stats["tokenize_seconds"]
+            assert manifest.stats["tokens"] == tokens
+
+    print(f"corpus: {args.megabytes:.0f} MB, {len(documents):,} documents, {tokens:,} tokens")
+    print(f"baseline tokenizers encode_batch (1 process, 1 thread): {baseline:,.0f} tokens/s")
+    for workers, rate in rates.items():
+        print(f"lmscale prepare, {workers} Ray worker(s): {rate:,.0f} tokens/s = {rate / baseline:.2f}x baseline")
+    print(
+        f"scaling 1 -> 2 workers: {rates[2] / rates[1]:.2f}x (Ray overhead at 1 worker: {1 - rates[1] / baseline:.1%})"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Export: ZeRO checkpoints to Hugging Face-format model directories, and back."""

@@ -1,0 +1,166 @@
+"""``lmscale export``: a ZeRO checkpoint (any stage, any world size) -> a Hugging Face model directory.
+
+consolidate (DeepSpeed's zero_to_fp32) -> lmscale GPT -> key table -> ``transformers`` model ->
+``save_pretrained`` (safetensors, sharded above ``max_shard_size``) + tokenizer + generation config ->
+reload with ``AutoModelForCausalLM`` and compare logits with the lmscale model -> publish by rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmscale.config import from_dict
+from lmscale.data.tokenizer import EOT, end_token_id, load_tokenizer
+from lmscale.errors import LmscaleError, UsageError
+from lmscale.export.hf import hf_config_dict, to_hf
+from lmscale.models import GPT, GPTConfig
+from lmscale.models.gpt import load_checked
+from lmscale.progress import Progress
+from lmscale.train import checkpoint
+from lmscale.train.plan import gpt_config
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+RUN_TOKENIZER = "tokenizer.json"
+"""Copy of the dataset's tokenizer that ``lmscale train`` keeps in the run directory."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output: Path
+    tag: str
+    architecture: str
+    max_abs_diff: float
+    tolerance: float
+
+
+def find_checkpoint(run_dir: Path, requested: str) -> str:
+    ckpt_dir = run_dir / "checkpoints"
+    if not run_dir.is_dir():
+        raise UsageError(f"{run_dir}: run directory does not exist")
+    if requested != "latest":
+        checkpoint.read_state(ckpt_dir, requested)  # names an incomplete tag
+        return requested
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        partial = sorted(p.name for p in ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
+        detail = f" ({', '.join(partial)} incomplete: no {checkpoint.STATE_FILE})" if partial else ""
+        raise LmscaleError(f"{run_dir}: no complete checkpoint to export{detail}")
+    return tag
+
+
+def tolerance(dtype: str, reference: torch.Tensor) -> float:
+    """fp32 differs only by kernel order; bf16 weights round to 8 bits of mantissa."""
+    if dtype == "fp32":
+        return 1e-3
+    return 0.03 * max(1.0, reference.abs().max().item())
+
+
+def parity_batch(cfg: GPTConfig) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, cfg.vocab_size, (2, min(cfg.seq_len, 64)), generator=generator)
+
+
+def save_tokenizer(tokenizer_file: Path, output: Path, seq_len: int) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_file), bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT,
+        model_max_length=seq_len,
+    )  # fmt: skip
+    tok.save_pretrained(str(output))
+    # Name the class every transformers version knows (v5 writes its new backend's name).
+    config_path = output / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    special = {name: EOT for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def write_hf_dir(model: GPT, eot_id: int, tokenizer_file: Path, output: Path, dtype: str, max_shard_size: str) -> str:
+    """Write ``model`` as a Hugging Face directory; returns the transformers class name."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    cfg = model.cfg
+    config_dict = hf_config_dict(cfg, eot_id)
+    architecture = config_dict.pop("architectures")[0]
+    hf_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    hf_model = AutoModelForCausalLM.from_config(hf_config)
+    state = to_hf({k: v.detach().float() for k, v in model.state_dict().items()}, cfg)
+    missing, unexpected = hf_model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    if missing or unexpected:
+        raise LmscaleError(f"conversion to {architecture} left weights unmatched: {(missing + unexpected)[:3]}")
+    hf_model.to(DTYPES[dtype]).save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
+    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(str(output))
+    save_tokenizer(tokenizer_file, output, cfg.seq_len)
+    return architecture
+
+
+def check_parity(model: GPT, output: Path, dtype: str) -> tuple[float, float]:
+    """Max |logits difference| between the lmscale model (fp32) and the reloaded export, and the tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(str(output), dtype=DTYPES[dtype]).eval()
+    batch = parity_batch(model.cfg)
+    with torch.no_grad():
+        reference = model.float().eval()(batch)[0]
+        theirs = exported(batch).logits.float()
+    return (theirs - reference).abs().max().item(), tolerance(dtype, reference)
+
+
+def export_checkpoint(
+    run_dir: Path,
+    output: Path,
+    requested: str = "latest",
+    dtype: str = "fp32",
+    overwrite: bool = False,
+    max_shard_size: str = "5GB",
+) -> ExportResult:
+    from lmscale.train.engine import consolidated_state_dict
+
+    if output.exists() and not overwrite:
+        raise UsageError(f"{output}: output exists (pass --overwrite to replace it)")
+    tag = find_checkpoint(run_dir, requested)
+    state = checkpoint.read_state(run_dir / "checkpoints", tag)
+    cfg = from_dict(state["config"])
+    tokenizer_file = run_dir / RUN_TOKENIZER
+    if not tokenizer_file.is_file():
+        tokenizer_file = Path(cfg.data.resolved_sources()[0].path) / "tokenizer.json"
+    eot_id = end_token_id(load_tokenizer(tokenizer_file))
+
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with Progress("export", total=4, unit="stages") as progress:
+        try:
+            weights = consolidated_state_dict(str(run_dir / "checkpoints"), tag, cfg.zero.stage)
+        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
+            raise LmscaleError(f"{run_dir / 'checkpoints' / tag}: cannot consolidate the ZeRO files ({err})") from None
+        progress.advance()
+        model = GPT(gpt_config(cfg.model))
+        try:
+            load_checked(model, weights, str(run_dir / "checkpoints" / tag))
+        except ValueError as err:
+            raise LmscaleError(str(err)) from None
+        progress.advance()
+        tmp.mkdir(parents=True)
+        architecture = write_hf_dir(model, eot_id, tokenizer_file, tmp, dtype, max_shard_size)
+        progress.advance()
+        diff, tol = check_parity(model, tmp, dtype)
+        progress.advance()
+    if not diff <= tol:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise LmscaleError(
+            f"{output}: exported {architecture} logits differ from lmscale's: "
+            f"max |diff| {diff:.3g} > tolerance {tol:.3g}"
+        )
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    return ExportResult(output, tag, architecture, diff, tol)

@@ -1,0 +1,1 @@
+"""Inference and evaluation on exported models: no DeepSpeed, no Ray."""

@@ -1,0 +1,53 @@
+"""The device's peak FLOP/s, the denominator of MFU: a table of known GPUs, or a measurement on CPU."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s; matched by substring
+# of torch.cuda.get_device_name(), most specific first. fp32 training runs at the TF32 rate, half of these.
+GPU_BF16_PEAKS: list[tuple[str, float]] = [
+    ("H200", 989.4e12),
+    ("H100 PCIe", 756.0e12),
+    ("H100", 989.4e12),
+    ("GH200", 989.4e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165.2e12),
+    ("V100", 125e12),
+]
+
+
+def gpu_peak_flops(name: str, precision: str) -> float | None:
+    for key, bf16 in GPU_BF16_PEAKS:
+        if key in name:
+            return bf16 if precision == "bf16" else bf16 / 2
+    return None
+
+
+def measure_cpu_peak_flops(size: int = 512, seconds: float = 0.5) -> float:
+    """FLOP/s of fp32 matrix products on this process's threads: the ceiling a CPU rank can reach."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)  # warm-up
+    count, started = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - started) < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * size**3 * count / elapsed
+
+
+def peak_flops(device: torch.device, precision: str, override: float | None) -> tuple[float | None, str]:
+    """(peak FLOP/s per rank, where the number came from)."""
+    if override:
+        return override, "logging.peak_flops"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = gpu_peak_flops(name, precision)
+        return peak, f"datasheet {name}" if peak else f"unknown GPU {name} (set --peak-flops)"
+    return measure_cpu_peak_flops(), "measured fp32 matmul"

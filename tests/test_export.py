@@ -1,0 +1,176 @@
+"""Export to Hugging Face format, checked against the real ``transformers`` classes."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lmscale.data.manifest import read_manifest
+from lmscale.data.stream import ShardStream, StreamSource, split_shards
+from lmscale.export.export import check_parity, write_hf_dir
+from lmscale.export.hf import from_hf, to_hf
+from lmscale.export.hf_dir import load_hf_model
+from lmscale.inference.generate import SamplingOptions, generate
+from lmscale.models import GPT, GPTConfig
+
+from .conftest import TINY_OVERRIDES, run_cli
+
+FLAVORS = {
+    "gpt2": dict(flavor="gpt2"),
+    "llama": dict(flavor="llama", n_kv_heads=2, tie_embeddings=False),
+}
+
+
+def tiny_model(flavor: str) -> GPT:
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=512, seq_len=64, d_model=64, n_layers=2, n_heads=4, **FLAVORS[flavor]))
+    with torch.no_grad():  # move off the init so that biases and norms are not trivially 0 and 1
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model.eval()
+
+
+def assert_matches_transformers(model: GPT, directory: Path) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32).eval()
+    batch = torch.randint(0, model.cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(batch).logits, model(batch)[0], atol=2e-4, rtol=1e-4)
+    prompt = batch[:1, :8]
+    theirs = hf.generate(prompt, max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 8:]
+    ours = generate(model, [prompt[0].tolist()], SamplingOptions(max_new_tokens=20, temperature=0), eot_id=-1)[0]
+    assert ours == theirs.tolist()
+
+
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_converter_matches_transformers_and_round_trips(flavor: str, dataset: Path, tmp_path: Path) -> None:
+    model = tiny_model(flavor)
+    sd = {k: v for k, v in model.state_dict().items()}
+    back = from_hf(to_hf(sd, model.cfg), model.cfg)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    out = tmp_path / "hf"
+    out.mkdir()
+    architecture = write_hf_dir(model, 0, dataset / "tokenizer.json", out, "fp32", "5GB")
+    assert architecture == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavor]
+    assert_matches_transformers(model, out)
+    diff, tol = check_parity(model, out, "fp32")
+    assert diff < tol == 1e-3
+    reloaded, _ = load_hf_model(out)  # what generate, eval and model.init_from use
+    for k, v in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[k], v), k
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.eos_token == "<|endoftext|>" and tok("def main").input_ids
+
+
+def test_sharded_bf16_export_loads(dataset: Path, tmp_path: Path) -> None:
+    model = tiny_model("llama")
+    out = tmp_path / "hf"
+    out.mkdir()
+    write_hf_dir(model, 0, dataset / "tokenizer.json", out, "bf16", "100KB")
+    assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
+    diff, tol = check_parity(model, out, "bf16")
+    assert diff <= tol
+    reloaded, _ = load_hf_model(out)
+    assert reloaded.tok_emb.weight.dtype == torch.float32
+
+
+def train(run_dir: Path, dataset: Path, *overrides: str) -> None:
+    args = ["train", "configs/gpt-tiny.yaml", "--nproc", "2"]
+    for item in [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", "trainer.eval_every_steps=0",
+                 "checkpoint.every_steps=0", *overrides]:  # fmt: skip
+        args += ["--set", item]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("flavor", ["gpt2", "llama"])
+def test_train_export_load_with_transformers(flavor: str, stage: int, dataset: Path, tmp_path: Path) -> None:
+    extra = ["model.flavor=llama", "model.n_kv_heads=2", "model.tie_embeddings=false"] if flavor == "llama" else []
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    train(run_dir, dataset, f"zero.stage={stage}", "trainer.max_steps=3", *extra)
+    result = run_cli("export", str(run_dir), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logits check: max |diff|" in result.stdout
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
+        assert (out / name).is_file(), name
+    model, config = load_hf_model(out)
+    assert config["architectures"] == [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavor]]
+    assert_matches_transformers(model, out)
+    gen = run_cli("generate", str(out), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature", "0")
+    assert gen.returncode == 0 and gen.stdout.startswith("Return the"), gen.stderr
+
+
+@pytest.mark.slow
+def test_export_then_init_from_continues_from_the_same_weights(dataset: Path, tmp_path: Path) -> None:
+    first, out, second = tmp_path / "first", tmp_path / "exported", tmp_path / "second"
+    train(first, dataset, "trainer.max_steps=3")
+    assert run_cli("export", str(first), "--output", str(out)).returncode == 0
+    train(second, dataset, "trainer.max_steps=1", f"model.init_from={out}")
+    step1 = next(json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
+    # The loss of step 1 is the exported model's loss on the first global batch (2 ranks x 2 micro-batches).
+    model, _ = load_hf_model(out)
+    manifest = read_manifest(dataset)
+    losses = []
+    for rank in range(2):
+        stream = ShardStream([StreamSource(split_shards(str(dataset), manifest, "train"))], manifest.sample_len,
+                             manifest.dtype, 4, rank, 2, seed=1234)  # fmt: skip
+        for i in range(2):
+            tokens = stream.micro_batch(i)["tokens"]
+            with torch.no_grad():
+                losses.append(model(tokens[:, :-1], tokens[:, 1:])[1].item())
+    assert step1["loss"] == pytest.approx(float(np.mean(losses)), abs=1e-5)
+    # A mismatched architecture is refused before any rank starts.
+    args = [
+        "train",
+        "configs/gpt-tiny.yaml",
+        "--dry-run",
+        "--set",
+        f"data.path={dataset}",
+        "--set",
+        f"model.init_from={out}",
+        *[a for s in TINY_OVERRIDES for a in ("--set", s)],
+        "--set",
+        "model.d_model=128",
+    ]
+    bad = run_cli(*args)
+    assert bad.returncode == 2 and f"model.d_model: 128 here, 64 in {out}/config.json" in bad.stderr
+
+
+@pytest.mark.slow
+def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    empty = tmp_path / "empty"
+    (empty / "checkpoints").mkdir(parents=True)
+    result = run_cli("export", str(empty), "--output", str(tmp_path / "x"))
+    assert result.returncode == 1 and "no complete checkpoint to export" in result.stderr
+    train(run_dir, dataset, "trainer.max_steps=2")
+    # A save that never finished: DeepSpeed files without lmscale_state.json.
+    half = run_dir / "checkpoints" / "step_00000009"
+    shutil.copytree(run_dir / "checkpoints" / "step_00000002", half)
+    (half / "lmscale_state.json").unlink()
+    result = run_cli("export", str(run_dir), "--checkpoint", "step_00000009", "--output", str(tmp_path / "x"))
+    assert result.returncode == 1 and "step_00000009: not a complete lmscale checkpoint" in result.stderr
+    # latest skips the incomplete tag and exports step 2.
+    ok = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
+    assert ok.returncode == 0 and "step_00000002" in ok.stdout
+    again = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
+    assert again.returncode == 2 and "output exists (pass --overwrite" in again.stderr
+    # A checkpoint whose recorded config describes another model shape.
+    state_file = run_dir / "checkpoints" / "step_00000002" / "lmscale_state.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["model"]["d_model"] = 128
+    state_file.write_text(json.dumps(state))
+    result = run_cli("export", str(run_dir), "--output", str(tmp_path / "y"))
+    assert result.returncode == 1 and "a checkpoint of another model shape" in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 3
