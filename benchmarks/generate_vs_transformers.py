@@ -4,7 +4,7 @@ Same weights (one exported directory), same prompts (a batch of equal-length pro
 pads), greedy decoding with a KV cache on both sides, the same number of new tokens (end-of-text
 ignored). The two must produce the same tokens.
 
-    python benchmarks/generate_vs_transformers.py [--flavor llama] [--device cuda]
+    python -m benchmarks.generate_vs_transformers [--flavor llama] [--device cuda]
 """
 
 from __future__ import annotations

@@ -5,13 +5,14 @@ worker runs its tokenizer on one thread too). Reported: tokens/s of the tokenize
 (reading, tokenizing and writing token files, Ray scheduling included; Ray start-up excluded), the
 ratio to the baseline, and the scaling from 1 to 2 workers.
 
-    python benchmarks/prepare_throughput.py --megabytes 40
+    python -m benchmarks.prepare_throughput --megabytes 20 --repeat 3
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ from lmscale.data.tokenizer import train_tokenizer
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--megabytes", type=float, default=40.0)
+    parser.add_argument("--megabytes", type=float, default=20.0)
+    parser.add_argument("--repeat", type=int, default=3, help="medians of this many interleaved runs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -36,23 +38,28 @@ def main() -> None:
         tok.save(str(root / "tokenizer.json"))
         tok = Tokenizer.from_file(str(root / "tokenizer.json"))
 
-        started = time.perf_counter()
-        tokens = 0
-        for i in range(0, len(documents), 512):
-            tokens += sum(len(e.ids) + 1 for e in tok.encode_batch(documents[i : i + 512], add_special_tokens=False))
-        baseline = tokens / (time.perf_counter() - started)
-
-        rates = {}
-        for workers in (1, 2):
-            manifest = prepare(
-                PrepareOptions(
-                    inputs=[str(root / "corpus")], output=root / f"out{workers}", seq_len=1024,
-                    tokenizer=str(root / "tokenizer.json"), workers=workers, val_fraction=0.0,
+        baselines, rates_seen = [], {1: [], 2: []}
+        for attempt in range(args.repeat):  # interleaved, so drifting machine load hits every variant alike
+            started = time.perf_counter()
+            tokens = 0
+            for i in range(0, len(documents), 512):
+                tokens += sum(
+                    len(e.ids) + 1 for e in tok.encode_batch(documents[i : i + 512], add_special_tokens=False)
                 )
-            )  # fmt: skip
-            rates[workers] = manifest.stats["tokens"] / manifest.stats["tokenize_seconds"]
-            assert manifest.stats["tokens"] == tokens
+            baselines.append(tokens / (time.perf_counter() - started))
+            for workers in (1, 2):
+                manifest = prepare(
+                    PrepareOptions(
+                        inputs=[str(root / "corpus")], output=root / f"out{workers}-{attempt}", seq_len=1024,
+                        tokenizer=str(root / "tokenizer.json"), workers=workers, val_fraction=0.0,
+                    )
+                )  # fmt: skip
+                rates_seen[workers].append(manifest.stats["tokens"] / manifest.stats["tokenize_seconds"])
+                assert manifest.stats["tokens"] == tokens
+        baseline = statistics.median(baselines)
+        rates = {w: statistics.median(r) for w, r in rates_seen.items()}
 
+    print(f"medians of {args.repeat} interleaved runs")
     print(f"corpus: {args.megabytes:.0f} MB, {len(documents):,} documents, {tokens:,} tokens")
     print(f"baseline tokenizers encode_batch (1 process, 1 thread): {baseline:,.0f} tokens/s")
     for workers, rate in rates.items():

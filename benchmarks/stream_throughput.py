@@ -4,7 +4,7 @@ The GPU rate is the model's training FLOPs per token at 40% MFU of an H100 (989 
 unless `--gpu-tokens-per-s` gives a measured one. The stream reads real shards of 1024-token samples
 and yields micro-batches of 16 as the trainer does (shuffled, rank 0 of 8).
 
-    python benchmarks/stream_throughput.py [--run runs/<name>]   # --run adds that run's data-wait fraction
+    python -m benchmarks.stream_throughput [--run runs/<name>]   # --run adds that run's data-wait fraction
 """
 
 from __future__ import annotations

@@ -13,11 +13,14 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from lmscale.config import Config, load_config
 from lmscale.data.manifest import is_remote
@@ -108,4 +111,24 @@ def train(args: argparse.Namespace) -> int:
     if not gpus:
         env.setdefault("DS_ACCELERATOR", "cpu")
     command = rank_command(nproc, args.master_port or free_port(), config_path, args.resume)
-    return subprocess.run(command, env=env).returncode
+    launcher = subprocess.Popen(command, env=env)
+
+    def forward(signum: int, frame: object) -> None:
+        # The DeepSpeed launcher would kill the ranks (SIGTERM, then SIGKILL after 30 s) or die of SIGUSR1;
+        # the ranks themselves checkpoint at the next step and exit with code 3.
+        for rank in rank_processes(launcher.pid):
+            rank.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    return launcher.wait()
+
+
+def rank_processes(runner_pid: int) -> list[psutil.Process]:
+    """The rank processes under the DeepSpeed runner: children of its per-node ``launch`` process."""
+    try:
+        tree = psutil.Process(runner_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    launchers = {p.pid for p in tree if "deepspeed.launcher.launch" in " ".join(p.cmdline())}
+    return [p for p in tree if p.ppid() in launchers]

@@ -86,3 +86,40 @@ def test_elastic_resume_on_another_world_size_continues_the_sample_sequence(data
             assert sorted(keys[step]) == sorted(reference[step]), f"world {world}, step {step}"
         state = json.loads((resumed / "checkpoints" / "step_00000008" / "lmscale_state.json").read_text())
         assert state["world_size"] == world and state["samples_seen"] == 8 * 24
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(dataset: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import REPO
+
+    run_dir = tmp_path / "run"
+    sets = [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", "trainer.eval_every_steps=0",
+            "checkpoint.every_steps=0", "data.num_workers=1", "schedule.total_steps=1000"]  # fmt: skip
+    args = [sys.executable, "-m", "launcher", "train", "configs/gpt-tiny.yaml", "--nproc", "2"]
+    args += [a for s in sets for a in ("--set", s)]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen([*args, "--set", "trainer.max_steps=1000"], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(losses(run_dir)) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    stopped = next(r for r in records if r.get("event") == "preempted")
+    tag = f"step_{stopped['step']:08d}"
+    assert (run_dir / "checkpoints" / LATEST).read_text() == tag
+    assert 3 <= stopped["step"] < 1000
+    resumed = subprocess.run([*args, "--set", f"trainer.max_steps={stopped['step'] + 2}"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(losses(run_dir)) == list(range(1, stopped["step"] + 3))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import uuid
 from pathlib import Path
@@ -29,6 +30,13 @@ from lmscale.train.peak import peak_flops
 from lmscale.train.plan import RunPlan, plan_run
 
 log = logging.getLogger("lmscale")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave preemption to their rank: a worker killed by SIGTERM would crash the rank
+    before it saves. They exit with the rank."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def data_loaders(plan: RunPlan, rank: int, start_position: int) -> tuple[DataLoader, DataLoader | None]:
@@ -58,6 +66,7 @@ def data_loaders(plan: RunPlan, rank: int, start_position: int) -> tuple[DataLoa
         train,
         batch_size=None,
         num_workers=workers,
+        worker_init_fn=ignore_stop_signals,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
     )
