@@ -1,0 +1,129 @@
+"""``manifest.json``: the contract between ``lmscale prepare`` and everything that reads a dataset.
+
+It is written last, by atomic rename, so its presence means the dataset is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmscale.errors import LmscaleError, UsageError
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+SPLITS = ("train", "validation")
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    file: str
+    """Path relative to the dataset directory."""
+    samples: int
+    tokens: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class SplitRecord:
+    shards: list[ShardRecord] = field(default_factory=list)
+
+    @property
+    def samples(self) -> int:
+        return sum(s.samples for s in self.shards)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.shards)
+
+
+@dataclass
+class Manifest:
+    seq_len: int
+    """Context length a sample trains: each sample stores seq_len + 1 tokens (inputs and shifted targets)."""
+    dtype: str
+    vocab_size: int
+    eot_id: int
+    tokenizer_file: str
+    tokenizer_sha256: str
+    tokenizer_kind: str
+    splits: dict[str, SplitRecord]
+    stats: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def sample_len(self) -> int:
+        return self.seq_len + 1
+
+    @property
+    def np_dtype(self) -> np.dtype:
+        return np.dtype(self.dtype)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        for name, split in self.splits.items():
+            data["splits"][name].update(samples=split.samples, tokens=split.tokens)
+        return json.dumps(data, indent=2) + "\n"
+
+    def write(self, directory: Path) -> None:
+        tmp = directory / (MANIFEST + ".tmp")
+        tmp.write_text(self.to_json())
+        os.replace(tmp, directory / MANIFEST)
+
+
+def token_dtype(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= np.iinfo(np.uint16).max + 1 else "uint32"
+
+
+def is_remote(dataset: str | Path) -> bool:
+    return isinstance(dataset, str) and ("{file}" in dataset or "://" in dataset)
+
+
+def dataset_url(dataset: str, relpath: str) -> str:
+    """A file of a dataset: in a local directory, under a URL prefix, or a ``pipe:`` command with ``{file}``."""
+    if "{file}" in dataset:
+        return dataset.format(file=relpath)
+    if "://" in dataset:
+        return dataset.rstrip("/") + "/" + relpath
+    return str(Path(dataset) / relpath)
+
+
+def _read_remote(url: str) -> str:
+    from webdataset import gopen
+
+    try:
+        with gopen(url, "rb") as stream:
+            return stream.read().decode("utf-8")
+    except Exception as err:  # gopen raises OSError or a pipe command's failure
+        raise UsageError(f"{url}: cannot read the manifest ({err})") from None
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    if is_remote(directory):
+        path: str | Path = dataset_url(str(directory), MANIFEST)
+        text = _read_remote(str(path))
+    else:
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not directory.is_dir():
+            raise UsageError(f"{directory}: dataset directory does not exist (run `lmscale prepare` first)")
+        if not path.is_file():
+            raise UsageError(f"{path}: no manifest (the dataset is incomplete or was not written by `lmscale prepare`)")
+        text = path.read_text()
+    try:
+        data = json.loads(text)
+        splits = {
+            name: SplitRecord([ShardRecord(**s) for s in split["shards"]]) for name, split in data.pop("splits").items()
+        }
+        if data.get("format_version") != FORMAT_VERSION:
+            raise LmscaleError(f"{path}: format_version {data.get('format_version')}, expected {FORMAT_VERSION}")
+        return Manifest(splits=splits, **data)
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise LmscaleError(f"{path}: malformed manifest ({err.__class__.__name__}: {err})") from None

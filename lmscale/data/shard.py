@@ -1,0 +1,417 @@
+"""``lmscale prepare``: raw text -> tokenizer -> packed sequences -> WebDataset tar shards + manifest, on Ray.
+
+Two rounds of Ray tasks, both idempotent so Ray may retry them when a worker dies:
+
+1. one task per input file tokenizes its documents (appending the end-of-text id) into a token file
+   with document boundaries, split assignment and content hashes;
+2. the driver concatenates the documents in input order (dropping exact duplicates if asked), cuts the
+   stream into samples of ``seq_len + 1`` tokens, and one task per shard writes its tar.
+
+Every task writes to a temporary name and renames, and the layout is decided by the driver from input
+order alone, so the shards are byte-identical whatever the number of workers or retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lmscale.data.manifest import MANIFEST, Manifest, ShardRecord, SplitRecord, token_dtype
+from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_documents
+from lmscale.data.tokenizer import (
+    TokenizerKind,
+    end_token_id,
+    file_sha256,
+    load_tokenizer,
+    tokenizer_kind,
+    train_tokenizer,
+)
+from lmscale.errors import LmscaleError, UsageError
+from lmscale.progress import Progress
+
+log = logging.getLogger(__name__)
+
+WORK_DIR = ".prepare-work"
+ENCODE_BATCH_DOCS = 512
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    inputs: list[str]
+    output: Path
+    seq_len: int = 1024
+    vocab_size: int = 8192
+    tokenizer: str | None = None
+    """An existing tokenizer.json; otherwise one is trained on a sample of the input."""
+    tokenizer_kind: TokenizerKind = "bpe"
+    tokenizer_sample_mb: float = 64.0
+    shard_size: str = "64MB"
+    """Samples per shard ("10000") or an approximate size ("64MB")."""
+    val_fraction: float = 0.01
+    """Share of documents (chosen by content hash) that go to the validation split."""
+    dedup: bool = False
+    """Drop exact duplicate documents (by content hash), keeping the first in input order."""
+    workers: int | None = None
+    ray_address: str | None = None
+    read: ReadOptions = field(default_factory=ReadOptions)
+    overwrite: bool = False
+
+
+def document_hash(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def is_validation(doc_hash: int, val_fraction: float) -> bool:
+    # A content hash, not a random draw: the same document lands in the same split on every run.
+    return (doc_hash % 1_000_000) < val_fraction * 1_000_000
+
+
+def samples_per_shard(shard_size: str, sample_len: int, itemsize: int) -> int:
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(MB|MiB|GB|GiB)?\s*", shard_size, flags=re.IGNORECASE)
+    if not match:
+        raise UsageError(f"--shard-size {shard_size!r}: expected a sample count (10000) or a size (64MB)")
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if not unit:
+        count = int(number)
+    else:
+        scale = {"mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30}[unit]
+        # Each sample is a tar header block, the .npy header and payload, padded to 512 bytes.
+        per_sample = 512 + 512 * -(-(128 + sample_len * itemsize) // 512)
+        count = int(number * scale // per_sample)
+    if count < 1:
+        raise UsageError(f"--shard-size {shard_size!r}: smaller than one sample")
+    return count
+
+
+# ---------------------------------------------------------------- round 1: tokenize one file per task
+
+
+def _warm_up() -> None:
+    import tokenizers  # noqa: F401 - the import is the point: a worker's first task should not pay it
+
+    # Held long enough that the warm-up tasks land on distinct workers instead of queueing on one.
+    time.sleep(0.5)
+
+
+def tokenize_file(
+    index: int, path: str, tokenizer_json: str, read: ReadOptions, work_dir: str, val_fraction: float, dtype: str
+) -> dict[str, Any]:
+    """Tokenize one input file into ``unit-<index>.npz``; returns its read statistics."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    eot = end_token_id(tok)
+    stats = ReadStats()
+    ids: list[int] = []
+    ends: list[int] = []
+    hashes: list[int] = []
+    batch: list[str] = []
+
+    def flush() -> None:
+        for text, enc in zip(batch, tok.encode_batch(batch, add_special_tokens=False), strict=True):
+            ids.extend(enc.ids)
+            ids.append(eot)
+            ends.append(len(ids))
+            hashes.append(document_hash(text))
+        batch.clear()
+
+    for document in read_documents(Path(path), read, stats):
+        batch.append(document)
+        if len(batch) >= ENCODE_BATCH_DOCS:
+            flush()
+    flush()
+    hash_array = np.asarray(hashes, dtype=np.uint64)
+    validation = np.asarray([is_validation(h, val_fraction) for h in hashes], dtype=bool)
+    target = Path(work_dir) / f"unit-{index:06d}.npz"
+    tmp = target.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, tokens=np.asarray(ids, dtype=dtype), ends=np.asarray(ends, dtype=np.int64), hashes=hash_array, validation=validation)
+    os.replace(tmp, target)
+    return {"documents": stats.documents, "bad_lines": stats.bad_lines, "bad_line_examples": stats.bad_line_examples}
+
+
+# ---------------------------------------------------------------- round 2: write one shard per task
+
+
+@dataclass(frozen=True)
+class DocTable:
+    """The documents of one split in stream order: which unit holds them and where."""
+
+    unit: np.ndarray  # (n_docs,) unit index
+    start: np.ndarray  # (n_docs,) first token in the unit's token array
+    end: np.ndarray  # (n_docs,) one past the last token
+    offset: np.ndarray  # (n_docs + 1,) cumulative tokens in the split stream before each document
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offset[-1])
+
+
+def _stream_tokens(table: DocTable, work_dir: Path, first: int, last: int, dtype: str) -> np.ndarray:
+    """Tokens [first, last) of a split's document stream."""
+    out = np.empty(last - first, dtype=dtype)
+    doc = int(np.searchsorted(table.offset, first, side="right")) - 1
+    units: dict[int, np.ndarray] = {}
+    pos = first
+    while pos < last:
+        unit = int(table.unit[doc])
+        if unit not in units:
+            with np.load(work_dir / f"unit-{unit:06d}.npz") as z:
+                units[unit] = z["tokens"]
+        skip = pos - int(table.offset[doc])
+        take = min(int(table.end[doc] - table.start[doc]) - skip, last - pos)
+        begin = int(table.start[doc]) + skip
+        out[pos - first : pos - first + take] = units[unit][begin : begin + take]
+        pos += take
+        doc += 1
+    return out
+
+
+def write_shard(
+    table: DocTable, work_dir: str, output: str, relpath: str, first_sample: int, n_samples: int, sample_len: int, dtype: str
+) -> ShardRecord:
+    import webdataset as wds
+
+    tokens = _stream_tokens(table, Path(work_dir), first_sample * sample_len, (first_sample + n_samples) * sample_len, dtype)
+    samples = tokens.reshape(n_samples, sample_len)
+    target = Path(output) / relpath
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    stem = target.name.removesuffix(".tar")
+    with open(tmp, "wb") as f:
+        # A fixed mtime and owner make the archive a pure function of its samples.
+        with wds.TarWriter(f, user="lmscale", group="lmscale", mtime=0.0, encoder=False) as writer:
+            for i, sample in enumerate(samples):
+                buf = io.BytesIO()
+                np.save(buf, sample, allow_pickle=False)
+                writer.write({"__key__": f"{stem}-{i:06d}", "tokens.npy": buf.getvalue()})
+    os.replace(tmp, target)
+    return ShardRecord(
+        file=relpath, samples=n_samples, tokens=n_samples * sample_len, sha256=file_sha256(target), bytes=target.stat().st_size
+    )
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _tokenizer_sample(files: list[Path], options: PrepareOptions) -> list[str]:
+    """Documents taken round-robin over the files until ``tokenizer_sample_mb`` of text."""
+    budget = int(options.tokenizer_sample_mb * 1e6)
+    quiet = ReadOptions(options.read.text_field, options.read.txt_mode, strict=False)
+    readers = [read_documents(p, quiet, ReadStats(quiet=True)) for p in files]
+    sample: list[str] = []
+    while readers and budget > 0:
+        for reader in list(readers):
+            document = next(reader, None)
+            if document is None:
+                readers.remove(reader)
+                continue
+            sample.append(document)
+            budget -= len(document.encode("utf-8"))
+    return sample
+
+
+def _build_tables(work_dir: Path, n_units: int, dedup: bool) -> tuple[dict[str, DocTable], int, int]:
+    """Stream order per split (input order), after removing duplicates; returns tables, duplicates, docs."""
+    seen: set[int] = set()
+    columns: dict[str, list[list[np.ndarray]]] = {"train": [[], [], []], "validation": [[], [], []]}
+    duplicates = documents = 0
+    for unit in range(n_units):
+        with np.load(work_dir / f"unit-{unit:06d}.npz") as z:
+            ends, hashes, validation = z["ends"], z["hashes"], z["validation"]
+        starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
+        keep = np.ones(len(ends), dtype=bool)
+        documents += len(ends)
+        if dedup:
+            for i, h in enumerate(hashes.tolist()):
+                if h in seen:
+                    keep[i] = False
+                else:
+                    seen.add(h)
+            duplicates += int((~keep).sum())
+        for name, mask in (("train", keep & ~validation), ("validation", keep & validation)):
+            columns[name][0].append(np.full(int(mask.sum()), unit, dtype=np.int64))
+            columns[name][1].append(starts[mask])
+            columns[name][2].append(ends[mask])
+    tables = {}
+    for name, (unit_cols, start_cols, end_cols) in columns.items():
+        start, end = np.concatenate(start_cols), np.concatenate(end_cols)
+        offset = np.concatenate([[0], np.cumsum(end - start)]).astype(np.int64)
+        tables[name] = DocTable(np.concatenate(unit_cols), start, end, offset)
+    return tables, duplicates, documents
+
+
+def _run_tasks(ray: Any, calls: list[tuple[Any, tuple]], limit: int, progress: Progress) -> list[Any]:
+    """Run remote calls with at most ``limit`` in flight; results in call order."""
+    results: list[Any] = [None] * len(calls)
+    pending: dict[Any, int] = {}
+    next_call = 0
+    while next_call < len(calls) or pending:
+        while next_call < len(calls) and len(pending) < limit:
+            fn, args = calls[next_call]
+            pending[fn.remote(*args)] = next_call
+            next_call += 1
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            results[pending.pop(ref)] = ray.get(ref)
+            progress.advance()
+    return results
+
+
+def _start_ray(options: PrepareOptions, workers: int) -> Any:
+    import ray
+
+    # One tokenizer thread per task: Ray provides the parallelism, and oversubscribed cores would hide it.
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}}
+    if options.ray_address:
+        import lmscale
+
+        env["py_modules"] = [str(Path(lmscale.__file__).parent)]
+        ray.init(address=options.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
+    else:
+        ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING)
+    return ray
+
+
+def _check_output(options: PrepareOptions) -> None:
+    out = options.output
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out}: output exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not options.overwrite:
+            raise UsageError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
+        shutil.rmtree(out)
+    if options.seq_len < 2:
+        raise UsageError(f"--seq-len {options.seq_len}: must be at least 2")
+    if not 0.0 <= options.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {options.val_fraction}: must be in [0, 1)")
+
+
+def prepare(options: PrepareOptions) -> Manifest:
+    started = time.perf_counter()
+    files = expand_inputs(options.inputs)
+    _check_output(options)
+    out = options.output
+    work_dir = out / WORK_DIR
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (out / "shards").mkdir(exist_ok=True)
+
+    if options.tokenizer:
+        tok = load_tokenizer(options.tokenizer)
+    else:
+        log.info("training a %s tokenizer (vocab %d) on a sample of %s", options.tokenizer_kind, options.vocab_size, out)
+        sample = _tokenizer_sample(files, options)
+        if not sample:
+            raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
+        tok = train_tokenizer(sample, options.vocab_size, options.tokenizer_kind)
+    tokenizer_path = out / "tokenizer.json"
+    tok.save(str(tokenizer_path))
+    vocab_size = tok.get_vocab_size()
+    dtype = token_dtype(vocab_size)
+    sample_len = options.seq_len + 1
+    per_shard = samples_per_shard(options.shard_size, sample_len, np.dtype(dtype).itemsize)
+
+    workers = options.workers or os.cpu_count() or 1
+    ray = _start_ray(options, workers)
+    try:
+        # Start every worker (process, imports) before the clock: start-up is per job, not per token.
+        started_workers = time.perf_counter()
+        warm = ray.remote(num_cpus=1)(_warm_up)
+        ray.get([warm.remote() for _ in range(workers if not options.ray_address else 0)])
+        startup_seconds = time.perf_counter() - started_workers
+        tokenize = ray.remote(num_cpus=1, max_retries=5, retry_exceptions=False)(tokenize_file)
+        tok_json = tok.to_str()
+        calls = [
+            (tokenize, (i, str(p), tok_json, options.read, str(work_dir), options.val_fraction, dtype))
+            for i, p in enumerate(files)
+        ]
+        phase_started = time.perf_counter()
+        with Progress("tokenize", total=len(calls), unit="files") as progress:
+            unit_stats = _run_tasks(ray, calls, workers, progress)
+        tokenize_seconds = time.perf_counter() - phase_started
+        tables, duplicates, documents = _build_tables(work_dir, len(files), options.dedup)
+        if documents == 0:
+            raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
+
+        writer = ray.remote(num_cpus=1, max_retries=5)(write_shard)
+        splits: dict[str, SplitRecord] = {}
+        dropped: dict[str, int] = {}
+        calls = []
+        for name, table in tables.items():
+            n_samples = table.tokens // sample_len
+            dropped[name] = table.tokens - n_samples * sample_len
+            table_ref = ray.put(table)
+            for k, first in enumerate(range(0, n_samples, per_shard)):
+                relpath = f"shards/{name}-{k:06d}.tar"
+                count = min(per_shard, n_samples - first)
+                calls.append((writer, (table_ref, str(work_dir), str(out), relpath, first, count, sample_len, dtype)))
+        phase_started = time.perf_counter()
+        with Progress("write shards", total=len(calls), unit="shards") as progress:
+            records = _run_tasks(ray, calls, workers, progress)
+        write_seconds = time.perf_counter() - phase_started
+        for name in tables:
+            splits[name] = SplitRecord([r for r in records if Path(r.file).name.startswith(name + "-")])
+    finally:
+        ray.shutdown()
+
+    if splits["train"].samples == 0:
+        raise LmscaleError(
+            f"{' '.join(options.inputs)}: {tables['train'].tokens} training tokens do not fill one sample of "
+            f"{sample_len} tokens (use a smaller --seq-len or more text)"
+        )
+    seconds = time.perf_counter() - started
+    total_tokens = tables["train"].tokens + tables["validation"].tokens
+    stats = {
+        "input_files": len(files),
+        "documents": documents,
+        "duplicates_removed": duplicates,
+        "bad_lines": sum(s["bad_lines"] for s in unit_stats),
+        "bad_line_examples": [e for s in unit_stats for e in s["bad_line_examples"]][:20],
+        "tokens": total_tokens,
+        "dropped_tail_tokens": dropped,
+        "seconds": round(seconds, 3),
+        "worker_startup_seconds": round(startup_seconds, 3),
+        "tokenize_seconds": round(tokenize_seconds, 3),
+        "write_seconds": round(write_seconds, 3),
+        "tokens_per_s": round(total_tokens / seconds, 1) if seconds else None,
+        "workers": workers,
+    }
+    settings = {k: v for k, v in asdict(options).items() if k not in ("output", "overwrite", "workers", "ray_address")}
+    manifest = Manifest(
+        seq_len=options.seq_len,
+        dtype=dtype,
+        vocab_size=vocab_size,
+        eot_id=end_token_id(tok),
+        tokenizer_file="tokenizer.json",
+        tokenizer_sha256=file_sha256(tokenizer_path),
+        tokenizer_kind=tokenizer_kind(tok),
+        splits=splits,
+        stats=stats,
+        settings=json.loads(json.dumps(settings, default=str)),
+    )
+    shutil.rmtree(work_dir)
+    manifest.write(out)  # last: a manifest means a complete dataset
+    return manifest
+
+
+def summary(manifest: Manifest, output: Path) -> str:
+    s = manifest.stats
+    lines = [f"prepared {output}/{MANIFEST}"]
+    for name, split in manifest.splits.items():
+        lines.append(f"  {name:<10} {len(split.shards):>5} shards {split.samples:>10,} samples {split.tokens:>13,} tokens")
+    lines.append(
+        f"  documents {s['documents']:,}  duplicates removed {s['duplicates_removed']:,}  bad lines skipped "
+        f"{s['bad_lines']:,}  tail tokens dropped {sum(s['dropped_tail_tokens'].values()):,}"
+    )
+    lines.append(f"  vocab {manifest.vocab_size:,} ({manifest.tokenizer_kind}), seq_len {manifest.seq_len}, dtype {manifest.dtype}")
+    lines.append(f"  {s['tokens']:,} tokens in {s['seconds']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, {s['workers']} workers)")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Train or load a Hugging Face ``tokenizers`` tokenizer; the one file every later stage reads."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Literal
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from lmscale.errors import LmscaleError, UsageError
+
+EOT = "<|endoftext|>"
+BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TokenizerKind = Literal["bpe", "wordpiece"]
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: TokenizerKind = "bpe") -> Tokenizer:
+    """Byte-level BPE with an end-of-text token (GPT), or uncased WordPiece with BERT's specials."""
+    if kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        # trim_offsets=False keeps offsets of the raw text; the post-processor adds no special tokens.
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: tokenizer file not found")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise LmscaleError(f"{path}: not a valid tokenizer.json ({err})") from None
+
+
+def end_token_id(tok: Tokenizer) -> int:
+    """The id appended after every document: <|endoftext|> (GPT) or [SEP] (BERT)."""
+    for special in (EOT, "[SEP]"):
+        token_id = tok.token_to_id(special)
+        if token_id is not None:
+            return token_id
+    raise LmscaleError(f"tokenizer has neither {EOT} nor [SEP]: add an end-of-text special token")
+
+
+def tokenizer_kind(tok: Tokenizer) -> TokenizerKind:
+    return "wordpiece" if tok.token_to_id("[MASK]") is not None else "bpe"
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
