@@ -110,6 +110,8 @@ def train(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     if not gpus:
         env.setdefault("DS_ACCELERATOR", "cpu")
+        # CPU ranks share the cores: one thread pool per rank, not one per core per rank.
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     command = rank_command(nproc, args.master_port or free_port(), config_path, args.resume)
     launcher = subprocess.Popen(command, env=env)
 

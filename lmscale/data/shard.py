@@ -135,7 +135,13 @@ def tokenize_file(
     validation = np.asarray([is_validation(h, val_fraction) for h in hashes], dtype=bool)
     target = Path(work_dir) / f"unit-{index:06d}.npz"
     tmp = target.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(tmp, tokens=np.asarray(ids, dtype=dtype), ends=np.asarray(ends, dtype=np.int64), hashes=hash_array, validation=validation)
+    np.savez(
+        tmp,
+        tokens=np.asarray(ids, dtype=dtype),
+        ends=np.asarray(ends, dtype=np.int64),
+        hashes=hash_array,
+        validation=validation,
+    )
     os.replace(tmp, target)
     return {"documents": stats.documents, "bad_lines": stats.bad_lines, "bad_line_examples": stats.bad_line_examples}
 
@@ -178,25 +184,40 @@ def _stream_tokens(table: DocTable, work_dir: Path, first: int, last: int, dtype
 
 
 def write_shard(
-    table: DocTable, work_dir: str, output: str, relpath: str, first_sample: int, n_samples: int, sample_len: int, dtype: str
+    table: DocTable,
+    work_dir: str,
+    output: str,
+    relpath: str,
+    first_sample: int,
+    n_samples: int,
+    sample_len: int,
+    dtype: str,
 ) -> ShardRecord:
     import webdataset as wds
 
-    tokens = _stream_tokens(table, Path(work_dir), first_sample * sample_len, (first_sample + n_samples) * sample_len, dtype)
+    tokens = _stream_tokens(
+        table, Path(work_dir), first_sample * sample_len, (first_sample + n_samples) * sample_len, dtype
+    )
     samples = tokens.reshape(n_samples, sample_len)
     target = Path(output) / relpath
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     stem = target.name.removesuffix(".tar")
-    with open(tmp, "wb") as f:
-        # A fixed mtime and owner make the archive a pure function of its samples.
-        with wds.TarWriter(f, user="lmscale", group="lmscale", mtime=0.0, encoder=False) as writer:
-            for i, sample in enumerate(samples):
-                buf = io.BytesIO()
-                np.save(buf, sample, allow_pickle=False)
-                writer.write({"__key__": f"{stem}-{i:06d}", "tokens.npy": buf.getvalue()})
+    # A fixed mtime and owner make the archive a pure function of its samples.
+    with (
+        open(tmp, "wb") as f,
+        wds.TarWriter(f, user="lmscale", group="lmscale", mtime=0.0, encoder=False) as writer,
+    ):
+        for i, sample in enumerate(samples):
+            buf = io.BytesIO()
+            np.save(buf, sample, allow_pickle=False)
+            writer.write({"__key__": f"{stem}-{i:06d}", "tokens.npy": buf.getvalue()})
     os.replace(tmp, target)
     return ShardRecord(
-        file=relpath, samples=n_samples, tokens=n_samples * sample_len, sha256=file_sha256(target), bytes=target.stat().st_size
+        file=relpath,
+        samples=n_samples,
+        tokens=n_samples * sample_len,
+        sha256=file_sha256(target),
+        bytes=target.stat().st_size,
     )
 
 
@@ -308,7 +329,9 @@ def prepare(options: PrepareOptions) -> Manifest:
     if options.tokenizer:
         tok = load_tokenizer(options.tokenizer)
     else:
-        log.info("training a %s tokenizer (vocab %d) on a sample of %s", options.tokenizer_kind, options.vocab_size, out)
+        log.info(
+            "training a %s tokenizer (vocab %d) on a sample of %s", options.tokenizer_kind, options.vocab_size, out
+        )
         sample = _tokenizer_sample(files, options)
         if not sample:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
@@ -407,11 +430,18 @@ def summary(manifest: Manifest, output: Path) -> str:
     s = manifest.stats
     lines = [f"prepared {output}/{MANIFEST}"]
     for name, split in manifest.splits.items():
-        lines.append(f"  {name:<10} {len(split.shards):>5} shards {split.samples:>10,} samples {split.tokens:>13,} tokens")
+        lines.append(
+            f"  {name:<10} {len(split.shards):>5} shards {split.samples:>10,} samples {split.tokens:>13,} tokens"
+        )
     lines.append(
         f"  documents {s['documents']:,}  duplicates removed {s['duplicates_removed']:,}  bad lines skipped "
         f"{s['bad_lines']:,}  tail tokens dropped {sum(s['dropped_tail_tokens'].values()):,}"
     )
-    lines.append(f"  vocab {manifest.vocab_size:,} ({manifest.tokenizer_kind}), seq_len {manifest.seq_len}, dtype {manifest.dtype}")
-    lines.append(f"  {s['tokens']:,} tokens in {s['seconds']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, {s['workers']} workers)")
+    lines.append(
+        f"  vocab {manifest.vocab_size:,} ({manifest.tokenizer_kind}), seq_len {manifest.seq_len}, "
+        f"dtype {manifest.dtype}"
+    )
+    lines.append(
+        f"  {s['tokens']:,} tokens in {s['seconds']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, {s['workers']} workers)"
+    )
     return "\n".join(lines)

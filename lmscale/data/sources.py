@@ -96,8 +96,7 @@ def _open_binary(path: Path) -> IO[bytes]:
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         with _open_binary(path) as raw:
-            for number, line in enumerate(io.BufferedReader(raw), start=1):  # type: ignore[arg-type]
-                yield number, line
+            yield from enumerate(io.BufferedReader(raw), start=1)
     except (OSError, EOFError) as err:
         # gzip/zstd raise these on a truncated or corrupt stream.
         raise LmscaleError(f"{path}: cannot read ({err})") from None

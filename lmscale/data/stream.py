@@ -73,7 +73,9 @@ class SourceOrder:
 
     @lru_cache(maxsize=16)  # noqa: B019
     def _sample_permutation(self, epoch: int, shard: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.source_index, epoch, shard, 1]).permutation(int(self.counts[shard]))
+        return np.random.default_rng([self.seed, self.source_index, epoch, shard, 1]).permutation(
+            int(self.counts[shard])
+        )
 
     def locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, index into the epoch's shard order, offset in that shard) of a stream position."""

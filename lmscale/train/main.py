@@ -155,6 +155,7 @@ def run(cfg: Config, resume: str) -> int:
     train_loader, val_loader = data_loaders(plan, rank, state.samples_seen)
 
     model_cfg = plan.model_config()
+    barrier()  # ranks measure a CPU peak together, as they will share the cores
     peak, peak_source = peak_flops(engine.device, cfg.trainer.precision, cfg.logging.peak_flops)
     run_info = {
         "deepspeed": ds_config,
