@@ -174,3 +174,31 @@ def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
     result = run_cli("export", str(run_dir), "--output", str(tmp_path / "y"))
     assert result.returncode == 1 and "a checkpoint of another model shape" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3
+
+
+def test_eval_reports_the_models_loss_on_a_dataset_and_on_text(dataset: Path, corpus_dir: Path, tmp_path: Path) -> None:
+    model = tiny_model("gpt2")
+    out = tmp_path / "hf"
+    out.mkdir()
+    write_hf_dir(model, 0, dataset / "tokenizer.json", out, "fp32", "5GB")
+    manifest = read_manifest(dataset)
+    rows = np.concatenate([s for s in (read_shard_rows(dataset, manifest))])
+    with torch.no_grad():
+        tokens = torch.from_numpy(rows.astype(np.int64))
+        expected = model(tokens[:, :-1], tokens[:, 1:])[1].item()
+    result = run_cli("eval", str(out), "--data", str(dataset), "--batch-size", "1000")
+    assert result.returncode == 0, result.stderr
+    loss = float(result.stdout.split()[1])
+    assert loss == pytest.approx(expected, abs=1e-4)
+    assert f"({rows.shape[0] * 64:,} tokens)" in result.stdout
+    text = run_cli("eval", str(out), "--data", str(corpus_dir / "stdlib-docs-0.jsonl"))
+    assert text.returncode == 0 and "perplexity" in text.stdout, text.stderr
+
+
+def read_shard_rows(dataset: Path, manifest) -> list[np.ndarray]:
+    from lmscale.data.stream import read_shard
+
+    return [
+        read_shard(s, manifest.sample_len, manifest.np_dtype)[0]
+        for s in split_shards(str(dataset), manifest, "validation")
+    ]

@@ -1,6 +1,7 @@
 """``lmscale prepare`` with real Ray workers writing real tar shards."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -150,3 +151,17 @@ def test_killing_a_ray_worker_mid_run_still_gives_the_complete_dataset(tmp_path:
     a, b = read_manifest(tmp_path / "ref"), read_manifest(tmp_path / "killed")
     assert a.stats["documents"] == b.stats["documents"] == 4000
     assert [s.sha256 for s in a.splits["train"].shards] == [s.sha256 for s in b.splits["train"].shards]
+
+
+def test_inspect_verifies_checksums_and_decodes_samples(dataset: Path, tmp_path: Path) -> None:
+    result = run_cli("data", "inspect", str(dataset), "--samples", "1")
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(dataset)
+    n = len(manifest.splits["train"].shards) + len(manifest.splits["validation"].shards)
+    assert f"checksums: {n}/{n} shards ok" in result.stdout and "--- train-000000-000000 (65 tokens)" in result.stdout
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    shard = broken / manifest.splits["train"].shards[1].file
+    shard.write_bytes(shard.read_bytes()[:-1024])
+    result = run_cli("data", "inspect", str(broken), "--samples", "0")
+    assert result.returncode == 1 and "CORRUPT shards/train-000001.tar: sha256 does not match" in result.stdout
