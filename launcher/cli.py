@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lmscale.errors import LmscaleError, UsageError
+from lmscale.errors import LmscaleError
 
 log = logging.getLogger("lmscale")
 
@@ -200,5 +200,3 @@ def main(argv: list[str] | None = None) -> int:
 def entry() -> None:
     sys.exit(main())
 
-
-__all__ = ["UsageError", "entry", "main"]

@@ -107,7 +107,9 @@ def test_cli_strict_bad_line_fails_and_leaves_no_manifest(tmp_path: Path, datase
             "--tokenizer", str(dataset / "tokenizer.json")]  # fmt: skip
     result = run_cli(*args, "--strict")
     assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("lmscale: error: ")
     assert "bad.jsonl:2: no string field 'text'" in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
     assert not (out / MANIFEST).exists()
     result = run_cli(*args, "--overwrite")
     assert result.returncode == 0, result.stderr

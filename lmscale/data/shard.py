@@ -283,7 +283,13 @@ def _run_tasks(ray: Any, calls: list[tuple[Any, tuple]], limit: int, progress: P
             next_call += 1
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
-            results[pending.pop(ref)] = ray.get(ref)
+            try:
+                results[pending.pop(ref)] = ray.get(ref)
+            except ray.exceptions.RayTaskError as err:
+                # A bad input line (with --strict) is the user's error: report it as one line, not Ray's traceback.
+                if isinstance(err.cause, LmscaleError):
+                    raise err.cause from None
+                raise
             progress.advance()
     return results
 
