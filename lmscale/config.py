@@ -140,6 +140,9 @@ class TrainerConfig:
     """Validation loss every N steps (0 disables)."""
     eval_batches: int = 10
     """Micro-batches per rank in one validation pass."""
+    max_rollbacks: int = 3
+    """A step whose loss or gradient norm is not finite rolls the weights back to the last checkpoint and
+    skips the batches since; after this many rollbacks in one job (or with no checkpoint) the run stops."""
 
 
 @dataclass
@@ -337,6 +340,7 @@ def validate(cfg: Config) -> None:
     _positive(t.global_batch_size, "trainer.global_batch_size")
     _positive(t.eval_every_steps, "trainer.eval_every_steps", allow_zero=True)
     _positive(t.eval_batches, "trainer.eval_batches")
+    _positive(t.max_rollbacks, "trainer.max_rollbacks", allow_zero=True)
     _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
     _positive(cfg.schedule.total_steps, "schedule.total_steps")
     if cfg.schedule.total_steps is not None and cfg.schedule.total_steps < t.max_steps:

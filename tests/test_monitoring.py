@@ -18,6 +18,8 @@ def test_peak_flops_table_and_cpu_measurement() -> None:
     assert gpu_peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989.4e12
     assert gpu_peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
     assert gpu_peak_flops("NVIDIA A100-SXM4-80GB", "fp32") == 156e12
+    assert gpu_peak_flops("Tesla V100-SXM2-32GB", "fp32") == 15.7e12  # no TF32 on Volta
+    assert gpu_peak_flops("Tesla V100-SXM2-32GB", "bf16") is None
     assert gpu_peak_flops("Mystery GPU", "bf16") is None
     assert 1e8 < measure_cpu_peak_flops(size=256, seconds=0.1, windows=2) < 1e13
 

@@ -123,3 +123,31 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(dataset: Path, tmp_path:
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(losses(run_dir)) == list(range(1, stopped["step"] + 3))
+
+
+def test_non_finite_steps_roll_back_to_the_last_checkpoint(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    train(run_dir, dataset, 2, "trainer.max_steps=2", "checkpoint.every_steps=2", "schedule.warmup_steps=0")
+    # A learning rate of 1e30 wrecks the weights in one update, so the next step's loss is not finite.
+    args = ["train", "configs/gpt-tiny.yaml", "--nproc", "2"]
+    for item in [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", "trainer.eval_every_steps=0",
+                 "schedule.total_steps=8", "schedule.warmup_steps=0", "checkpoint.every_steps=0",
+                 "trainer.max_steps=8", "optim.lr=1e30", "trainer.max_rollbacks=2"]:  # fmt: skip
+        args += ["--set", item]
+    result = run_cli(*args)
+    assert result.returncode == 1
+    assert "training diverged (trainer.max_rollbacks=2 reached)" in result.stderr.splitlines()[-1]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [(r["step"], r["event"]) for r in records if "event" in r]
+    assert events == [(2, "checkpoint"), (2, "resume"), (4, "skipped_step"), (4, "rollback"),
+                      (6, "skipped_step"), (6, "rollback"), (8, "skipped_step")]  # fmt: skip
+    rollbacks = [r for r in records if r.get("event") == "rollback"]
+    assert [(r["tag"], r["to_step"], r["skipped_samples"]) for r in rollbacks] == [
+        ("step_00000002", 2, 2 * 16),
+        ("step_00000002", 2, 4 * 16),
+    ]
+    loss = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert loss[4] is None and loss[6] is None and loss[8] is None  # not finite: written as null
+    # After each rollback the step-2 weights are back: the loss is that of a healthy model again.
+    assert abs(loss[5] - loss[3]) < 0.2 and abs(loss[7] - loss[3]) < 0.2
+    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000002"

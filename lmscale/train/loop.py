@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lmscale.errors import LmscaleError
 from lmscale.train import checkpoint
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
@@ -56,6 +57,10 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
+def is_finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
 class Trainer:
     def __init__(
         self,
@@ -69,23 +74,26 @@ class Trainer:
         run_dir: Path,
         flops_per_token: float,
         peak_flops: float | None,
+        loads_universal: bool = False,
     ) -> None:
         self.plan, self.cfg, self.engine = plan, plan.cfg, engine
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.logger, self.state, self.rank = logger, state, rank
         self.ckpt_dir = run_dir / "checkpoints"
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.loads_universal = loads_universal
+        """The engine was built to load universal checkpoints (an elastic resume): rollbacks load that form too."""
+        self.rollbacks = 0
         self.stop = StopRequest()
         self.key_log = None
         if self.cfg.data.log_sample_keys:
             key_dir = run_dir / "sample_keys"
-            resumed = state.step if state.step else None
-            self.key_log = open_step_log(key_dir / f"rank_{rank}.jsonl", resumed)
-            if rank == 0 and resumed is not None:
+            self.key_log = open_step_log(key_dir / f"rank_{rank}.jsonl", state.step)
+            if rank == 0:
                 # Ranks beyond this world size (a resume on fewer ranks) keep only the steps they trained.
                 for path in key_dir.glob("rank_*.jsonl"):
                     if int(path.stem.removeprefix("rank_")) >= plan.world_size:
-                        open_step_log(path, resumed).close()
+                        open_step_log(path, state.step).close()
         self.device = engine.device
 
     def train_step(self) -> dict[str, float]:
@@ -161,6 +169,32 @@ class Trainer:
         )
         self.logger.event(self.state.step, "checkpoint", tag=tag)
 
+    def roll_back(self, metrics: dict[str, Any]) -> None:
+        """A step whose loss or gradient norm is not finite has poisoned the weights: restore the last
+        checkpoint's weights and optimizer state and train on from the current data position, so the
+        batches since that checkpoint are skipped (the step count and schedule go on; no step repeats)."""
+        step = self.state.step
+        self.logger.event(step, "skipped_step", loss=metrics["loss"], grad_norm=metrics["grad_norm"])
+        tag = checkpoint.latest_tag(self.ckpt_dir)
+        limit = self.cfg.trainer.max_rollbacks
+        if tag is None or self.rollbacks >= limit:
+            reason = "no checkpoint to roll back to" if tag is None else f"trainer.max_rollbacks={limit} reached"
+            raise LmscaleError(
+                f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}: training diverged "
+                f"({reason})"
+            )
+        if self.loads_universal:
+            if self.rank == 0:
+                checkpoint.convert_to_universal(self.ckpt_dir, tag)
+            dist.barrier()
+        saved = checkpoint.load(self.engine, self.ckpt_dir, tag, self.rank, universal=self.loads_universal)
+        self.rollbacks += 1
+        skipped = self.state.samples_seen - saved["samples_seen"]
+        log.warning(
+            "step %d: non-finite loss or gradient norm: rolled back to %s, skipping %d samples", step, tag, skipped
+        )
+        self.logger.event(step, "rollback", tag=tag, to_step=saved["step"], skipped_samples=skipped)
+
     def close(self) -> None:
         if self.key_log is not None:
             self.key_log.close()
@@ -177,6 +211,10 @@ class Trainer:
         while self.state.step < cfg.trainer.max_steps:
             metrics: dict[str, Any] = self.train_step()
             step = self.state.step
+            if not (is_finite(metrics["loss"]) and is_finite(metrics["grad_norm"])):
+                self.logger.log(step, metrics)
+                self.roll_back(metrics)
+                continue
             if every_eval and step % every_eval == 0:
                 val_loss = self.evaluate()
                 metrics["val_loss"] = val_loss

@@ -25,7 +25,7 @@ from lmscale.models import GPT, flops_per_token
 from lmscale.train import checkpoint
 from lmscale.train.engine import barrier, build_engine, init_distributed
 from lmscale.train.loop import LAUNCH_FILE, Trainer, TrainState
-from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
+from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink, last_logged_step
 from lmscale.train.peak import peak_flops
 from lmscale.train.plan import RunPlan, plan_run
 
@@ -129,6 +129,9 @@ def run(cfg: Config, resume: str) -> int:
             checkpoint.convert_to_universal(ckpt_dir, tag)
         barrier()
 
+    if torch.cuda.is_available() and cfg.trainer.precision == "fp32":
+        # fp32 training means TF32 tensor-core matmuls (the rate MFU is measured against), as in every GPU stack.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     # Same seed on every rank: identical initial weights before ZeRO partitions them.
     torch.manual_seed(cfg.run.seed)
     model = GPT(plan.model_config())
@@ -169,10 +172,11 @@ def run(cfg: Config, resume: str) -> int:
     sinks: list[Sink] = []
     if rank == 0:
         state.wandb_id = wandb_run_id(run_dir, saved.get("wandb_id"))
-        sinks = [ConsoleSink(cfg.trainer.max_steps, state.step),
-                 JsonlSink(run_dir / "metrics.jsonl", resume_step=state.step if tag else None)]  # fmt: skip
+        metrics_path = run_dir / "metrics.jsonl"
+        logged_through = last_logged_step(metrics_path)  # before this job drops the steps it will retrain
+        sinks = [ConsoleSink(cfg.trainer.max_steps, state.step), JsonlSink(metrics_path, start_step=state.step)]
         if cfg.logging.wandb.mode != "disabled":
-            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, run_info))
+            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, run_info, logged_through))
         log.info(
             "model %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d, peak %.3g FLOP/s per "
             "rank (%s)", model_cfg.flavor, n_params / 1e6, world_size, plan.global_batch_size, plan.seq_len,
@@ -193,12 +197,15 @@ def run(cfg: Config, resume: str) -> int:
         run_dir,
         flops_per_token=run_info["flops_per_token"],
         peak_flops=peak,
+        loads_universal=elastic,
     )
+    exit_code = 1  # what W&B records if fit() raises
     try:
-        return trainer.fit()
+        exit_code = trainer.fit()
+        return exit_code
     finally:
         trainer.close()
-        logger.close()
+        logger.close(exit_code)
 
 
 def main(argv: list[str] | None = None) -> int:

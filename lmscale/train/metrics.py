@@ -2,8 +2,8 @@
 
 ``metrics.jsonl`` holds one JSON object per logged step (``step``, ``loss``, ``lr``, ``grad_norm``,
 ``tokens_per_s``, ``tokens_seen``, ...) and per validation pass (``val_loss``), plus ``event`` lines
-(resume, checkpoint). On resume, lines past the resumed step (written after the last checkpoint by
-the run that died) are dropped so the file never holds a step twice.
+(checkpoint, resume, skipped_step, rollback, preempted). A job rewrites the file from the step it starts at:
+lines past it (written after the last checkpoint by a job that died) are dropped, so no step appears twice.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Sink(Protocol):
 
     def event(self, step: int, name: str, detail: dict[str, Any]) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, exit_code: int = 0) -> None: ...
 
 
 class ConsoleSink:
@@ -65,33 +65,46 @@ class ConsoleSink:
     def event(self, step: int, name: str, detail: dict[str, Any]) -> None:
         log.info("step %d: %s %s", step, name, json.dumps(detail))
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         if self.progress is not None:
             self.progress.close()
 
 
-def open_step_log(path: Path, resume_step: int | None) -> TextIO:
-    """Open a JSONL file of step records for appending, first dropping records past ``resume_step``."""
+def last_logged_step(path: Path) -> int:
+    """The highest step a JSONL step log holds (0 for none): how far an earlier job of the run got."""
+    if not path.is_file():
+        return 0
+    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line), default=0)
+
+
+def open_step_log(path: Path, start_step: int) -> TextIO:
+    """Open a JSONL file of step records for appending, first dropping records past ``start_step``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if resume_step is not None and path.is_file():
+    if path.is_file():
         lines = path.read_text().splitlines()
-        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= resume_step]
+        kept = [line for line in lines if line and json.loads(line).get("step", 0) <= start_step]
         path.write_text("".join(line + "\n" for line in kept))
     return open(path, "a", buffering=1)
 
 
 class JsonlSink:
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.file = open_step_log(path, resume_step)
+    def __init__(self, path: Path, start_step: int) -> None:
+        self.file = open_step_log(path, start_step)
+
+    @staticmethod
+    def _json(record: dict[str, Any]) -> str:
+        # NaN and infinity are not JSON: a diverged value is written as null.
+        return json.dumps(
+            {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, **clean}) + "\n")
+        self.file.write(self._json({"step": step, **metrics}) + "\n")
 
     def event(self, step: int, name: str, detail: dict[str, Any]) -> None:
-        self.file.write(json.dumps({"step": step, "event": name, **detail}) + "\n")
+        self.file.write(self._json({"step": step, "event": name, **detail}) + "\n")
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         self.file.close()
 
 
@@ -110,13 +123,25 @@ def wandb_mode(requested: str) -> str:
 
 
 class WandbSink:
-    """A W&B run whose id lives in the run directory, so a resumed or requeued job continues it."""
+    """A W&B run whose id lives in the run directory, so a resumed or requeued job continues it.
 
-    def __init__(self, cfg: Config, run_dir: Path, run_id: str, extra_config: dict[str, Any]) -> None:
+    The W&B step is the training step. An earlier job of the run may have logged past the step this job
+    starts at (it died after its last checkpoint); W&B keeps a step's first values and the retrained steps
+    repeat them (resume is exact), so this sink logs only steps past ``logged_through``. An event goes into
+    the row of its step while that row is still open in this job, otherwise into the next row logged.
+    """
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, run_id: str, extra_config: dict[str, Any], logged_through: int = 0
+    ) -> None:
         import wandb
 
         w = cfg.logging.wandb
         self.mode = wandb_mode(w.mode)
+        self.run_dir, self.run_id = run_dir, run_id
+        self.logged_through = logged_through
+        self.open_step: int | None = None
+        self.pending: dict[str, Any] = {}
         self.run = wandb.init(
             project=w.project,
             entity=w.entity,
@@ -130,18 +155,36 @@ class WandbSink:
             config={**cfg.to_dict(), **extra_config},
         )
 
+    def _write(self, step: int, values: dict[str, Any]) -> None:
+        self.run.log({**self.pending, **values}, step=step)
+        self.pending = {}
+        self.logged_through = self.open_step = step
+
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        # The W&B step is the training step: a resumed run continues the axis, and W&B refuses to log a step
-        # twice (steps a dead job logged after its last checkpoint are not re-logged).
-        self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+        if step > self.logged_through or step == self.open_step:
+            self._write(step, {k: v for k, v in metrics.items() if v is not None})
 
     def event(self, step: int, name: str, detail: dict[str, Any]) -> None:
-        self.run.log({f"events/{name}": 1, **{f"events/{name}/{k}": v for k, v in detail.items()}}, step=step)
+        values = {
+            f"events/{name}": 1,
+            f"events/{name}/step": step,
+            **{f"events/{name}/{k}": v for k, v in detail.items()},
+        }
+        if step > self.logged_through or step == self.open_step:
+            self._write(step, values)
+        else:
+            self.pending.update(values)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, exit_code: int = 0) -> None:
+        if self.pending:
+            # No row left to carry them (the job stopped before logging a new step): keep them in the summary.
+            self.run.summary.update(self.pending)
+        self.run.finish(exit_code=exit_code)
         if self.mode == "offline":
-            log.info("W&B ran offline; upload with: wandb sync %s", Path(self.run.dir).parent)
+            # Every job of the run wrote its own offline directory; together they make up the W&B run.
+            log.info(
+                "W&B ran offline; upload with: wandb sync %s", self.run_dir / "wandb" / f"offline-run-*-{self.run_id}"
+            )
 
 
 class MetricsLogger:
@@ -158,6 +201,6 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.event(step, name, detail)
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.close(exit_code)

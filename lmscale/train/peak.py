@@ -6,28 +6,29 @@ import time
 
 import torch
 
-# Dense (no sparsity) bf16 tensor-core peaks from the vendors' datasheets, in FLOP/s; matched by substring
-# of torch.cuda.get_device_name(), most specific first. fp32 training runs at the TF32 rate, half of these.
-GPU_BF16_PEAKS: list[tuple[str, float]] = [
-    ("H200", 989.4e12),
-    ("H100 PCIe", 756.0e12),
-    ("H100", 989.4e12),
-    ("GH200", 989.4e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("L40S", 362e12),
-    ("L4", 121e12),
-    ("RTX 4090", 165.2e12),
-    ("V100", 125e12),
+# Dense (no sparsity) tensor-core peaks from the vendors' datasheets in FLOP/s, (bf16, fp32 training), matched
+# by substring of torch.cuda.get_device_name(), most specific first. fp32 training runs its matmuls in TF32
+# (lmscale turns it on), at half the bf16 rate; V100 has neither bf16 nor TF32, so fp32 is its plain rate.
+GPU_PEAKS: list[tuple[str, float | None, float]] = [
+    ("H200", 989.4e12, 494.7e12),
+    ("H100 PCIe", 756.0e12, 378.0e12),
+    ("H100", 989.4e12, 494.7e12),
+    ("GH200", 989.4e12, 494.7e12),
+    ("B200", 2250e12, 1100e12),
+    ("A100", 312e12, 156e12),
+    ("A10G", 70e12, 35e12),
+    ("A10", 125e12, 62.5e12),
+    ("L40S", 362e12, 183e12),
+    ("L4", 121e12, 60e12),
+    ("RTX 4090", 165.2e12, 82.6e12),
+    ("V100", None, 15.7e12),
 ]
 
 
 def gpu_peak_flops(name: str, precision: str) -> float | None:
-    for key, bf16 in GPU_BF16_PEAKS:
+    for key, bf16, fp32 in GPU_PEAKS:
         if key in name:
-            return bf16 if precision == "bf16" else bf16 / 2
+            return bf16 if precision == "bf16" else fp32
     return None
 
 
