@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lmscale.errors import LmscaleError
+from lmscale.errors import LmscaleError, one_line
 
 log = logging.getLogger("lmscale")
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except LmscaleError as err:
         if args.debug:
             raise
-        print(f"lmscale: error: {err}", file=sys.stderr)
+        print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("lmscale: interrupted", file=sys.stderr)

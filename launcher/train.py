@@ -29,7 +29,7 @@ from lmscale.export.export import RUN_TOKENIZER
 from lmscale.train import checkpoint
 from lmscale.train.ds_config import deepspeed_config
 from lmscale.train.loop import LAUNCH_FILE
-from lmscale.train.plan import RunPlan, plan_run
+from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning, plan_run
 
 
 def gpu_count() -> int:
@@ -64,13 +64,15 @@ def launch_record() -> dict[str, str | None]:
     }
 
 
-def check_resume(ckpt_dir: Path, resume: str) -> None:
-    if resume == "none" and checkpoint.latest_tag(ckpt_dir):
+def check_resume(cfg: Config, ckpt_dir: Path, resume: str) -> None:
+    latest = checkpoint.latest_tag(ckpt_dir)
+    if resume == "none" and latest:
         raise UsageError(
             f"{ckpt_dir}: the run already has checkpoints; use --resume auto to continue it or another run.name"
         )
-    if resume not in ("auto", "none"):
-        checkpoint.read_state(ckpt_dir, resume)
+    tag = latest if resume == "auto" else None if resume == "none" else resume
+    if tag is not None:
+        check_same_sample_order(cfg, checkpoint.read_state(ckpt_dir, tag)["config"], tag)
 
 
 def rank_command(nproc: int, port: int, config_path: Path, resume: str) -> list[str]:
@@ -97,7 +99,9 @@ def train(args: argparse.Namespace) -> int:
         print(json.dumps(ds_config, indent=2))
         return 0
     run_dir = cfg.run.path
-    check_resume(run_dir / "checkpoints", args.resume)
+    check_resume(cfg, run_dir / "checkpoints", args.resume)
+    if warning := lanes_warning(cfg, nproc):
+        print(f"lmscale: warning: {warning}", file=sys.stderr)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"
     config_path.write_text(cfg.to_yaml())

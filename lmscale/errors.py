@@ -11,3 +11,13 @@ class UsageError(LmscaleError):
     """Bad command-line usage or configuration (exit code 2)."""
 
     exit_code = 2
+
+
+def one_line(err: BaseException) -> str:
+    """The message of ``err`` on one line. An error re-raised from a DataLoader worker carries the worker's
+    traceback ("Caught LmscaleError in DataLoader worker process 0. Original Traceback ..."): its last line
+    holds the original message."""
+    lines = str(err).strip().splitlines()
+    if len(lines) > 1 and lines[0].startswith("Caught "):
+        return lines[-1].split(": ", 1)[-1]
+    return " ".join(line.strip() for line in lines)

@@ -100,6 +100,11 @@ def test_prepare_train_resume(corpus_dir: Path, tmp_path: Path) -> None:
     assert next(h for h in history if "events/resume" in h)["events/resume/step"] == 3
     assert f"wandb sync {run_dir}/wandb/offline-run-*-{run_id}" in second.stderr
 
+    # A resume that would change the sample order is refused before any rank starts.
+    changed = run_cli(*args, "--set", "trainer.max_steps=7", "--set", "schedule.total_steps=7", "--set", "data.lanes=8")
+    assert changed.returncode == 2
+    assert changed.stderr.strip().startswith("lmscale: error: data.lanes: 8 here, 16 in checkpoint step_00000006")
+
 
 def test_world_size_that_does_not_divide_the_batch(dataset: Path) -> None:
     result = run_cli("train", "configs/gpt-tiny.yaml", "--nproc", "3", "--set", f"data.path={dataset}",
@@ -115,3 +120,15 @@ def test_missing_data_dir_exit_code_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().startswith("lmscale: error: data.path: ")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_readme_main_job_runs_end_to_end(tmp_path: Path) -> None:
+    """`lmscale demo`, the README's main job, on fewer steps: corpus -> prepare -> train -> export -> sample."""
+    result = run_cli("demo", "--workdir", str(tmp_path), "--steps", "4", env={"WANDB_MODE": "offline"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "prepared" in result.stdout and "(GPT2LMHeadModel)" in result.stdout
+    sample = result.stdout.split("sample:\n", 1)[1]
+    assert sample.startswith("Return the") and len(sample.strip()) > len("Return the")
+    records = [json.loads(line) for line in (tmp_path / "runs" / "gpt-tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [4]  # logging.every_steps 10: the last step is logged
+    assert (tmp_path / "exported" / "gpt-tiny" / "model.safetensors").is_file()

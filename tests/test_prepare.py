@@ -138,21 +138,25 @@ def test_killing_a_ray_worker_mid_run_still_gives_the_complete_dataset(tmp_path:
         [sys.executable, "-m", "launcher", "prepare", "--output", str(tmp_path / "killed"), *common],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    killed = None
+    killed: dict[str, int] = {}  # one worker killed in each phase it can be caught in
     deadline = time.time() + 120
-    while killed is None and proc.poll() is None and time.time() < deadline:
+    while proc.poll() is None and time.time() < deadline:
         for p in psutil.process_iter(["cmdline"]):
-            if any("ray::tokenize_file" in part for part in (p.info["cmdline"] or [])):
-                p.kill()
-                killed = p.pid
-                break
-        time.sleep(0.05)
+            for task in ("ray::tokenize_file", "ray::write_shard"):
+                if task not in killed and any(task in part for part in (p.info["cmdline"] or [])):
+                    p.kill()
+                    killed[task] = p.pid
+        time.sleep(0.02)
     _, err = proc.communicate(timeout=300)
-    assert killed is not None, "no Ray worker was caught running a task"
+    assert "ray::tokenize_file" in killed, "no Ray worker was caught tokenizing"
     assert proc.returncode == 0, err
     a, b = read_manifest(tmp_path / "ref"), read_manifest(tmp_path / "killed")
     assert a.stats["documents"] == b.stats["documents"] == 4000
     assert [s.sha256 for s in a.splits["train"].shards] == [s.sha256 for s in b.splits["train"].shards]
+    # A writer killed mid-shard leaves a temporary file; the published dataset holds only its shards.
+    assert sorted(p.name for p in (tmp_path / "killed" / "shards").iterdir()) == sorted(
+        p.name for p in (tmp_path / "ref" / "shards").iterdir()
+    )
 
 
 def test_inspect_verifies_checksums_and_decodes_samples(dataset: Path, tmp_path: Path) -> None:

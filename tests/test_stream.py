@@ -14,6 +14,7 @@ from lmscale.errors import LmscaleError
 def make_stream(dataset: Path, rank: int, world: int, mb: int = 4, start: int = 0, **kw: object) -> ShardStream:
     manifest = read_manifest(dataset)
     sources = kw.pop("sources", None) or [StreamSource(split_shards(str(dataset), manifest, "train"))]
+    kw.setdefault("lanes", 4)  # the order properties below hold for any lane count; 4 is what 2 ranks divide
     return ShardStream(
         sources,
         manifest.sample_len,
@@ -76,8 +77,39 @@ def test_epochs_cover_every_sample_with_a_new_order(dataset: Path) -> None:
     first, second = seq[:n], seq[n:]
     assert sorted(first) == sorted(second) and len(set(first)) == n
     assert first != second
-    unshuffled = global_sequence(dataset, 1, n, mb=1, shuffle=False)
+    unshuffled = global_sequence(dataset, 1, n, mb=1, shuffle=False, lanes=1)
     assert unshuffled == sorted(unshuffled)
+
+
+def test_lanes_deal_blocks_of_one_contiguous_epoch_order(dataset: Path) -> None:
+    n = read_manifest(dataset).splits["train"].samples
+    n -= n % 4  # full blocks only (the tail after them keeps its place)
+    plain = global_sequence(dataset, 1, n, mb=4, shuffle=False, lanes=1)  # one lane: the epoch in order
+    laned = global_sequence(dataset, 1, n, mb=4, shuffle=False, lanes=3)
+    assert sorted(laned) == sorted(plain)  # a permutation of the epoch
+    blocks = (n // 4 + 2) // 3  # the first lane's length in blocks of 4: ceil(blocks / lanes)
+    # Micro-batch 0 opens lane 0 (the epoch's start), micro-batch 1 lane 1, micro-batch 3 continues lane 0.
+    assert laned[0:4] == plain[0:4] and laned[4:8] == plain[blocks * 4 : blocks * 4 + 4]
+    assert laned[12:16] == plain[4:8]
+
+
+def test_each_rank_reads_only_its_lanes_shards(dataset: Path) -> None:
+    """With world x workers dividing the lanes, an epoch costs each rank about 1/world of the shard reads."""
+    manifest = read_manifest(dataset)
+    shards = len(manifest.splits["train"].shards)
+    n = manifest.splits["train"].samples
+    reads = []
+    for rank in range(2):
+        stream = make_stream(dataset, rank, 2, mb=2, lanes=4)
+        for i in range(n // 4):
+            stream.micro_batch(i)
+        reads.append(stream.shards_read)
+    # Each lane crosses into at most one shard it shares with the next lane.
+    assert all(r <= shards // 2 + 3 for r in reads) and sum(reads) <= shards + 4
+    one_lane = make_stream(dataset, 0, 2, mb=2, lanes=1)  # every rank reads every shard of the epoch
+    for i in range(n // 4):
+        one_lane.micro_batch(i)
+    assert one_lane.shards_read == shards
 
 
 def test_mixture_draws_in_proportion(dataset: Path, tmp_path: Path) -> None:
@@ -114,9 +146,26 @@ def test_corrupt_shard_is_skipped_with_a_count_or_fatal_when_strict(dataset: Pat
         stream.micro_batch(0)
 
 
-@pytest.mark.parametrize("template", ["file://{dir}", "pipe:cat {dir}/{{file}}"])
-def test_shards_stream_from_urls_and_pipe_commands(dataset: Path, template: str) -> None:
-    location = template.format(dir=dataset)
+@pytest.fixture
+def http_root(dataset: Path):
+    """A local HTTP server over the prepared dataset's parent, as object storage with an HTTP front would be."""
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(dataset.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("template", ["file://{dir}", "pipe:cat {dir}/{{file}}", "{http}/{name}"])
+def test_shards_stream_from_urls_and_pipe_commands(dataset: Path, template: str, http_root: str) -> None:
+    location = template.format(dir=dataset, http=http_root, name=dataset.name)
     manifest = read_manifest(location)
     remote = [StreamSource(split_shards(location, manifest, "train"))]
     assert global_sequence(dataset, 2, 48, sources=remote) == global_sequence(dataset, 2, 48)

@@ -1,6 +1,7 @@
 """Real DeepSpeed engines on 2 CPU ranks over gloo, started by the CLI as a user would."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -84,6 +85,9 @@ def test_elastic_resume_on_another_world_size_continues_the_sample_sequence(data
         keys = step_keys(resumed)
         for step in range(1, 9):
             assert sorted(keys[step]) == sorted(reference[step]), f"world {world}, step {step}"
+        # The universal checkpoint restored weights and optimizer state: the same samples give the same loss,
+        # up to the order in which another number of ranks sums the gradients.
+        assert losses(resumed) == pytest.approx(losses(full), abs=2e-4), f"world {world}"
         state = json.loads((resumed / "checkpoints" / "step_00000008" / "lmscale_state.json").read_text())
         assert state["world_size"] == world and state["samples_seen"] == 8 * 24
 
@@ -151,3 +155,46 @@ def test_non_finite_steps_roll_back_to_the_last_checkpoint(dataset: Path, tmp_pa
     # After each rollback the step-2 weights are back: the loss is that of a healthy model again.
     assert abs(loss[5] - loss[3]) < 0.2 and abs(loss[7] - loss[3]) < 0.2
     assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000002"
+
+
+def test_a_corrupt_shard_with_strict_data_stops_training_with_one_line(dataset: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    for shard in (broken / "shards").glob("train-*.tar"):
+        shard.write_bytes(shard.read_bytes()[:3000])  # truncated in transfer
+    args = ["train", "configs/gpt-tiny.yaml", "--nproc", "1"]
+    for item in [*TINY_OVERRIDES, f"data.path={broken}", f"run.dir={tmp_path / 'run'}", "data.strict=true",
+                 "trainer.max_steps=2", "trainer.eval_every_steps=0"]:  # fmt: skip
+        args += ["--set", item]
+    result = run_cli(*args)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if "lmscale: error:" in line]
+    assert errors and all(
+        re.fullmatch(
+            r"lmscale: error: shard \S+/train-\d{6}\.tar: sha256 does not match the manifest \(data\.strict is set\)", e
+        )
+        for e in errors
+    ), result.stderr[-3000:]
+
+
+def test_a_skipped_corrupt_shard_is_reported_in_the_metrics(dataset: Path, tmp_path: Path) -> None:
+    from lmscale.config import DataConfig
+    from lmscale.data.manifest import read_manifest
+    from lmscale.data.stream import SourceOrder, split_shards
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dataset, broken)
+    # The shard that holds the first training position (run.seed 1234, micro-batches of 4, default lanes).
+    shards = split_shards(str(broken), read_manifest(broken), "train")
+    order = SourceOrder(shards, 1234, 0, True, block=4, lanes=DataConfig().lanes)
+    epoch, slot, _ = order.locate(0)
+    victim = shards[order.shard_at(epoch, slot)]
+    path = broken / "shards" / victim.name
+    path.write_bytes(path.read_bytes()[:-512])
+    run_dir = tmp_path / "run"
+    train(run_dir, broken, 2, "trainer.max_steps=2")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    events = [r for r in records if r.get("event") == "skipped_shards"]
+    assert len(events) == 1 and events[0]["step"] == 1 and events[0]["total"] == 1
+    assert [Path(s).name for s in events[0]["shards"]] == [victim.name]
+    assert [r["skipped_shards"] for r in records if "loss" in r] == [1, 1]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -95,11 +96,25 @@ def dataset_url(dataset: str, relpath: str) -> str:
     return str(Path(dataset) / relpath)
 
 
-def _read_remote(url: str) -> str:
+# webdataset opens http(s) with curl retrying 30 times and no limit on a stalled transfer, which would hang a
+# rank; this aborts a transfer that stalls (under 1 kB/s for a minute) and retries a few times instead.
+HTTP_FETCH = "curl --fail --silent --show-error --location --connect-timeout 20 --speed-limit 1024 --speed-time 60 "
+HTTP_FETCH += "--retry 3 --retry-delay 2 "
+
+
+def open_dataset_file(url: str) -> IO[bytes]:
+    """A dataset file (manifest or shard) for reading, through webdataset's ``gopen``: a path, ``file://``,
+    ``pipe:``, or ``http(s)://`` (by ``curl`` with the limits above)."""
     from webdataset import gopen
 
+    if url.startswith(("http://", "https://")):
+        url = "pipe:" + HTTP_FETCH + shlex.quote(url)
+    return gopen(url, "rb")
+
+
+def _read_remote(url: str) -> str:
     try:
-        with gopen(url, "rb") as stream:
+        with open_dataset_file(url) as stream:
             return stream.read().decode("utf-8")
     except Exception as err:  # gopen raises OSError or a pipe command's failure
         raise UsageError(f"{url}: cannot read the manifest ({err})") from None

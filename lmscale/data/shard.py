@@ -104,26 +104,44 @@ def _warm_up() -> None:
     time.sleep(0.5)
 
 
+def unit_tokens_path(work_dir: Path, index: int) -> Path:
+    return work_dir / f"unit-{index:06d}.tokens.npy"
+
+
+def unit_index_path(work_dir: Path, index: int) -> Path:
+    return work_dir / f"unit-{index:06d}.npz"
+
+
 def tokenize_file(
     index: int, path: str, tokenizer_json: str, read: ReadOptions, work_dir: str, val_fraction: float, dtype: str
 ) -> dict[str, Any]:
-    """Tokenize one input file into ``unit-<index>.npz``; returns its read statistics."""
+    """Tokenize one input file into ``unit-<index>.tokens.npy`` (the token stream, end-of-text after each
+    document) and ``unit-<index>.npz`` (document ends, hashes, split); returns its read statistics.
+
+    Tokens are held as numpy arrays of the dataset's dtype (2 or 4 bytes a token, not a Python int's 28+),
+    and the shard writers memory-map the token file, so a large input file costs its size, not ten times it.
+    """
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
     eot = end_token_id(tok)
     stats = ReadStats()
-    ids: list[int] = []
+    chunks: list[np.ndarray] = []
     ends: list[int] = []
     hashes: list[int] = []
     batch: list[str] = []
+    total = 0
 
     def flush() -> None:
+        nonlocal total
         # encode_batch_fast skips the character offsets, which packing never uses.
         for text, enc in zip(batch, tok.encode_batch_fast(batch, add_special_tokens=False), strict=True):
-            ids.extend(enc.ids)
-            ids.append(eot)
-            ends.append(len(ids))
+            doc = np.empty(len(enc.ids) + 1, dtype=dtype)
+            doc[:-1] = enc.ids
+            doc[-1] = eot
+            chunks.append(doc)
+            total += len(doc)
+            ends.append(total)
             hashes.append(document_hash(text))
         batch.clear()
 
@@ -134,15 +152,16 @@ def tokenize_file(
     flush()
     hash_array = np.asarray(hashes, dtype=np.uint64)
     validation = np.asarray([is_validation(h, val_fraction) for h in hashes], dtype=bool)
-    target = Path(work_dir) / f"unit-{index:06d}.npz"
-    tmp = target.with_suffix(f".tmp{os.getpid()}.npz")
-    np.savez(
-        tmp,
-        tokens=np.asarray(ids, dtype=dtype),
-        ends=np.asarray(ends, dtype=np.int64),
-        hashes=hash_array,
-        validation=validation,
-    )
+    # Tokens first, index last: a retried task rewrites both, each by rename, and the index names the tokens.
+    tokens_target = unit_tokens_path(Path(work_dir), index)
+    tmp = tokens_target.with_name(f".{tokens_target.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.save(f, np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype), allow_pickle=False)
+    os.replace(tmp, tokens_target)
+    chunks.clear()
+    target = unit_index_path(Path(work_dir), index)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}.npz")
+    np.savez(tmp, ends=np.asarray(ends, dtype=np.int64), hashes=hash_array, validation=validation)
     os.replace(tmp, target)
     return {"documents": stats.documents, "bad_lines": stats.bad_lines, "bad_line_examples": stats.bad_line_examples}
 
@@ -173,8 +192,7 @@ def _stream_tokens(table: DocTable, work_dir: Path, first: int, last: int, dtype
     while pos < last:
         unit = int(table.unit[doc])
         if unit not in units:
-            with np.load(work_dir / f"unit-{unit:06d}.npz") as z:
-                units[unit] = z["tokens"]
+            units[unit] = np.load(unit_tokens_path(work_dir, unit), mmap_mode="r")
         skip = pos - int(table.offset[doc])
         take = min(int(table.end[doc] - table.start[doc]) - skip, last - pos)
         begin = int(table.start[doc]) + skip
@@ -203,10 +221,11 @@ def write_shard(
     target = Path(output) / relpath
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     stem = target.name.removesuffix(".tar")
-    # A fixed mtime and owner make the archive a pure function of its samples.
+    # A fixed mtime and owner make the archive a pure function of its samples; an integer mtime keeps the
+    # headers plain ustar (a float one adds a pax header to every member, doubling the reader's parsing).
     with (
         open(tmp, "wb") as f,
-        wds.TarWriter(f, user="lmscale", group="lmscale", mtime=0.0, encoder=False) as writer,
+        wds.TarWriter(f, user="lmscale", group="lmscale", mtime=0, encoder=False) as writer,
     ):
         for i, sample in enumerate(samples):
             buf = io.BytesIO()
@@ -248,7 +267,7 @@ def _build_tables(work_dir: Path, n_units: int, dedup: bool) -> tuple[dict[str, 
     columns: dict[str, list[list[np.ndarray]]] = {"train": [[], [], []], "validation": [[], [], []]}
     duplicates = documents = 0
     for unit in range(n_units):
-        with np.load(work_dir / f"unit-{unit:06d}.npz") as z:
+        with np.load(unit_index_path(work_dir, unit)) as z:
             ends, hashes, validation = z["ends"], z["hashes"], z["validation"]
         starts = np.concatenate([[0], ends[:-1]]).astype(np.int64)
         keep = np.ones(len(ends), dtype=bool)
@@ -429,6 +448,8 @@ def prepare(options: PrepareOptions) -> Manifest:
         settings=json.loads(json.dumps(settings, default=str)),
     )
     shutil.rmtree(work_dir)
+    for partial in (out / "shards").glob(".*.tmp*"):
+        partial.unlink()  # left by a shard writer whose worker died; its retry wrote the shard itself
     manifest.write(out)  # last: a manifest means a complete dataset
     return manifest
 

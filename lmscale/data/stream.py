@@ -1,10 +1,16 @@
 """The training stream: WebDataset shards -> micro-batches, in a global order that no world size changes.
 
-The order is a pure function of (seed, data):
+The order is a pure function of (seed, data, lanes, micro-batch size):
 
     global position p  --mixture-->  (dataset d, position q in d's endless stream)
-    q  --epoch e = q // N_d-->  shard order shuffled with (seed, d, e), samples within a shard shuffled
-                               with (seed, d, e, shard)
+    q  --epoch e = q // N_d-->  in-epoch position  --lanes-->  position in the epoch's sample sequence
+    epoch sequence: shard order shuffled with (seed, d, e), samples within a shard shuffled with (seed, d, e, shard)
+
+Lanes (like MosaicML's canonical nodes) cut the epoch sequence into ``lanes`` contiguous segments and
+deal consecutive blocks of ``micro_batch_size`` positions to them in turn: block 0 from lane 0, block 1
+from lane 1, ... Each micro-batch then comes from one lane and a global batch from up to ``lanes`` far
+apart parts of the corpus, and a rank only reads the shards of its own lanes (exactly 1/world of them
+when world_size x loader workers divides ``lanes``) instead of every shard.
 
 Step t consumes the global positions [t * B, (t + 1) * B), B = micro_batch * grad_accum * world. Rank r's
 i-th micro-batch after a start position s holds the positions s + (i * world + r) * micro_batch + [0,
@@ -18,18 +24,20 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import tarfile
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lmscale.data.manifest import Manifest, dataset_url
+from lmscale.data.manifest import Manifest, dataset_url, open_dataset_file
 from lmscale.errors import LmscaleError
 
 log = logging.getLogger(__name__)
@@ -53,14 +61,43 @@ def split_shards(dataset: str, manifest: Manifest, split: str) -> list[ShardRef]
     return [ShardRef(dataset_url(dataset, s.file), Path(s.file).name, s.samples, s.sha256) for s in record.shards]
 
 
-class SourceOrder:
-    """The endless sample order of one dataset split: a new seeded shuffle every epoch."""
+class Lanes:
+    """Deals blocks of ``block`` positions of an epoch of ``samples`` to ``lanes`` contiguous segments of it.
 
-    def __init__(self, shards: list[ShardRef], seed: int, source_index: int, shuffle: bool) -> None:
+    A bijection on [0, samples): in-epoch position -> position in the epoch's sequence. Full blocks go
+    round-robin to the lanes, lane l holding the l-th contiguous run of blocks; the positions after the
+    last full block map to themselves.
+    """
+
+    def __init__(self, samples: int, block: int, lanes: int) -> None:
+        self.block = block
+        self.blocks = samples // block
+        self.lanes = max(1, min(lanes, self.blocks))
+        self.per_lane, self.longer = divmod(self.blocks, self.lanes)  # the first `longer` lanes hold one more
+
+    def lane_start(self, lane: int) -> int:
+        """First block of a lane's segment."""
+        return lane * self.per_lane + min(lane, self.longer)
+
+    def __call__(self, position: int) -> int:
+        block, within = divmod(position, self.block)
+        if block >= self.blocks:
+            return position
+        lane, index = block % self.lanes, block // self.lanes
+        return (self.lane_start(lane) + index) * self.block + within
+
+
+class SourceOrder:
+    """The endless sample order of one dataset split: a new seeded shuffle every epoch, read in lanes."""
+
+    def __init__(
+        self, shards: list[ShardRef], seed: int, source_index: int, shuffle: bool, block: int = 1, lanes: int = 1
+    ) -> None:
         self.shards = shards
         self.seed, self.source_index, self.shuffle = seed, source_index, shuffle
         self.counts = np.array([s.samples for s in shards], dtype=np.int64)
         self.epoch_samples = int(self.counts.sum())
+        self.lanes = Lanes(self.epoch_samples, block, lanes)
 
     @lru_cache(maxsize=4)  # noqa: B019 - a few epochs are live at once (resume, epoch boundary)
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +117,7 @@ class SourceOrder:
     def locate(self, position: int) -> tuple[int, int, int]:
         """(epoch, index into the epoch's shard order, offset in that shard) of a stream position."""
         epoch, in_epoch = divmod(position, self.epoch_samples)
+        in_epoch = self.lanes(in_epoch)
         _, starts = self._epoch_layout(epoch)
         slot = int(np.searchsorted(starts, in_epoch, side="right")) - 1
         return epoch, slot, in_epoch - int(starts[slot])
@@ -136,11 +174,10 @@ def read_shard(shard: ShardRef, sample_len: int, dtype: np.dtype) -> tuple[np.nd
     """All samples of a shard as a (samples, sample_len) array with their keys, checked against the manifest."""
     import hashlib
 
-    from webdataset import gopen
     from webdataset.tariterators import tar_file_iterator
 
     try:
-        with gopen(shard.url, "rb") as stream:
+        with open_dataset_file(shard.url) as stream:
             data = stream.read()
     except Exception as err:  # gopen raises OSError, or IOError-like errors from a pipe: command
         raise CorruptShard(f"cannot open ({err})") from None
@@ -148,17 +185,25 @@ def read_shard(shard: ShardRef, sample_len: int, dtype: np.dtype) -> tuple[np.nd
         raise CorruptShard("sha256 does not match the manifest")
     tokens = np.empty((shard.samples, sample_len), dtype=dtype)
     keys: list[str] = []
+    payload = sample_len * tokens.itemsize
+    header = b""  # the .npy header every sample of the shard shares, checked in full on the first one
     try:
         for member in tar_file_iterator(io.BytesIO(data), handler=None):
-            name = member["fname"]
+            name, raw = member["fname"], member["data"]
             if not name.endswith(".tokens.npy"):
                 continue
             if len(keys) == shard.samples:
                 raise CorruptShard(f"more samples than the manifest's {shard.samples}")
-            array = np.load(io.BytesIO(member["data"]), allow_pickle=False)
-            if array.shape != (sample_len,):
-                raise CorruptShard(f"{name} has shape {array.shape}, expected ({sample_len},)")
-            tokens[len(keys)] = array
+            if header and raw[: len(header)] == header and len(raw) == len(header) + payload:
+                tokens[len(keys)] = np.frombuffer(raw, dtype=dtype, offset=len(header))
+            else:
+                array = np.load(io.BytesIO(raw), allow_pickle=False)
+                if array.shape != (sample_len,) or array.dtype != tokens.dtype:
+                    raise CorruptShard(
+                        f"{name} has {array.dtype} shape {array.shape}, expected {dtype} ({sample_len},)"
+                    )
+                tokens[len(keys)] = array
+                header = raw[: len(raw) - payload]
             keys.append(name.removesuffix(".tokens.npy"))
     except (tarfile.TarError, ValueError, EOFError, OSError) as err:
         raise CorruptShard(f"unreadable tar ({err.__class__.__name__}: {err})") from None
@@ -174,7 +219,8 @@ class StreamSource:
 
 
 class ShardStream(IterableDataset):
-    """Endless micro-batches of one rank: ``{"tokens": LongTensor (micro_batch, seq_len + 1), "keys": [...]}``."""
+    """Endless micro-batches of one rank: ``{"tokens": LongTensor (micro_batch, seq_len + 1), "keys": [...],
+    "skipped_shards": (...)}``."""
 
     def __init__(
         self,
@@ -189,7 +235,7 @@ class ShardStream(IterableDataset):
         shuffle: bool = True,
         strict: bool = False,
         max_micro_batches: int | None = None,
-        cache_shards: int = 2,
+        lanes: int = 1,
     ) -> None:
         super().__init__()
         self.sources = sources
@@ -198,12 +244,21 @@ class ShardStream(IterableDataset):
         self.seed, self.start_position = seed, start_position
         self.shuffle, self.strict = shuffle, strict
         self.max_micro_batches = max_micro_batches
-        self.cache_shards = cache_shards
-        self.orders = [SourceOrder(s.shards, seed, i, shuffle) for i, s in enumerate(sources)]
+        self.lanes = lanes
+        self.orders = [
+            SourceOrder(s.shards, seed, i, shuffle, block=micro_batch_size, lanes=lanes) for i, s in enumerate(sources)
+        ]
         self.mixture = Mixture([s.weight for s in sources], seed)
+        self.cache_shards = self.lanes_per_reader(1) + 1
         self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, list[str]]] = OrderedDict()
         self._corrupt: set[tuple[int, int]] = set()
-        self.skipped_shards = 0
+        self.skipped_shards: list[str] = []
+        """Corrupt shards this reader skipped; every batch carries the list to the trainer, which reports it."""
+        self.shards_read = 0
+
+    def lanes_per_reader(self, loader_workers: int) -> int:
+        """Lanes one loader worker of this rank draws from: each needs its current shard in memory."""
+        return self.lanes // math.gcd(self.lanes, self.world_size * loader_workers)
 
     def positions(self, micro_batch: int) -> range:
         first = self.start_position + (micro_batch * self.world_size + self.rank) * self.micro_batch_size
@@ -219,11 +274,12 @@ class ShardStream(IterableDataset):
         ref = self.sources[source].shards[shard]
         try:
             loaded = read_shard(ref, self.sample_len, self.dtype)
+            self.shards_read += 1
         except CorruptShard as err:
             if self.strict:
                 raise LmscaleError(f"shard {ref.url}: {err} (data.strict is set)") from None
             self._corrupt.add(key)
-            self.skipped_shards += 1
+            self.skipped_shards.append(ref.url)
             log.warning("skipping corrupt shard %s: %s (its samples are drawn from the next shard)", ref.url, err)
             return None
         self._cache[key] = loaded
@@ -246,14 +302,16 @@ class ShardStream(IterableDataset):
                 return tokens[index], keys[index]
         raise LmscaleError(f"every shard of data source {source} is corrupt")
 
-    def micro_batch(self, index: int) -> dict[str, object]:
+    def micro_batch(self, index: int) -> dict[str, Any]:
         samples = [self.sample(p) for p in self.positions(index)]
         tokens = torch.from_numpy(np.stack([s[0] for s in samples]).astype(np.int64))
-        return {"tokens": tokens, "keys": [s[1] for s in samples]}
+        return {"tokens": tokens, "keys": [s[1] for s in samples], "skipped_shards": tuple(self.skipped_shards)}
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # One shard per lane this worker reads, plus the next one of a lane crossing a shard boundary.
+        self.cache_shards = self.lanes_per_reader(workers) + 1
         index = worker
         while self.max_micro_batches is None or index < self.max_micro_batches:
             yield self.micro_batch(index)

@@ -57,6 +57,17 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return value.item() / dist.get_world_size()
 
 
+def union_over_ranks(names: set[str], changed: bool) -> set[str] | None:
+    """The union of every rank's ``names`` when any rank's changed, else None (one small all-reduce a step)."""
+    flag = torch.tensor(1.0 if changed else 0.0)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, sorted(names))
+    return {name for part in gathered for name in part or ()}
+
+
 def is_finite(value: float | None) -> bool:
     return value is None or math.isfinite(value)
 
@@ -84,6 +95,8 @@ class Trainer:
         self.loads_universal = loads_universal
         """The engine was built to load universal checkpoints (an elastic resume): rollbacks load that form too."""
         self.rollbacks = 0
+        self.skipped_here: set[str] = set()  # corrupt shards this rank's loader workers skipped
+        self.skipped_all: set[str] = set()  # ... and those of every rank, as last agreed
         self.stop = StopRequest()
         self.key_log = None
         if self.cfg.data.log_sample_keys:
@@ -110,6 +123,7 @@ class Trainer:
             batch = next(self.train_batches)
             data_wait += time.perf_counter() - wait_started
             keys.extend(batch["keys"])
+            self.skipped_here.update(batch["skipped_shards"])
             tokens = batch["tokens"].to(self.device, non_blocking=True)
             _, loss = self.engine(tokens[:, :-1], tokens[:, 1:])
             self.engine.backward(loss)
@@ -138,7 +152,20 @@ class Trainer:
             else None,
             "memory_gb": memory_gb(self.device),
             "tokens_seen": self.state.tokens_seen,
+            "skipped_shards": len(self.skipped_all),
         }
+
+    def report_skipped_shards(self, step: int, metrics: dict[str, Any]) -> None:
+        """Corrupt shards are skipped inside loader workers, each warning once there; here the ranks agree on
+        the run's total, which goes into the metrics with an event naming the new ones."""
+        union = union_over_ranks(self.skipped_here, not self.skipped_here <= self.skipped_all)
+        if union is None:
+            return
+        new = sorted(union - self.skipped_all)
+        self.skipped_all = union
+        metrics["skipped_shards"] = len(union)
+        if new:
+            self.logger.event(step, "skipped_shards", shards=new, total=len(union))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -198,6 +225,11 @@ class Trainer:
     def close(self) -> None:
         if self.key_log is not None:
             self.key_log.close()
+        # Loader workers ignore SIGTERM (preemption is the rank's to handle), so the interpreter's exit, which
+        # terminates and joins them, would wait forever on an error exit: stop them through their queues now.
+        stop_workers = getattr(self.train_batches, "_shutdown_workers", None)
+        if stop_workers is not None:
+            stop_workers()
 
     def stop_requested(self) -> bool:
         flag = torch.tensor(1.0 if self.stop.requested else 0.0)
@@ -211,6 +243,7 @@ class Trainer:
         while self.state.step < cfg.trainer.max_steps:
             metrics: dict[str, Any] = self.train_step()
             step = self.state.step
+            self.report_skipped_shards(step, metrics)
             if not (is_finite(metrics["loss"]) and is_finite(metrics["grad_norm"])):
                 self.logger.log(step, metrics)
                 self.roll_back(metrics)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from lmscale.config import Config, load_config
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
-from lmscale.errors import LmscaleError
+from lmscale.errors import LmscaleError, one_line
 from lmscale.export.hf_dir import load_hf_model
 from lmscale.models import GPT, flops_per_token
 from lmscale.train import checkpoint
@@ -27,7 +27,7 @@ from lmscale.train.engine import barrier, build_engine, init_distributed
 from lmscale.train.loop import LAUNCH_FILE, Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink, last_logged_step
 from lmscale.train.peak import peak_flops
-from lmscale.train.plan import RunPlan, plan_run
+from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
 
 log = logging.getLogger("lmscale")
 
@@ -59,6 +59,7 @@ def data_loaders(plan: RunPlan, rank: int, start_position: int) -> tuple[DataLoa
         ],
         start_position=start_position,
         shuffle=cfg.data.shuffle,
+        lanes=cfg.data.lanes,
         **common,
     )
     workers = cfg.data.num_workers
@@ -121,6 +122,8 @@ def run(cfg: Config, resume: str) -> int:
 
     tag = resume_tag(ckpt_dir, resume)
     saved = checkpoint.read_state(ckpt_dir, tag) if tag else {}
+    if tag:
+        check_same_sample_order(cfg, saved["config"], tag)
     # ZeRO partitions optimizer state by world size: another world size resumes from the universal form.
     elastic = bool(saved) and saved["world_size"] != world_size
     if elastic:
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(load_config(args.config), args.resume)
     except LmscaleError as err:
-        print(f"lmscale: error: {err}", file=sys.stderr)
+        print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmscale.config import Config, ConfigError, ModelConfig, grad_accum_steps
-from lmscale.data.manifest import Manifest, read_manifest
+from lmscale.data.manifest import Manifest, is_remote, read_manifest
 from lmscale.errors import UsageError
 from lmscale.models import GPTConfig
 
@@ -60,6 +60,7 @@ def gpt_config(m: ModelConfig) -> GPTConfig:
         dropout=m.dropout,
         tie_embeddings=m.tie_embeddings,
         rope_theta=m.rope_theta,
+        norm_eps=m.norm_eps,
         init_std=m.init_std,
     )
 
@@ -97,6 +98,8 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     model = dataclasses.replace(m, vocab_size=vocab_size, seq_len=seq_len)
     if model.init_from:
         check_init_from(model)
+        if not is_remote(sources[0].path):
+            check_init_from_tokenizer(model, Path(sources[0].path) / first.tokenizer_file)
     resolved = dataclasses.replace(cfg, model=model, trainer=trainer)
     return RunPlan(resolved, world_size, manifests)
 
@@ -111,9 +114,49 @@ def check_init_from(m: ModelConfig) -> None:
     except UsageError as err:
         raise ConfigError(f"model.init_from: {err}") from None
     ours = gpt_config(m)
+    rotary = ("rope_theta",) if m.flavor == "llama" else ()
     for name in ("flavor", "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim",
-                 "tie_embeddings"):  # fmt: skip
+                 "tie_embeddings", "norm_eps", *rotary):  # fmt: skip
         if getattr(ours, name) != getattr(theirs, name):
             raise ConfigError(
                 f"model.{name}: {getattr(ours, name)} here, {getattr(theirs, name)} in {m.init_from}/config.json"
             )
+
+
+ORDER_FIELDS = (("run", "seed"), ("data", "shuffle"), ("data", "lanes"), ("trainer", "micro_batch_size"))
+"""The settings the global sample order depends on, besides the data itself (``lmscale.data.stream``)."""
+
+
+def check_same_sample_order(cfg: Config, saved_config: dict, tag: str) -> None:
+    """A resume must keep the sample order, or it would repeat or skip samples without a word."""
+    for section, key in ORDER_FIELDS:
+        ours, theirs = getattr(getattr(cfg, section), key), saved_config.get(section, {}).get(key)
+        if ours != theirs:
+            raise ConfigError(
+                f"{section}.{key}: {ours!r} here, {theirs!r} in checkpoint {tag}; the sample order depends on it, "
+                "so the resumed run would repeat or skip samples (keep it, or start another run.name)"
+            )
+
+
+def lanes_warning(cfg: Config, world_size: int) -> str | None:
+    readers = world_size * cfg.data.num_workers if cfg.data.num_workers else world_size
+    if cfg.data.lanes % readers == 0:
+        return None
+    return (
+        f"data.lanes={cfg.data.lanes} is not a multiple of world_size x data.num_workers = {readers}: ranks share "
+        "lanes, so each reads more shards than its share"
+    )
+
+
+def check_init_from_tokenizer(m: ModelConfig, dataset_tokenizer: Path) -> None:
+    """Token ids mean nothing across vocabularies: the model must have been trained with the data's tokenizer."""
+    from lmscale.data.tokenizer import load_tokenizer
+
+    theirs_path = Path(str(m.init_from)) / "tokenizer.json"
+    if not theirs_path.is_file():
+        return  # weights without a tokenizer: nothing to compare against
+    if load_tokenizer(theirs_path).get_vocab() != load_tokenizer(dataset_tokenizer).get_vocab():
+        raise ConfigError(
+            f"model.init_from: {theirs_path} has another vocabulary than the dataset's {dataset_tokenizer}; "
+            "prepare the data with --tokenizer " + str(theirs_path)
+        )
