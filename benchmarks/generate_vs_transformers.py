@@ -2,14 +2,16 @@
 
 Same weights (one exported directory), same prompts (a batch of equal-length prompts, so neither side
 pads), greedy decoding with a KV cache on both sides, the same number of new tokens (end-of-text
-ignored). The two must produce the same tokens.
+ignored). The two must produce the same tokens. One warm-up each, then `--repeat` timed runs of each side,
+interleaved so that a burst of other work on the machine hits both; the medians are compared.
 
-    python -m benchmarks.generate_vs_transformers [--flavor llama] [--device cuda]
+    python -m benchmarks.generate_vs_transformers [--flavor llama] [--device cuda] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +28,6 @@ from lmscale.models import GPT, GPTConfig
 
 
 def timed(fn, device: str) -> tuple[float, object]:
-    fn()  # warm-up: allocations, kernel selection
     if device == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -58,20 +60,30 @@ def main() -> None:
 
     prompts = torch.randint(1, 8192, (args.batch, 32), generator=torch.Generator().manual_seed(1))
     options = SamplingOptions(max_new_tokens=args.new_tokens, temperature=0)
-    ours_s, ours_out = timed(lambda: generate(ours, prompts.tolist(), options, eot_id=-1), args.device)
-    with torch.no_grad():
-        theirs_s, theirs_out = timed(
-            lambda: theirs.generate(prompts.to(args.device), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                    do_sample=False, eos_token_id=None, pad_token_id=0),
-            args.device,
-        )  # fmt: skip
-    same = ours_out == theirs_out[:, 32:].tolist()
+
+    def run_ours() -> list[list[int]]:
+        return generate(ours, prompts.tolist(), options, eot_id=-1)
+
+    @torch.no_grad()
+    def run_theirs() -> list[list[int]]:
+        out = theirs.generate(prompts.to(args.device), max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                              do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+        return out[:, 32:].tolist()
+
+    ours_out, theirs_out = run_ours(), run_theirs()  # warm-up: allocations, kernel selection
+    if ours_out != theirs_out:
+        raise SystemExit("lmscale and transformers generated different tokens: the comparison is void")
+    ours_times, theirs_times = [], []
+    for _ in range(args.repeat):
+        ours_times.append(timed(run_ours, args.device)[0])
+        theirs_times.append(timed(run_theirs, args.device)[0])
+    ours_s, theirs_s = statistics.median(ours_times), statistics.median(theirs_times)
     tokens = args.batch * args.new_tokens
     print(f"model: {args.flavor}, d_model 512, 8 layers, vocab 8192; batch {args.batch} x {args.new_tokens} new tokens, "
           f"greedy, fp32 on {args.device}")  # fmt: skip
     print(f"lmscale generate:       {tokens / ours_s:,.0f} tokens/s")
     print(f"transformers generate:  {tokens / theirs_s:,.0f} tokens/s")
-    print(f"ratio lmscale / transformers: {theirs_s / ours_s:.2f}x; identical tokens: {same}")
+    print(f"ratio lmscale / transformers: {theirs_s / ours_s:.2f}x (medians of {args.repeat}); identical tokens")
 
 
 if __name__ == "__main__":

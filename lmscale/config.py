@@ -55,6 +55,10 @@ class DataConfig:
     """DataLoader worker processes per rank; the sample order does not depend on it."""
     shuffle: bool = True
     """Seeded shuffle of shard order and of samples within a shard, new every epoch."""
+    lanes: int = 16
+    """Contiguous parts of each epoch read side by side: a micro-batch comes from one lane, a rank reads only
+    its lanes' shards (1/world of them when world_size * num_workers divides lanes), and each loader
+    worker holds one shard per lane it reads in memory. Part of the sample order: keep it for the run's life."""
     strict: bool = False
     """Fail on a corrupt shard instead of skipping it with a counted warning."""
     log_sample_keys: bool = False
@@ -88,6 +92,8 @@ class ModelConfig:
     dropout: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    """Epsilon of LayerNorm (gpt2) or RMSNorm (llama)."""
     init_std: float = 0.02
     init_from: str | None = None
     """A Hugging Face-format model directory to start (continued pretraining) from."""
@@ -330,6 +336,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.n_kv_heads: grouped-query attention needs model.flavor: llama")
     if m.flavor == "llama" and (m.d_model // m.n_heads) % 2:
         raise ConfigError("model.d_model: the llama flavor needs an even head size for rotary embeddings")
+    _positive(m.norm_eps, "model.norm_eps")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
     _positive(cfg.optim.lr, "optim.lr")
@@ -354,6 +361,7 @@ def validate(cfg: Config) -> None:
     _positive(cfg.logging.every_steps, "logging.every_steps")
     _positive(cfg.logging.peak_flops, "logging.peak_flops")
     _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)
+    _positive(cfg.data.lanes, "data.lanes")
     if cfg.zero.offload_params != "none" and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")
     if cfg.zero.offload_optimizer != "none" and cfg.zero.stage == 0:

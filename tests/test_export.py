@@ -9,8 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmscale.config import DataConfig
 from lmscale.data.manifest import read_manifest
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
+from lmscale.errors import LmscaleError
 from lmscale.export.export import check_parity, write_hf_dir
 from lmscale.export.hf import from_hf, to_hf
 from lmscale.export.hf_dir import load_hf_model
@@ -86,13 +88,27 @@ def train(run_dir: Path, dataset: Path, *overrides: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+def validation_loss(model: GPT, dataset: Path, world: int = 2, micro_batch: int = 4, batches: int = 2) -> float:
+    """The validation loss as the trainer computes it: each rank's first micro-batches, averaged."""
+    manifest = read_manifest(dataset)
+    losses = []
+    for rank in range(world):
+        stream = ShardStream([StreamSource(split_shards(str(dataset), manifest, "validation"))], manifest.sample_len,
+                             manifest.dtype, micro_batch, rank, world, seed=0, shuffle=False)  # fmt: skip
+        for i in range(batches):
+            tokens = stream.micro_batch(i)["tokens"]
+            with torch.no_grad():
+                losses.append(model(tokens[:, :-1], tokens[:, 1:])[1].item())
+    return float(np.mean(losses))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_train_export_load_with_transformers(flavor: str, stage: int, dataset: Path, tmp_path: Path) -> None:
     extra = ["model.flavor=llama", "model.n_kv_heads=2", "model.tie_embeddings=false"] if flavor == "llama" else []
     run_dir, out = tmp_path / "run", tmp_path / "exported"
-    train(run_dir, dataset, f"zero.stage={stage}", "trainer.max_steps=3", *extra)
+    train(run_dir, dataset, f"zero.stage={stage}", "trainer.max_steps=3", "trainer.eval_every_steps=3", *extra)
     result = run_cli("export", str(run_dir), "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "logits check: max |diff|" in result.stdout
@@ -106,6 +122,11 @@ def test_train_export_load_with_transformers(flavor: str, stage: int, dataset: P
         assert (out / name).is_file(), name
     model, config = load_hf_model(out)
     assert config["architectures"] == [{"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavor]]
+    # The consolidated weights are the trained ones: the export scores the validation batches exactly as the
+    # ZeRO-partitioned engine did at the last step.
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val_loss = next(r["val_loss"] for r in logged if "val_loss" in r)
+    assert validation_loss(model.eval(), dataset) == pytest.approx(val_loss, abs=1e-5)
     assert_matches_transformers(model, out)
     gen = run_cli("generate", str(out), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature", "0")
     assert gen.returncode == 0 and gen.stdout.startswith("Return the"), gen.stderr
@@ -124,7 +145,7 @@ def test_export_then_init_from_continues_from_the_same_weights(dataset: Path, tm
     losses = []
     for rank in range(2):
         stream = ShardStream([StreamSource(split_shards(str(dataset), manifest, "train"))], manifest.sample_len,
-                             manifest.dtype, 4, rank, 2, seed=1234)  # fmt: skip
+                             manifest.dtype, 4, rank, 2, seed=1234, lanes=DataConfig().lanes)  # fmt: skip
         for i in range(2):
             tokens = stream.micro_batch(i)["tokens"]
             with torch.no_grad():
@@ -176,6 +197,26 @@ def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) <= 3
 
 
+@pytest.mark.slow
+def test_export_fails_when_the_exported_logits_differ(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+    import lmscale.export.export as export
+
+    run_dir, out = tmp_path / "run", tmp_path / "exported"
+    train(run_dir, dataset, "trainer.max_steps=1")
+
+    def off_by_a_bit(state: dict, cfg: GPTConfig) -> dict:
+        hf = to_hf(state, cfg)
+        hf["transformer.ln_f.bias"] = hf["transformer.ln_f.bias"] + 0.01  # a conversion bug in miniature
+        return hf
+
+    monkeypatch.setattr(export, "to_hf", off_by_a_bit)
+    with pytest.raises(
+        LmscaleError, match=r"GPT2LMHeadModel logits differ from lmscale's: max \|diff\| \S+ > tolerance 0.001"
+    ):
+        export.export_checkpoint(run_dir, out)
+    assert not out.exists() and not list(tmp_path.glob(".exported*"))  # nothing half-written is left
+
+
 def test_eval_reports_the_models_loss_on_a_dataset_and_on_text(dataset: Path, corpus_dir: Path, tmp_path: Path) -> None:
     model = tiny_model("gpt2")
     out = tmp_path / "hf"
@@ -202,3 +243,29 @@ def read_shard_rows(dataset: Path, manifest) -> list[np.ndarray]:
         read_shard(s, manifest.sample_len, manifest.np_dtype)[0]
         for s in split_shards(str(dataset), manifest, "validation")
     ]
+
+
+def test_init_from_refuses_what_it_cannot_continue(dataset: Path, tmp_path: Path) -> None:
+    from lmscale.config import ConfigError, ModelConfig
+    from lmscale.export.hf import gpt_config_from_hf
+    from lmscale.train.plan import check_init_from_tokenizer
+
+    llama = {"model_type": "llama", "vocab_size": 512, "max_position_embeddings": 64, "hidden_size": 64,
+             "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}  # fmt: skip
+    assert gpt_config_from_hf(llama).flavor == "llama"
+    for extra, named in (({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope scaling"),
+                         ({"attention_bias": True}, "attention_bias"), ({"hidden_act": "gelu"}, "hidden_act 'gelu'")):  # fmt: skip
+        with pytest.raises(LmscaleError, match=f"config.json: {named} is not supported"):
+            gpt_config_from_hf({**llama, **extra})
+    # A model directory whose tokenizer numbers the tokens differently from the dataset's.
+    other = tmp_path / "other"
+    other.mkdir()
+    spec = json.loads((dataset / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ConfigError, match="model.init_from: .* has another vocabulary than the dataset's"):
+        check_init_from_tokenizer(ModelConfig(init_from=str(other)), dataset / "tokenizer.json")
+    shutil.copy(dataset / "tokenizer.json", other / "tokenizer.json")
+    check_init_from_tokenizer(ModelConfig(init_from=str(other)), dataset / "tokenizer.json")

@@ -60,6 +60,24 @@ def test_flops_per_token_counts_every_matmul() -> None:
     assert 0.8e9 < expected < 0.9e9
 
 
+@pytest.mark.parametrize(
+    "extra", [dict(flavor="gpt2"), dict(flavor="llama", n_kv_heads=2, tie_embeddings=False)], ids=["gpt2", "llama"]
+)
+def test_flops_per_token_equals_what_pytorch_counts_in_a_training_step(extra: dict) -> None:
+    """PyTorch's FLOP counter over a real forward and backward pass (attention through the math kernel, which
+    the counter sees as matrix products) gives exactly the formula MFU uses: GQA, SwiGLU and the head included."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = GPTConfig(vocab_size=512, seq_len=64, d_model=64, n_layers=2, n_heads=4, **extra)
+    model = GPT(cfg)
+    tokens = torch.randint(0, 512, (2, 64))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(tokens, tokens)
+        loss.backward()
+    assert counter.get_total_flops() == flops_per_token(cfg, 64) * tokens.numel()
+
+
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_left_padded_batch_matches_each_prompt_alone(flavor: str) -> None:
     model = tiny(flavor)

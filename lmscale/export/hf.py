@@ -103,6 +103,9 @@ def gpt_config_from_hf(config: dict[str, Any]) -> GPTConfig:
     if kind == "gpt2":
         if config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
             raise LmscaleError(f"config.json: activation_function {config['activation_function']!r} is not supported")
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if config.get(flag):
+                raise LmscaleError(f"config.json: {flag} is not supported by lmscale's gpt2 flavor")
         n_embd = config["n_embd"]
         return GPTConfig(
             vocab_size=config["vocab_size"], seq_len=config["n_positions"], d_model=n_embd,
@@ -111,6 +114,17 @@ def gpt_config_from_hf(config: dict[str, Any]) -> GPTConfig:
         )  # fmt: skip
     if kind == "llama":
         rope = config.get("rope_parameters") or {}
+        scaling = config.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+        unsupported = {
+            "rope scaling": rope_type != "default",
+            "attention_bias": bool(config.get("attention_bias")),
+            "mlp_bias": bool(config.get("mlp_bias")),
+            f"hidden_act {config.get('hidden_act')!r}": config.get("hidden_act", "silu") != "silu",
+        }
+        if any(unsupported.values()):
+            found = ", ".join(name for name, present in unsupported.items() if present)
+            raise LmscaleError(f"config.json: {found} is not supported by lmscale's llama flavor")
         return GPTConfig(
             vocab_size=config["vocab_size"], seq_len=config["max_position_embeddings"], d_model=config["hidden_size"],
             n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
