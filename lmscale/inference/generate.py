@@ -66,7 +66,7 @@ def generate(
         pad_mask[row, longest - len(prompt) :] = True
     same_length = bool(pad_mask.all())
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    cache = KVCache(model.cfg.n_layers)
+    cache = KVCache(model.cfg.n_layers, capacity=longest + budget)
     outputs: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits, _ = model(idx, cache=cache, pad_mask=None if same_length else pad_mask)

@@ -42,23 +42,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class KVCache:
-    """Keys and values of earlier positions, per layer, for incremental decoding."""
+    """Keys and values of earlier positions, per layer, for incremental decoding.
 
-    def __init__(self, n_layers: int) -> None:
+    Allocated once per layer for ``capacity`` positions (when given) and filled in place, so a decoding
+    step writes its new key and value instead of copying the whole cache; without a capacity it grows.
+    """
+
+    def __init__(self, n_layers: int, capacity: int | None = None) -> None:
+        self.capacity = capacity
         self.keys: list[torch.Tensor | None] = [None] * n_layers
         self.values: list[torch.Tensor | None] = [None] * n_layers
+        self.lengths = [0] * n_layers
 
     def length(self, layer: int = 0) -> int:
         """Positions cached for ``layer`` (layers fill in turn during a forward pass)."""
-        k = self.keys[layer]
-        return 0 if k is None else k.shape[2]
+        return self.lengths[layer]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old_k, old_v = self.keys[layer], self.values[layer]
-        if old_k is not None and old_v is not None:
-            k, v = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
-        return k, v
+        """Append (B, nkv, T, hs) keys and values; returns all cached ones, (B, nkv, length, hs)."""
+        start, end = self.lengths[layer], self.lengths[layer] + k.shape[2]
+        keys, values = self.keys[layer], self.values[layer]
+        if keys is None or values is None or end > keys.shape[2]:
+            size = max(end, self.capacity or 0)
+            grown_k, grown_v = k.new_empty(*k.shape[:2], size, k.shape[3]), v.new_empty(*v.shape[:2], size, v.shape[3])
+            if keys is not None and values is not None:
+                grown_k[:, :, :start], grown_v[:, :, :start] = keys[:, :, :start], values[:, :, :start]
+            keys, values = self.keys[layer], self.values[layer] = grown_k, grown_v
+        keys[:, :, start:end], values[:, :, start:end] = k, v
+        self.lengths[layer] = end
+        return keys[:, :, :end], values[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -93,14 +105,14 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length(layer)
             k, v = cache.update(layer, k, v)  # (B, nkv, past+T, hs)
-        if self.n_kv_heads != self.n_heads:
-            # Each group of query heads shares one key/value head.
-            repeat = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
         dropout = self.dropout if self.training else 0.0
         # Without a mask: plain causal attention, or one new token that may see everything cached.
         is_causal = self.causal and attn_mask is None and past == 0 and T > 1
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal)
+        # enable_gqa: each group of query heads shares one key/value head, without copying k and v per head.
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=dropout, is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # fmt: skip
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, d)
         return self.o_proj(y)
 
