@@ -134,15 +134,15 @@ def tokenize_file(
 
     def flush() -> None:
         nonlocal total
+        ids: list[int] = []  # one batch as Python ints, then one numpy array
         # encode_batch_fast skips the character offsets, which packing never uses.
         for text, enc in zip(batch, tok.encode_batch_fast(batch, add_special_tokens=False), strict=True):
-            doc = np.empty(len(enc.ids) + 1, dtype=dtype)
-            doc[:-1] = enc.ids
-            doc[-1] = eot
-            chunks.append(doc)
-            total += len(doc)
-            ends.append(total)
+            ids.extend(enc.ids)
+            ids.append(eot)
+            ends.append(total + len(ids))
             hashes.append(document_hash(text))
+        chunks.append(np.asarray(ids, dtype=dtype))
+        total += len(ids)
         batch.clear()
 
     for document in read_documents(Path(path), read, stats):
