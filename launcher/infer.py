@@ -74,7 +74,7 @@ def _model_of_run(run_dir: Path) -> GPT:
     cfg = from_dict(checkpoint.read_state(run_dir / "checkpoints", tag)["config"])
     model = GPT(gpt_config(cfg.model))
     try:
-        load_checked(model, consolidated_state_dict(str(run_dir / "checkpoints"), tag, cfg.zero.stage), str(run_dir))
+        load_checked(model, consolidated_state_dict(str(run_dir / "checkpoints"), tag), str(run_dir))
     except ValueError as err:
         raise LmscaleError(str(err)) from None
     return model.eval()

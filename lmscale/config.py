@@ -124,7 +124,7 @@ class ScheduleConfig:
 
 @dataclass
 class ZeroConfig:
-    stage: Literal[0, 1, 2, 3] = 2
+    stage: Literal[1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
     offload_optimizer: Literal["none", "cpu"] = "none"
     offload_params: Literal["none", "cpu"] = "none"
@@ -364,8 +364,6 @@ def validate(cfg: Config) -> None:
     _positive(cfg.data.lanes, "data.lanes")
     if cfg.zero.offload_params != "none" and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")
-    if cfg.zero.offload_optimizer != "none" and cfg.zero.stage == 0:
-        raise ConfigError("zero.offload_optimizer: optimizer offload needs zero.stage >= 1")
     for i, source in enumerate(cfg.data.sources):
         _positive(source.weight, f"data.sources[{i}].weight")
     cfg.data.resolved_sources()

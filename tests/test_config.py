@@ -29,7 +29,10 @@ def test_defaults_yaml_and_overrides_layer(tmp_path: Path) -> None:
     [
         ("data: {path: d}\nmodel: {d_modle: 3}\n", None, "model.d_modle: unknown key"),
         ("data: {path: d}\ntrainer: {max_steps: ten}\n", None, "trainer.max_steps: expected int, got 'ten'"),
-        ("data: {path: d}\nzero: {stage: 4}\n", None, "zero.stage: expected one of 0 | 1 | 2 | 3, got 4"),
+        ("data: {path: d}\nzero: {stage: 4}\n", None, "zero.stage: expected one of 1 | 2 | 3, got 4"),
+        ("data: {path: d}\n", "data.lanes=0", "data.lanes: must be > 0"),
+        ("data: {path: d}\n", "model.norm_eps=0", "model.norm_eps: must be > 0"),
+        ("data: {path: d}\n", "trainer.max_rollbacks=-1", "trainer.max_rollbacks: must be >= 0"),
         ("data: {path: d}\n", "trainer.max_steps=1.5", "trainer.max_steps: expected int"),
         ("data: {path: d}\n", "optim.lr=-1", "optim.lr: must be > 0"),
         ("model: {}\n", None, "data.path: missing"),

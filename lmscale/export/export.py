@@ -139,7 +139,7 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     with Progress("export", total=4, unit="stages") as progress:
         try:
-            weights = consolidated_state_dict(str(run_dir / "checkpoints"), tag, cfg.zero.stage)
+            weights = consolidated_state_dict(str(run_dir / "checkpoints"), tag)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
             raise LmscaleError(f"{run_dir / 'checkpoints' / tag}: cannot consolidate the ZeRO files ({err})") from None
         progress.advance()

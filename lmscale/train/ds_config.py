@@ -11,9 +11,12 @@ def deepspeed_config(plan: RunPlan, accelerator: str, load_universal: bool = Fal
     """``accelerator`` is DeepSpeed's accelerator name ("cuda", "cpu", ...); ``load_universal`` prepares
     the engine to load a universal checkpoint (a resume on another world size)."""
     cfg = plan.cfg
-    zero: dict[str, Any] = {"stage": cfg.zero.stage}
-    if cfg.zero.stage >= 1:
-        zero.update(contiguous_gradients=True, overlap_comm=accelerator != "cpu", reduce_bucket_size=int(5e7))
+    zero: dict[str, Any] = {
+        "stage": cfg.zero.stage,
+        "contiguous_gradients": True,
+        "overlap_comm": accelerator != "cpu",
+        "reduce_bucket_size": int(5e7),
+    }
     if cfg.zero.stage == 3:
         zero.update(stage3_param_persistence_threshold=int(1e4))
     if cfg.zero.offload_optimizer != "none":

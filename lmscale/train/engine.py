@@ -53,12 +53,8 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
-def consolidated_state_dict(ckpt_dir: str, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
+def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint of any ZeRO stage and world size, via DeepSpeed's own utility."""
-    if zero_stage == 0:
-        # Without ZeRO the module is saved whole, in the training precision.
-        states = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"), weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
