@@ -1,6 +1,7 @@
 """Throughput/MFU inputs, W&B mode selection, and `lmscale report`."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,20 @@ def test_report_renders_png_and_html(tmp_path: Path) -> None:
     assert "<th>mean MFU</th><td>30.00%</td>" in page and "data:image/png;base64," in page
     bad = run_cli("report", str(tmp_path), "--output", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "metrics.jsonl: no metrics" in bad.stderr
+
+
+def test_plain_progress_lines_carry_the_eta_when_not_on_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from lmscale.progress import Progress
+    from lmscale.train.metrics import ConsoleSink
+
+    caplog.set_level(logging.INFO, logger="lmscale")
+    with Progress("write shards", total=4, unit="shards", log_every_s=0) as progress:  # pytest's stderr: no TTY
+        progress.advance(2)
+    assert re.fullmatch(r"write shards: 2/4 shards, \d+s elapsed, ETA \d+s", caplog.records[-1].getMessage())
+    sink = ConsoleSink(max_steps=10, start_step=4)
+    sink.log(5, {"loss": 3.25, "tokens_per_s": 1000.0, "mfu": 0.5})
+    assert re.fullmatch(
+        r"step 5/10 \| loss 3\.2500 \| tokens_per_s 1,000 \| mfu 50\.0% \| eta \d+s", caplog.records[-1].getMessage()
+    )

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -45,7 +46,9 @@ class ConsoleSink:
     )
 
     def __init__(self, max_steps: int, start_step: int) -> None:
-        self.last_step = start_step
+        self.last_step = self.start_step = start_step
+        self.max_steps = max_steps
+        self.started = time.perf_counter()
         self.progress = Progress("train", total=max_steps - start_step, unit="steps") if sys.stderr.isatty() else None
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
@@ -56,10 +59,13 @@ class ConsoleSink:
             self.last_step = step
             if "val_loss" not in metrics:
                 return
-        parts = [f"step {step}"]
+        parts = [f"step {step}/{self.max_steps}"]
         for key, fmt in self.FIELDS:
             if metrics.get(key) is not None:
                 parts.append(f"{key} " + fmt.format(metrics[key]))
+        if self.progress is None and step > self.start_step:
+            per_step = (time.perf_counter() - self.started) / (step - self.start_step)
+            parts.append(f"eta {per_step * (self.max_steps - step):.0f}s")
         log.info(" | ".join(parts))
 
     def event(self, step: int, name: str, detail: dict[str, Any]) -> None:
