@@ -185,6 +185,11 @@ def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
     # latest skips the incomplete tag and exports step 2.
     ok = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
     assert ok.returncode == 0 and "step_00000002" in ok.stdout
+    # eval takes the run directory too (consolidating its latest checkpoint) and scores like the export.
+    from_run = run_cli("eval", str(run_dir), "--data", str(dataset))
+    from_export = run_cli("eval", str(tmp_path / "ok"), "--data", str(dataset))
+    assert from_run.returncode == 0 and from_export.returncode == 0, from_run.stderr[-2000:]
+    assert from_run.stdout == from_export.stdout and len(from_run.stdout.splitlines()) == 1
     again = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
     assert again.returncode == 2 and "output exists (pass --overwrite" in again.stderr
     # A checkpoint whose recorded config describes another model shape.

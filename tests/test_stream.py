@@ -146,6 +146,33 @@ def test_corrupt_shard_is_skipped_with_a_count_or_fatal_when_strict(dataset: Pat
         stream.micro_batch(0)
 
 
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda data: b"\x00garbage" * 400, r"unreadable tar|0 samples"),
+        (lambda data: data[: len(data) // 2], r"unreadable tar|\d+ samples, the manifest says"),
+    ],
+    ids=["not-a-tar", "cut-in-half"],
+)
+def test_a_damaged_tar_with_a_matching_checksum_is_still_caught(dataset: Path, damage, reason: str) -> None:
+    """Damage that the manifest cannot see (a shard rewritten with its checksum): the tar itself is checked."""
+    import hashlib
+
+    from lmscale.data.stream import CorruptShard, ShardRef, read_shard
+
+    manifest = read_manifest(dataset)
+    shard = split_shards(str(dataset), manifest, "train")[0]
+    data = damage(Path(shard.url).read_bytes())
+    bad = Path(shard.url).with_name("damaged.tar")
+    bad.write_bytes(data)
+    try:
+        ref = ShardRef(str(bad), bad.name, shard.samples, hashlib.sha256(data).hexdigest())
+        with pytest.raises(CorruptShard, match=reason):
+            read_shard(ref, manifest.sample_len, manifest.np_dtype)
+    finally:
+        bad.unlink()
+
+
 @pytest.fixture
 def http_root(dataset: Path):
     """A local HTTP server over the prepared dataset's parent, as object storage with an HTTP front would be."""

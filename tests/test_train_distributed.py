@@ -193,8 +193,11 @@ def test_a_skipped_corrupt_shard_is_reported_in_the_metrics(dataset: Path, tmp_p
     path.write_bytes(path.read_bytes()[:-512])
     run_dir = tmp_path / "run"
     train(run_dir, broken, 2, "trainer.max_steps=2")
+    train(run_dir, broken, 2, "trainer.max_steps=3")  # the count is the run's: kept by the checkpoint
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     events = [r for r in records if r.get("event") == "skipped_shards"]
     assert len(events) == 1 and events[0]["step"] == 1 and events[0]["total"] == 1
     assert [Path(s).name for s in events[0]["shards"]] == [victim.name]
-    assert [r["skipped_shards"] for r in records if "loss" in r] == [1, 1]
+    assert [r["skipped_shards"] for r in records if "loss" in r] == [1, 1, 1]
+    state = json.loads((run_dir / "checkpoints" / "step_00000003" / "lmscale_state.json").read_text())
+    assert [Path(s).name for s in state["skipped_shards"]] == [victim.name]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from typing import Any
 
@@ -57,4 +59,6 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint of any ZeRO stage and world size, via DeepSpeed's own utility."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+    # It prints its progress to stdout, which is the result channel of `lmscale eval` and `export`.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)

@@ -39,7 +39,8 @@ class TrainState:
     tokens_seen: int = 0
     wandb_id: str = ""
     resumes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    skipped_shards: list[str] = field(default_factory=list)
+    """Corrupt shards skipped so far in the run, by every rank."""
 
 
 def memory_gb(device: torch.device) -> float:
@@ -96,7 +97,7 @@ class Trainer:
         """The engine was built to load universal checkpoints (an elastic resume): rollbacks load that form too."""
         self.rollbacks = 0
         self.skipped_here: set[str] = set()  # corrupt shards this rank's loader workers skipped
-        self.skipped_all: set[str] = set()  # ... and those of every rank, as last agreed
+        self.skipped_all = set(state.skipped_shards)  # ... and those of every rank, as last agreed
         self.stop = StopRequest()
         self.key_log = None
         if self.cfg.data.log_sample_keys:
@@ -188,6 +189,7 @@ class Trainer:
             "world_size": self.plan.world_size,
             "wandb_id": self.state.wandb_id,
             "resumes": self.state.resumes,
+            "skipped_shards": sorted(self.skipped_all),
             "config": self.cfg.to_dict(),
             "saved_at": time.time(),
         }

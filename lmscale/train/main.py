@@ -155,6 +155,7 @@ def run(cfg: Config, resume: str) -> int:
             samples_seen=saved["samples_seen"],
             tokens_seen=saved["tokens_seen"],
             resumes=saved.get("resumes", 0) + 1,
+            skipped_shards=saved.get("skipped_shards", []),
         )
         if elastic:
             torch.manual_seed(cfg.run.seed * 1000 + rank + state.step)
