@@ -59,7 +59,7 @@ def test_converter_matches_transformers_and_round_trips(flavor: str, dataset: Pa
     assert architecture == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavor]
     assert_matches_transformers(model, out)
     diff, tol = check_parity(model, out, "fp32")
-    assert diff < tol == 1e-3
+    assert diff < 1e-4 and 1e-3 <= tol < 2e-3
     reloaded, _ = load_hf_model(out)  # what generate, eval and model.init_from use
     for k, v in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[k], v), k
@@ -73,8 +73,8 @@ def test_sharded_bf16_export_loads(dataset: Path, tmp_path: Path) -> None:
     out.mkdir()
     write_hf_dir(model, 0, dataset / "tokenizer.json", out, "bf16", "100KB")
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
-    diff, tol = check_parity(model, out, "bf16")
-    assert diff <= tol
+    diff, tol = check_parity(model, out, "bf16")  # against lmscale's weights rounded to bf16: a tight check
+    assert diff < 1e-4 and diff < tol
     reloaded, _ = load_hf_model(out)
     assert reloaded.tok_emb.weight.dtype == torch.float32
 
@@ -209,14 +209,15 @@ def test_export_fails_when_the_exported_logits_differ(dataset: Path, tmp_path: P
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     train(run_dir, dataset, "trainer.max_steps=1")
 
-    def off_by_a_bit(state: dict, cfg: GPTConfig) -> dict:
+    def missed_transpose(state: dict, cfg: GPTConfig) -> dict:
         hf = to_hf(state, cfg)
-        hf["transformer.ln_f.bias"] = hf["transformer.ln_f.bias"] + 0.01  # a conversion bug in miniature
+        key = "transformer.h.1.attn.c_proj.weight"  # square, so the shapes still fit: the classic silent bug
+        hf[key] = hf[key].t().contiguous()
         return hf
 
-    monkeypatch.setattr(export, "to_hf", off_by_a_bit)
+    monkeypatch.setattr(export, "to_hf", missed_transpose)
     with pytest.raises(
-        LmscaleError, match=r"GPT2LMHeadModel logits differ from lmscale's: max \|diff\| \S+ > tolerance 0.001"
+        LmscaleError, match=r"GPT2LMHeadModel logits differ from lmscale's: max \|diff\| \S+ > tolerance \S+"
     ):
         export.export_checkpoint(run_dir, out)
     assert not out.exists() and not list(tmp_path.glob(".exported*"))  # nothing half-written is left
