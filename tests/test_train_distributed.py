@@ -42,7 +42,9 @@ def step_keys(run_dir: Path) -> dict[int, list[str]]:
 def test_zero_stage_trains_and_resumes_exactly(stage: int, dataset: Path, tmp_path: Path) -> None:
     common = [f"zero.stage={stage}", "checkpoint.every_steps=4"]
     full, part = tmp_path / "full", tmp_path / "part"
+    shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     train(full, dataset, 2, "trainer.max_steps=8", *common)
+    assert set(Path("/dev/shm").glob("deepspeed_*")) == shm_before  # no shared memory outlives the run
     train(part, dataset, 2, "trainer.max_steps=4", *common)
     assert (part / "checkpoints" / LATEST).read_text() == "step_00000004"
     train(part, dataset, 2, "trainer.max_steps=8", *common)

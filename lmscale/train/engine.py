@@ -27,7 +27,20 @@ def init_distributed() -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if accelerator_name() != "cpu":
         get_accelerator().set_device(local_rank)
+    else:
+        release_cpu_allreduce_buffer(torch.distributed.get_rank())
     return torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size()
+
+
+def release_cpu_allreduce_buffer(rank: int) -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm buffer per rank (about 70 MB) and never unlinks it, so
+    every run would leave its buffers in memory until a reboot (enough runs fill the machine's RAM). Once
+    every rank has mapped its peers' buffers, which each does before its start-up returns, the names can go:
+    the mappings live on until the processes exit."""
+    torch.distributed.barrier()
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
