@@ -30,6 +30,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         dedup=args.dedup,
         workers=args.workers,
         ray_address=args.ray_address,
+        in_process=args.in_process,
         read=ReadOptions(text_field=args.text_field, txt_mode=args.txt_mode, strict=args.strict),
         overwrite=args.overwrite,
     )
@@ -112,6 +113,9 @@ def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
     p.add_argument("--workers", type=int, help="Ray tasks in flight (default: all cores)")
     p.add_argument("--ray-address", help="an existing Ray cluster (default: start a local one)")
+    p.add_argument(
+        "--in-process", action="store_true", help="run the tasks in this process, without Ray (small corpora)"
+    )
     p.add_argument("--strict", action="store_true", help="fail on the first bad input line instead of skipping it")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     p.set_defaults(func=cmd_prepare)
@@ -130,13 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every shard")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train from a YAML config on N local ranks with DeepSpeed")
+    p = sub.add_parser("train", help="train from a YAML config with DeepSpeed, on one node or several")
     p.add_argument("config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--nproc", type=int, help="ranks on this node (default: GPUs, or 1 on CPU)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved and DeepSpeed configs and exit")
+    p.add_argument(
+        "--prepare-only", action="store_true", help="write the run directory, print the per-rank command, and exit"
+    )
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a checkpoint tag")
-    p.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
+    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; run the same command on each")
+    p.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, --nnodes); node 0 hosts")
+    p.add_argument("--master-addr", help="address of node 0 that every node reaches (needed with --nnodes > 1)")
+    p.add_argument(
+        "--master-port", type=int, help="rendezvous port on node 0 (default: 29500 with --nnodes, else a free one)"
+    )
+    p.add_argument("--hostfile", help="start the ranks on these hosts with DeepSpeed's launcher (`HOST slots=N`)")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (sets logging.peak_flops)")
     p.set_defaults(func=cmd_train)
 

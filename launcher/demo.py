@@ -10,6 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from launcher.cli import build_parser
 from launcher.infer import cmd_generate
 from launcher.train import train
 from lmscale.data.demo_corpus import write_demo_corpus
@@ -32,12 +33,11 @@ def demo(workdir: Path, nproc: int, steps: int) -> int:
             shard_size="200", overwrite=True,
         )  # fmt: skip
         print(summary(prepare(options), data_dir))
-    args = argparse.Namespace(
-        config=str(TINY_CONFIG),
-        set=[f"data.path={data_dir}", f"run.dir={workdir / 'runs' / 'gpt-tiny'}", f"trainer.max_steps={steps}",
-             "zero.stage=2"],
-        nproc=nproc, dry_run=False, resume="auto", master_port=None,
-    )  # fmt: skip
+    overrides = [f"data.path={data_dir}", f"run.dir={workdir / 'runs' / 'gpt-tiny'}", f"trainer.max_steps={steps}",
+                 "zero.stage=2"]  # fmt: skip
+    args = build_parser().parse_args(
+        ["train", str(TINY_CONFIG), "--nproc", str(nproc), *(a for o in overrides for a in ("--set", o))]
+    )
     code = train(args)
     if code != 0:
         return code

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from lmscale import run_layout
 from lmscale.data.tokenizer import end_token_id, load_tokenizer
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.export.hf_dir import load_hf_model
@@ -71,10 +72,10 @@ def _model_of_run(run_dir: Path) -> GPT:
     from lmscale.train.plan import gpt_config
 
     tag = find_checkpoint(run_dir, "latest")
-    cfg = from_dict(checkpoint.read_state(run_dir / "checkpoints", tag)["config"])
+    cfg = from_dict(checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)["config"])
     model = GPT(gpt_config(cfg.model))
     try:
-        load_checked(model, consolidated_state_dict(str(run_dir / "checkpoints"), tag), str(run_dir))
+        load_checked(model, consolidated_state_dict(str(run_dir / run_layout.CHECKPOINTS), tag), str(run_dir))
     except ValueError as err:
         raise LmscaleError(str(err)) from None
     return model.eval()
@@ -84,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lmscale.inference.evaluate import evaluate, is_prepared, prepared_windows, text_windows
 
     target = Path(args.model)
-    if (target / "checkpoints").is_dir():
+    if (target / run_layout.CHECKPOINTS).is_dir():
         model = _model_of_run(target)
         tok = load_tokenizer(target / "tokenizer.json")
     else:

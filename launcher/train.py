@@ -1,8 +1,14 @@
-"""``lmscale train``: validate and resolve the config, write it into the run directory, start the ranks.
+"""``lmscale train``: validate and resolve the config, write the run directory, start the ranks.
 
-Local ranks are started by the DeepSpeed launcher (``deepspeed.launcher.runner``), which sets RANK,
-LOCAL_RANK, WORLD_SIZE and MASTER_ADDR/PORT for each ``python -m lmscale.train.main`` process. Without
-a GPU the ranks are CPU processes talking over gloo (``DS_ACCELERATOR=cpu``).
+Routes (every one ends in ``python -m lmscale.train.main RUN_DIR`` on each rank):
+
+- one node: ``--nproc G``; this process hosts the rendezvous and starts G ranks (``launcher.nodes``);
+- several nodes: the same command on every node with ``--nnodes N --node-rank R --master-addr HOST``;
+  node 0 writes the run directory, the others wait for it through the rendezvous;
+- ``--hostfile``: DeepSpeed's own multi-node launcher (pdsh/ssh) starts the ranks on the listed hosts;
+- ``--prepare-only``: write the run directory and print the per-rank command, for any other scheduler.
+
+Without a GPU the ranks are CPU processes talking over gloo (``DS_ACCELERATOR=cpu``).
 """
 
 from __future__ import annotations
@@ -14,22 +20,25 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import psutil
+from torch.distributed import TCPStore
 
-from lmscale.config import Config, load_config
+from launcher.nodes import NodeSpec, cpu_rank_env, open_store, publish_run_dir, rank_argv, run_node, wait_for_run_dir
+from lmscale import run_layout
+from lmscale.config import Config, load_config, pin_run_dir
 from lmscale.data.manifest import is_remote
-from lmscale.errors import UsageError
-from lmscale.export.export import RUN_TOKENIZER
+from lmscale.errors import LmscaleError, UsageError
 from lmscale.train import checkpoint
 from lmscale.train.ds_config import deepspeed_config
-from lmscale.train.loop import LAUNCH_FILE
 from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning, plan_run
+
+DEFAULT_MULTI_NODE_PORT = 29500
 
 
 def gpu_count() -> int:
@@ -38,26 +47,38 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def resolve(config: str, overrides: list[str], world_size: int, accelerator: str) -> tuple[Config, RunPlan, dict]:
+    """The config as the run directory keeps it, its plan for ``world_size`` ranks, and the DeepSpeed config.
 
-
-def resolve(config: str, overrides: list[str], world_size: int) -> tuple[Config, RunPlan, dict]:
+    The kept config holds the global batch (micro x accumulation x ``world_size`` when the YAML gave no
+    global batch) and no accumulation: every start of a rank derives that from the world size it has.
+    Local paths are made absolute so that ranks started from any directory (srun, another node) find them.
+    """
     cfg = load_config(config, overrides)
-    # Pin the run directory in the resolved config so every rank and every resume agrees on it.
-    cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(cfg.run.path)))
+    cfg = pin_run_dir(cfg, cfg.run.path.absolute())
+    if cfg.data.path is not None and not is_remote(cfg.data.path):
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).absolute())))
+    sources = [
+        s if is_remote(s.path) else dataclasses.replace(s, path=str(Path(s.path).absolute())) for s in cfg.data.sources
+    ]
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
     plan = plan_run(cfg, world_size)
-    return plan.cfg, plan, deepspeed_config(plan, "cuda" if gpu_count() else "cpu")
+    kept = dataclasses.replace(
+        plan.cfg,
+        trainer=dataclasses.replace(plan.cfg.trainer, global_batch_size=plan.global_batch_size, grad_accum_steps=None),
+    )
+    return kept, plan, deepspeed_config(plan, accelerator)
 
 
-def launch_record() -> dict[str, str | None]:
+def launch_record(world_size: int, route: str) -> dict[str, str | int | None]:
     repo = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True)
     return {
         "launch_command": shlex.join(["lmscale", *sys.argv[1:]]),
+        "launch_id": uuid.uuid4().hex,
+        "route": route,
+        "world_size": world_size,
         "git_commit": commit.stdout.strip() or None if commit.returncode == 0 else None,
         "git_dirty": str(bool(dirty.stdout.strip())) if dirty.returncode == 0 else None,
         "launched_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -75,59 +96,184 @@ def check_resume(cfg: Config, ckpt_dir: Path, resume: str) -> None:
         check_same_sample_order(cfg, checkpoint.read_state(ckpt_dir, tag)["config"], tag)
 
 
-def rank_command(nproc: int, port: int, config_path: Path, resume: str) -> list[str]:
-    return [
-        sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(nproc), "--master_port", str(port),
-        "--module", "lmscale.train.main", "--config", str(config_path), "--resume", resume,
-    ]  # fmt: skip
+def _write_atomic(path: Path, text: str) -> None:
+    # Other nodes read these files over a shared filesystem: never let them see half of one.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-def train(args: argparse.Namespace) -> int:
-    gpus = gpu_count()
+def write_run_dir(cfg: Config, plan: RunPlan, ds_config: dict, launch: dict) -> Path:
+    """The run directory every rank reads: config, DeepSpeed config, tokenizer, launch record (last)."""
+    run_dir = cfg.run.path
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / run_layout.CONFIG, cfg.to_yaml())
+    _write_atomic(run_dir / run_layout.DEEPSPEED, json.dumps(ds_config, indent=2) + "\n")
+    data_path = cfg.data.resolved_sources()[0].path
+    if not is_remote(data_path):
+        # Export needs the tokenizer; keep it with the run in case the dataset moves.
+        tmp = run_dir / f".{run_layout.TOKENIZER}.tmp"
+        shutil.copyfile(Path(data_path) / plan.manifests[0].tokenizer_file, tmp)
+        os.replace(tmp, run_dir / run_layout.TOKENIZER)
+    _write_atomic(run_dir / run_layout.LAUNCH, json.dumps(launch, indent=2) + "\n")
+    return run_dir
+
+
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """DeepSpeed's hostfile: one ``host slots=N`` per line, ``#`` comments."""
+    hosts = []
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"--hostfile {path}: file not found")
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].startswith("slots=") or not parts[1][6:].isdigit():
+            raise UsageError(f"--hostfile {path}:{number}: expected `HOST slots=N`, got {line!r}")
+        hosts.append((parts[0], int(parts[1][6:])))
+    if not hosts:
+        raise UsageError(f"--hostfile {path}: lists no hosts")
+    return hosts
+
+
+def rank_command_line(run_dir: Path, resume: str) -> str:
+    resume_args = ["--resume", resume] if resume != "auto" else []
+    return shlex.join(["python", "-m", "lmscale.train.main", str(run_dir), *resume_args])
+
+
+def print_prepared(run_dir: Path, world_size: int, cfg: Config, resume: str) -> None:
+    command = rank_command_line(run_dir, resume)
+    print(f"prepared {run_dir} for {world_size} ranks (global batch {cfg.trainer.global_batch_size} sequences; "
+          "any world size that divides it works)")  # fmt: skip
+    print("start every rank with:")
+    print(f"  {command}")
+    print("with its place in the job in the environment: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
+    print("(torchrun, the DeepSpeed launcher) or SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS (srun), e.g.")
+    print(f"  srun --ntasks-per-node=GPUS --kill-on-bad-exit=1 {command}")
+    print(
+        f"  torchrun --nnodes N --node-rank R --master-addr HOST --nproc-per-node GPUS -m lmscale.train.main {run_dir}"
+    )
+
+
+def check_topology(args: argparse.Namespace, gpus: int) -> tuple[int, int]:
+    """(ranks on this node, world size) from the command line."""
     nproc = args.nproc or max(gpus, 1)
     if nproc < 1:
         raise UsageError(f"--nproc {nproc}: must be at least 1")
     if gpus and nproc > gpus:
         raise UsageError(f"--nproc {nproc}: this node has {gpus} GPUs")
-    overrides = [*args.set, *([f"logging.peak_flops={args.peak_flops}"] if getattr(args, "peak_flops", None) else [])]
-    cfg, plan, ds_config = resolve(args.config, overrides, nproc)
+    if args.nnodes < 1:
+        raise UsageError(f"--nnodes {args.nnodes}: must be at least 1")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UsageError(f"--node-rank {args.node_rank}: must be in [0, --nnodes={args.nnodes})")
+    if args.nnodes > 1 and not args.master_addr:
+        raise UsageError("--nnodes: several nodes need --master-addr (the address of node 0 the others reach)")
+    if args.hostfile:
+        if args.nnodes > 1:
+            raise UsageError("--hostfile: DeepSpeed's launcher places the nodes; do not combine it with --nnodes")
+        return nproc, sum(slots for _, slots in read_hostfile(args.hostfile))
+    return nproc, args.nnodes * nproc
+
+
+def train(args: argparse.Namespace) -> int:
+    gpus = gpu_count()
+    nproc, world_size = check_topology(args, gpus)
+    overrides = [*args.set, *([f"logging.peak_flops={args.peak_flops}"] if args.peak_flops else [])]
+    # A config prepared on a login node without GPUs is still for the GPU nodes that will run it.
+    accelerator = "cpu" if not gpus and not args.prepare_only else "cuda"
+    cfg, plan, ds_config = resolve(args.config, overrides, world_size, accelerator)
     if args.dry_run:
         print("# resolved lmscale config")
         print(cfg.to_yaml())
-        print(f"# generated DeepSpeed config (world size {nproc})")
+        print(f"# generated DeepSpeed config (world size {world_size})")
         print(json.dumps(ds_config, indent=2))
         return 0
-    run_dir = cfg.run.path
-    check_resume(cfg, run_dir / "checkpoints", args.resume)
-    if warning := lanes_warning(cfg, nproc):
-        print(f"lmscale: warning: {warning}", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(cfg.to_yaml())
-    (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    data_path = cfg.data.resolved_sources()[0].path
-    if not is_remote(data_path):
-        # Export needs the tokenizer; keep it with the run in case the dataset moves.
-        shutil.copyfile(Path(data_path) / plan.manifests[0].tokenizer_file, run_dir / RUN_TOKENIZER)
-    (run_dir / LAUNCH_FILE).write_text(json.dumps(launch_record(), indent=2) + "\n")
-    env = dict(os.environ)
-    if not gpus:
-        env.setdefault("DS_ACCELERATOR", "cpu")
-        # CPU ranks share the cores: one thread pool per rank, not one per core per rank.
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    command = rank_command(nproc, args.master_port or free_port(), config_path, args.resume)
-    launcher = subprocess.Popen(command, env=env)
+    route = "hostfile" if args.hostfile else "prepare-only" if args.prepare_only else "nodes"
+    if args.node_rank == 0:
+        check_resume(cfg, cfg.run.path / run_layout.CHECKPOINTS, args.resume)
+        if warning := lanes_warning(cfg, world_size):
+            print(f"lmscale: warning: {warning}", file=sys.stderr)
+    if args.prepare_only:
+        run_dir = write_run_dir(cfg, plan, ds_config, launch_record(world_size, route))
+        print_prepared(run_dir, world_size, cfg, args.resume)
+        return 0
+    env = cpu_rank_env(nproc) if not gpus else dict(os.environ)
+    if args.hostfile:
+        run_dir = write_run_dir(cfg, plan, ds_config, launch_record(world_size, route))
+        return deepspeed_hostfile_launch(args, run_dir, env)
+
+    spec = NodeSpec(
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        nproc=nproc,
+        master_addr=args.master_addr or "127.0.0.1",
+        master_port=args.master_port or (DEFAULT_MULTI_NODE_PORT if args.nnodes > 1 else None),
+        timeout_minutes=cfg.trainer.collective_timeout_minutes,
+    )
+    store = open_store(spec)
+    if spec.node_rank == 0:
+        launch = launch_record(world_size, route)
+        run_dir = write_run_dir(cfg, plan, ds_config, launch)
+        publish_run_dir(store, run_dir, str(launch["launch_id"]))
+    else:
+        run_dir = join_prepared_run(cfg, store, spec)
+    return run_node(spec, store, rank_argv(run_dir, args.resume), env)
+
+
+def join_prepared_run(cfg: Config, store: TCPStore, spec: NodeSpec) -> Path:
+    """On a node other than 0: the run directory node 0 wrote, once this node can read all of it, checked
+    against this node's own resolution of the command line (the same config must start every node)."""
+    run_dir, launch_id = wait_for_run_dir(store, spec)
+    deadline = time.monotonic() + 60
+    # A shared filesystem may show this node the previous launch's files for a moment: wait for this one's.
+    while True:
+        launch_file = run_dir / run_layout.LAUNCH
+        try:
+            seen = json.loads(launch_file.read_text()).get("launch_id")
+        except (OSError, ValueError):
+            seen = None
+        if seen == launch_id:
+            break
+        if time.monotonic() > deadline:
+            raise LmscaleError(
+                f"{launch_file}: node 0 wrote launch {launch_id}, this node reads {seen}: is {run_dir} on a "
+                "filesystem every node mounts?"
+            )
+        time.sleep(1)
+    theirs = load_config(run_dir / run_layout.CONFIG).to_dict()
+    ours = cfg.to_dict()
+    for section, values in ours.items():
+        for key, value in values.items():
+            if theirs.get(section, {}).get(key) != value:
+                raise UsageError(
+                    f"{section}.{key}: {value!r} on node {spec.node_rank}, {theirs.get(section, {}).get(key)!r} "
+                    f"in node 0's {run_dir / run_layout.CONFIG}: start every node with the same config and --set values"
+                )
+    return run_dir
+
+
+def deepspeed_hostfile_launch(args: argparse.Namespace, run_dir: Path, env: dict[str, str]) -> int:
+    """DeepSpeed's launcher starts ``lmscale.train.main`` on every host of the hostfile (pdsh/ssh for several
+    hosts, which must all mount the run directory); SIGTERM and SIGUSR1 reach this host's ranks."""
+    command = [
+        sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", args.hostfile,
+        *(["--master_addr", args.master_addr] if args.master_addr else []),
+        "--master_port", str(args.master_port or DEFAULT_MULTI_NODE_PORT),
+        "--module", "lmscale.train.main", str(run_dir), "--resume", args.resume,
+    ]  # fmt: skip
+    runner = subprocess.Popen(command, env=env)
 
     def forward(signum: int, frame: object) -> None:
-        # The DeepSpeed launcher would kill the ranks (SIGTERM, then SIGKILL after 30 s) or die of SIGUSR1;
+        # DeepSpeed's runner would kill the ranks (SIGTERM, then SIGKILL after 30 s) or die of SIGUSR1;
         # the ranks themselves checkpoint at the next step and exit with code 3.
-        for rank in rank_processes(launcher.pid):
+        for rank in rank_processes(runner.pid):
             rank.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, forward)
-    return launcher.wait()
+    return runner.wait()
 
 
 def rank_processes(runner_pid: int) -> list[psutil.Process]:

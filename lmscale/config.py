@@ -149,6 +149,10 @@ class TrainerConfig:
     max_rollbacks: int = 3
     """A step whose loss or gradient norm is not finite rolls the weights back to the last checkpoint and
     skips the batches since; after this many rollbacks in one job (or with no checkpoint) the run stops."""
+    collective_timeout_minutes: float = 10.0
+    """How long a rank waits in one collective (all-reduce, barrier, rendezvous) before it fails: a dead or
+    hung peer surfaces after this long instead of NCCL's 10-30 minutes. Must cover the slowest step and the
+    slowest checkpoint save, during which the other ranks wait at a barrier."""
 
 
 @dataclass
@@ -348,6 +352,7 @@ def validate(cfg: Config) -> None:
     _positive(t.eval_every_steps, "trainer.eval_every_steps", allow_zero=True)
     _positive(t.eval_batches, "trainer.eval_batches")
     _positive(t.max_rollbacks, "trainer.max_rollbacks", allow_zero=True)
+    _positive(t.collective_timeout_minutes, "trainer.collective_timeout_minutes")
     _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
     _positive(cfg.schedule.total_steps, "schedule.total_steps")
     if cfg.schedule.total_steps is not None and cfg.schedule.total_steps < t.max_steps:
@@ -367,6 +372,11 @@ def validate(cfg: Config) -> None:
     for i, source in enumerate(cfg.data.sources):
         _positive(source.weight, f"data.sources[{i}].weight")
     cfg.data.resolved_sources()
+
+
+def pin_run_dir(cfg: Config, run_dir: str | Path) -> Config:
+    """``cfg`` with ``run.dir`` set, so every rank, node and resume of the run agrees on its directory."""
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, dir=str(run_dir)))
 
 
 def grad_accum_steps(cfg: Config, world_size: int) -> int:

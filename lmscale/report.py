@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmscale import run_layout
 from lmscale.errors import UsageError
 
 
@@ -43,7 +44,7 @@ class Summary:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / run_layout.METRICS
     if not path.is_file():
         raise UsageError(f"{path}: no metrics (not a run directory, or the run logged nothing yet)")
     records = []

@@ -28,6 +28,60 @@ TINY_OVERRIDES = [
 ]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``gpu`` tests need a CUDA device; without one they are skipped (CI has none, the device tool has one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+GLOBAL_BATCH_OVERRIDES = [*TINY_OVERRIDES, "trainer.grad_accum_steps=null", "trainer.global_batch_size=16",
+                          "data.log_sample_keys=true", "trainer.eval_every_steps=0", "schedule.total_steps=6",
+                          "checkpoint.every_steps=3"]  # fmt: skip
+"""A run whose config fixes the global batch (16 sequences) instead of the accumulation: any world size that
+divides it trains on the same samples per step."""
+
+
+def train_args(dataset: Path, run_dir: Path, nproc: int, *overrides: str) -> list[str]:
+    """``lmscale train`` arguments for a GLOBAL_BATCH_OVERRIDES run."""
+    args = ["train", "configs/gpt-tiny.yaml", "--nproc", str(nproc)]
+    for item in [*GLOBAL_BATCH_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", *overrides]:
+        args += ["--set", item]
+    return args
+
+
+@pytest.fixture(scope="session")
+def two_rank_reference(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 steps of a GLOBAL_BATCH_OVERRIDES run on one node of 2 ranks: what other world sizes and routes match."""
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    result = run_cli(*train_args(dataset, run_dir, 2, "trainer.max_steps=6"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def metrics_records(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def keys_per_step(run_dir: Path) -> dict[int, list[str]]:
+    """Every rank's logged sample keys per step, merged and sorted."""
+    import json
+
+    merged: dict[int, list[str]] = {}
+    for path in sorted((run_dir / "sample_keys").glob("rank_*.jsonl")):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            merged.setdefault(record["step"], []).extend(record["keys"])
+    return {step: sorted(keys) for step, keys in merged.items()}
+
+
 @pytest.fixture(scope="session")
 def corpus_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("corpus")
@@ -54,3 +108,22 @@ def run_cli(
         [sys.executable, "-m", "launcher", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+def damage_first_training_shard(dataset: Path, copy: Path) -> str:
+    """Copy ``dataset`` to ``copy`` and truncate the shard that holds the first training position (run.seed
+    1234, micro-batches of 4, default lanes); returns the shard's name."""
+    import shutil
+
+    from lmscale.config import DataConfig
+    from lmscale.data.manifest import read_manifest
+    from lmscale.data.stream import SourceOrder, split_shards
+
+    shutil.copytree(dataset, copy)
+    shards = split_shards(str(copy), read_manifest(copy), "train")
+    order = SourceOrder(shards, 1234, 0, True, block=4, lanes=DataConfig().lanes)
+    epoch, slot, _ = order.locate(0)
+    victim = shards[order.shard_at(epoch, slot)]
+    path = copy / "shards" / victim.name
+    path.write_bytes(path.read_bytes()[:-512])
+    return victim.name

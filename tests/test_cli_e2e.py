@@ -56,7 +56,7 @@ def test_prepare_train_resume(corpus_dir: Path, tmp_path: Path) -> None:
             assert {"lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= r.keys()
             assert r["tokens_seen"] == r["step"] * 16 * 64
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
-    assert [r["event"] for r in records if "event" in r] == ["checkpoint", "resume", "checkpoint"]
+    assert [r["event"] for r in records if "event" in r] == ["start", "checkpoint", "start", "resume", "checkpoint"]
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000006"
     assert (run_dir / "config.yaml").is_file() and (run_dir / "deepspeed.json").is_file()
     # One offline W&B run, continued by the resume: same id, the step axis goes on with no step twice.

@@ -9,7 +9,7 @@ import pytest
 
 from lmscale.train.checkpoint import LATEST
 
-from .conftest import TINY_OVERRIDES, run_cli
+from .conftest import TINY_OVERRIDES, damage_first_training_shard, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -145,7 +145,7 @@ def test_non_finite_steps_roll_back_to_the_last_checkpoint(dataset: Path, tmp_pa
     assert "training diverged (trainer.max_rollbacks=2 reached)" in result.stderr.splitlines()[-1]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     events = [(r["step"], r["event"]) for r in records if "event" in r]
-    assert events == [(2, "checkpoint"), (2, "resume"), (4, "skipped_step"), (4, "rollback"),
+    assert events == [(0, "start"), (2, "checkpoint"), (2, "start"), (2, "resume"), (4, "skipped_step"), (4, "rollback"),
                       (6, "skipped_step"), (6, "rollback"), (8, "skipped_step")]  # fmt: skip
     rollbacks = [r for r in records if r.get("event") == "rollback"]
     assert [(r["tag"], r["to_step"], r["skipped_samples"]) for r in rollbacks] == [
@@ -180,26 +180,15 @@ def test_a_corrupt_shard_with_strict_data_stops_training_with_one_line(dataset: 
 
 
 def test_a_skipped_corrupt_shard_is_reported_in_the_metrics(dataset: Path, tmp_path: Path) -> None:
-    from lmscale.config import DataConfig
-    from lmscale.data.manifest import read_manifest
-    from lmscale.data.stream import SourceOrder, split_shards
-
     broken = tmp_path / "broken"
-    shutil.copytree(dataset, broken)
-    # The shard that holds the first training position (run.seed 1234, micro-batches of 4, default lanes).
-    shards = split_shards(str(broken), read_manifest(broken), "train")
-    order = SourceOrder(shards, 1234, 0, True, block=4, lanes=DataConfig().lanes)
-    epoch, slot, _ = order.locate(0)
-    victim = shards[order.shard_at(epoch, slot)]
-    path = broken / "shards" / victim.name
-    path.write_bytes(path.read_bytes()[:-512])
+    victim = damage_first_training_shard(dataset, broken)
     run_dir = tmp_path / "run"
     train(run_dir, broken, 2, "trainer.max_steps=2")
     train(run_dir, broken, 2, "trainer.max_steps=3")  # the count is the run's: kept by the checkpoint
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     events = [r for r in records if r.get("event") == "skipped_shards"]
     assert len(events) == 1 and events[0]["step"] == 1 and events[0]["total"] == 1
-    assert [Path(s).name for s in events[0]["shards"]] == [victim.name]
+    assert [Path(s).name for s in events[0]["shards"]] == [victim]
     assert [r["skipped_shards"] for r in records if "loss" in r] == [1, 1, 1]
     state = json.loads((run_dir / "checkpoints" / "step_00000003" / "lmscale_state.json").read_text())
-    assert [Path(s).name for s in state["skipped_shards"]] == [victim.name]
+    assert [Path(s).name for s in state["skipped_shards"]] == [victim]

@@ -64,6 +64,9 @@ class PrepareOptions:
     """Drop exact duplicate documents (by content hash), keeping the first in input order."""
     workers: int | None = None
     ray_address: str | None = None
+    in_process: bool = False
+    """Run the tasks one after another in this process instead of on Ray: for small corpora and machines
+    without Ray (the GPU check). The shards are the same bytes either way."""
     read: ReadOptions = field(default_factory=ReadOptions)
     overwrite: bool = False
 
@@ -291,8 +294,19 @@ def _build_tables(work_dir: Path, n_units: int, dedup: bool) -> tuple[dict[str, 
     return tables, duplicates, documents
 
 
+def _task(ray: Any, fn: Any, **options: Any) -> Any:
+    """``fn`` as a Ray remote function, or itself when the tasks run in this process (``ray`` is None)."""
+    return fn if ray is None else ray.remote(**options)(fn)
+
+
 def _run_tasks(ray: Any, calls: list[tuple[Any, tuple]], limit: int, progress: Progress) -> list[Any]:
-    """Run remote calls with at most ``limit`` in flight; results in call order."""
+    """Run remote calls with at most ``limit`` in flight (or in turn in this process); results in call order."""
+    if ray is None:
+        results = []
+        for fn, args in calls:
+            results.append(fn(*args))
+            progress.advance()
+        return results
     results: list[Any] = [None] * len(calls)
     pending: dict[Any, int] = {}
     next_call = 0
@@ -369,15 +383,16 @@ def prepare(options: PrepareOptions) -> Manifest:
     sample_len = options.seq_len + 1
     per_shard = samples_per_shard(options.shard_size, sample_len, np.dtype(dtype).itemsize)
 
-    workers = options.workers or os.cpu_count() or 1
-    ray = _start_ray(options, workers)
+    workers = 1 if options.in_process else options.workers or os.cpu_count() or 1
+    ray = None if options.in_process else _start_ray(options, workers)
     try:
         # Start every worker (process, imports) before the clock: start-up is per job, not per token.
         started_workers = time.perf_counter()
-        warm = ray.remote(num_cpus=1)(_warm_up)
-        ray.get([warm.remote() for _ in range(workers if not options.ray_address else 0)])
+        if ray is not None and not options.ray_address:
+            warm = ray.remote(num_cpus=1)(_warm_up)
+            ray.get([warm.remote() for _ in range(workers)])
         startup_seconds = time.perf_counter() - started_workers
-        tokenize = ray.remote(num_cpus=1, max_retries=5, retry_exceptions=False)(tokenize_file)
+        tokenize = _task(ray, tokenize_file, num_cpus=1, max_retries=5, retry_exceptions=False)
         tok_json = tok.to_str()
         calls = [
             (tokenize, (i, str(p), tok_json, options.read, str(work_dir), options.val_fraction, dtype))
@@ -391,14 +406,14 @@ def prepare(options: PrepareOptions) -> Manifest:
         if documents == 0:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
 
-        writer = ray.remote(num_cpus=1, max_retries=5)(write_shard)
+        writer = _task(ray, write_shard, num_cpus=1, max_retries=5)
         splits: dict[str, SplitRecord] = {}
         dropped: dict[str, int] = {}
         calls = []
         for name, table in tables.items():
             n_samples = table.tokens // sample_len
             dropped[name] = table.tokens - n_samples * sample_len
-            table_ref = ray.put(table)
+            table_ref = table if ray is None else ray.put(table)
             for k, first in enumerate(range(0, n_samples, per_shard)):
                 relpath = f"shards/{name}-{k:06d}.tar"
                 count = min(per_shard, n_samples - first)
@@ -410,7 +425,8 @@ def prepare(options: PrepareOptions) -> Manifest:
         for name in tables:
             splits[name] = SplitRecord([r for r in records if Path(r.file).name.startswith(name + "-")])
     finally:
-        ray.shutdown()
+        if ray is not None:
+            ray.shutdown()
 
     if splits["train"].samples == 0:
         raise LmscaleError(
@@ -434,7 +450,8 @@ def prepare(options: PrepareOptions) -> Manifest:
         "tokens_per_s": round(total_tokens / seconds, 1) if seconds else None,
         "workers": workers,
     }
-    settings = {k: v for k, v in asdict(options).items() if k not in ("output", "overwrite", "workers", "ray_address")}
+    run_only = ("output", "overwrite", "workers", "ray_address", "in_process")  # how it ran, not what it made
+    settings = {k: v for k, v in asdict(options).items() if k not in run_only}
     manifest = Manifest(
         seq_len=options.seq_len,
         dtype=dtype,

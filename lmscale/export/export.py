@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lmscale import run_layout
 from lmscale.config import from_dict
 from lmscale.data.tokenizer import EOT, end_token_id, load_tokenizer
 from lmscale.errors import LmscaleError, UsageError
@@ -26,8 +27,6 @@ from lmscale.train import checkpoint
 from lmscale.train.plan import gpt_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-RUN_TOKENIZER = "tokenizer.json"
-"""Copy of the dataset's tokenizer that ``lmscale train`` keeps in the run directory."""
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class ExportResult:
 
 
 def find_checkpoint(run_dir: Path, requested: str) -> str:
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / run_layout.CHECKPOINTS
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory does not exist")
     if requested != "latest":
@@ -134,9 +133,9 @@ def export_checkpoint(
     if output.exists() and not overwrite:
         raise UsageError(f"{output}: output exists (pass --overwrite to replace it)")
     tag = find_checkpoint(run_dir, requested)
-    state = checkpoint.read_state(run_dir / "checkpoints", tag)
+    state = checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)
     cfg = from_dict(state["config"])
-    tokenizer_file = run_dir / RUN_TOKENIZER
+    tokenizer_file = run_dir / run_layout.TOKENIZER
     if not tokenizer_file.is_file():
         tokenizer_file = Path(cfg.data.resolved_sources()[0].path) / "tokenizer.json"
     eot_id = end_token_id(load_tokenizer(tokenizer_file))
@@ -145,13 +144,13 @@ def export_checkpoint(
     shutil.rmtree(tmp, ignore_errors=True)
     with Progress("export", total=4, unit="stages") as progress:
         try:
-            weights = consolidated_state_dict(str(run_dir / "checkpoints"), tag)
+            weights = consolidated_state_dict(str(run_dir / run_layout.CHECKPOINTS), tag)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
             raise LmscaleError(f"{run_dir / 'checkpoints' / tag}: cannot consolidate the ZeRO files ({err})") from None
         progress.advance()
         model = GPT(gpt_config(cfg.model))
         try:
-            load_checked(model, weights, str(run_dir / "checkpoints" / tag))
+            load_checked(model, weights, str(run_dir / run_layout.CHECKPOINTS / tag))
         except ValueError as err:
             raise LmscaleError(str(err)) from None
         progress.advance()

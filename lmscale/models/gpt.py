@@ -80,7 +80,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, generator: torch.Generator | None = None) -> None:
+        """``generator`` draws the initial weights (default: torch's global RNG)."""
         super().__init__()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
@@ -98,20 +99,26 @@ class GPT(nn.Module):
             # Not persistent: the tables are a function of the config, so checkpoints need not carry them.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        self.init_weights(generator)
 
-    def init_weights(self) -> None:
-        std = self.cfg.init_std
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
         for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down_proj.weight")):
-                # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream keeps unit scale.
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers))
-            else:
-                nn.init.normal_(p, 0.0, std)
+            self.init_parameter(name, p, generator)
+
+    @torch.no_grad()
+    def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Initial value of parameter ``name``, written into ``p`` (the parameter, or a full-size stand-in for
+        one that is partitioned across ranks)."""
+        std = self.cfg.init_std
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "norm" in name:
+            nn.init.ones_(p)
+        elif name.endswith(("o_proj.weight", "down_proj.weight")):
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layers) so the residual stream keeps unit scale.
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layers), generator=generator)
+        else:
+            nn.init.normal_(p, 0.0, std, generator=generator)
 
     def forward(
         self,

@@ -24,6 +24,7 @@ def deepspeed_config(plan: RunPlan, accelerator: str, load_universal: bool = Fal
     if cfg.zero.offload_params != "none":
         zero["offload_param"] = {"device": cfg.zero.offload_params, "pin_memory": accelerator == "cuda"}
     optim = cfg.optim
+    offloaded = cfg.zero.offload_optimizer
     return {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -37,8 +38,11 @@ def deepspeed_config(plan: RunPlan, accelerator: str, load_universal: bool = Fal
                 "betas": [optim.beta1, optim.beta2],
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,
-                # DeepSpeed's fused Adam is a CUDA kernel; CPU ranks use torch.optim.AdamW.
-                "torch_adam": accelerator == "cpu" and cfg.zero.offload_optimizer == "none",
+                # torch.optim.AdamW, fused into one CUDA kernel on GPUs: DeepSpeed's own FusedAdam is compiled
+                # on first use and needs nvcc on every node. An offloaded optimizer steps on the CPU with
+                # DeepSpeed's vectorised CPU Adam (a C++ op, built by the host compiler on first use).
+                "torch_adam": offloaded == "none",
+                **({"fused": True} if accelerator == "cuda" and offloaded == "none" else {}),
                 "adam_w_mode": True,
             },
         },

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import io
 import os
+from collections.abc import Callable
 from typing import Any
 
 import deepspeed
@@ -14,22 +16,40 @@ from deepspeed.accelerator import get_accelerator
 from lmscale.models import GPT
 from lmscale.train.ds_config import deepspeed_config
 from lmscale.train.plan import RunPlan
+from lmscale.train.topology import Topology
 
 
 def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def init_distributed() -> tuple[int, int, int]:
-    """(rank, local rank, world size). CPU ranks talk over gloo; GPUs over NCCL."""
-    backend = "gloo" if accelerator_name() == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if accelerator_name() != "cpu":
-        get_accelerator().set_device(local_rank)
-    else:
-        release_cpu_allreduce_buffer(torch.distributed.get_rank())
-    return torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size()
+def init_distributed(top: Topology, timeout_minutes: float) -> None:
+    """Join the job's process group (env:// rendezvous at MASTER_ADDR:MASTER_PORT, which ``topology.export_env``
+    has set). CPU ranks talk over gloo, GPUs over NCCL. ``timeout_minutes`` bounds every collective, so a
+    rank whose peer died fails in minutes instead of waiting on it for the backend's default half hour."""
+    cpu = accelerator_name() == "cpu"
+    backend = "gloo" if cpu else get_accelerator().communication_backend_name()
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    bound: dict[str, Any] = {}
+    if not cpu:
+        get_accelerator().set_device(top.local_rank)
+        # Binds the communicator to this rank's GPU and creates it now, so an NCCL set-up problem fails here.
+        bound["device_id"] = torch.device(accelerator_name(), top.local_rank)
+    torch.distributed.init_process_group(backend, timeout=timeout, **bound)
+    # DeepSpeed adopts the process group above (it only creates one when none exists).
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    if cpu:
+        release_cpu_allreduce_buffer(top.rank)
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group after a clean finish (NCCL warns of leaked resources otherwise)."""
+    torch.distributed.destroy_process_group()
+
+
+def device() -> torch.device:
+    """The device this rank trains on: its GPU, or the CPU."""
+    return torch.device(get_accelerator().current_device_name())
 
 
 def release_cpu_allreduce_buffer(rank: int) -> None:
@@ -53,6 +73,45 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
         seen.add(id(p))
         (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model(
+    plan: RunPlan, rank: int, load_weights: Callable[[], dict[str, torch.Tensor]] | None = None
+) -> tuple[GPT, int]:
+    """The model with its initial weights, and its parameter count.
+
+    The weights come from ``run.seed`` alone (or from ``load_weights``, a full lmscale state dict), so every
+    rank and every ZeRO stage starts from the same values. Under ZeRO-3 the model is constructed inside
+    ``deepspeed.zero.Init``: each module's parameters are partitioned over the ranks as soon as the module
+    exists, so no rank ever holds the whole model. Initial values are then written one parameter at a time
+    into a gathered copy on rank 0 (drawn on the CPU from the seed, as in the other stages), and
+    ``load_weights`` is called on rank 0 only.
+    """
+    generator = torch.Generator().manual_seed(plan.cfg.run.seed)
+    if plan.cfg.zero.stage != 3:
+        model = GPT(plan.model_config(), generator)
+        if load_weights is not None:
+            model.load_state_dict(load_weights())
+        return model, model.num_params()
+
+    ds_config = deepspeed_config(plan, accelerator_name())
+    remote = "cpu" if plan.cfg.zero.offload_params == "cpu" else None
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote):
+        # Each block is partitioned as soon as it is built, so the initialisation inside GPT() touches empty
+        # local shards: the values are written below.
+        model = GPT(plan.model_config())
+    state = load_weights() if load_weights is not None and rank == 0 else None
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                if state is not None:
+                    value = state[name]
+                else:
+                    value = torch.empty(param.shape)
+                    model.init_parameter(name, value, generator)
+                param.data.copy_(value)
+    count = sum(p.ds_numel for p in model.parameters())
+    return model, count
 
 
 def build_engine(plan: RunPlan, model: GPT, load_universal: bool = False) -> tuple[Any, dict[str, Any]]:

@@ -14,8 +14,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from lmscale import run_layout
 from lmscale.errors import LmscaleError
-from lmscale.train import checkpoint
+from lmscale.train import checkpoint, memory
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
@@ -23,8 +24,6 @@ from lmscale.train.signals import StopRequest
 
 log = logging.getLogger("lmscale")
 
-LAUNCH_FILE = "launch.json"
-"""Written by the launcher into the run directory: launch command, git commit, time."""
 EXIT_PREEMPTED = 3
 """Exit code of a run stopped by a signal after saving a checkpoint: requeue it to continue."""
 
@@ -43,26 +42,28 @@ class TrainState:
     """Corrupt shards skipped so far in the run, by every rank."""
 
 
-def memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated by this rank, or this CPU rank's resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import psutil
-
-    return psutil.Process().memory_info().rss / 1e9
+# The loop's collectives keep their tensors on the engine's device: NCCL has no CPU tensors, and a GPU run
+# whose loop handed it one would fail at its first step. On CPU ranks the device is the CPU and gloo runs them.
 
 
 def mean_over_ranks(value: torch.Tensor) -> float:
-    value = value.detach().float().cpu()
-    dist.all_reduce(value)
-    return value.item() / dist.get_world_size()
+    """The mean of a scalar over all ranks (the tensor stays on its device)."""
+    total = value.detach().float().clone()
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
 
 
-def union_over_ranks(names: set[str], changed: bool) -> set[str] | None:
-    """The union of every rank's ``names`` when any rank's changed, else None (one small all-reduce a step)."""
-    flag = torch.tensor(1.0 if changed else 0.0)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any."""
+    value = torch.tensor(1.0 if flag else 0.0, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def union_over_ranks(names: set[str], changed: bool, device: torch.device) -> set[str] | None:
+    """The union of every rank's ``names`` when any rank's changed, else None (one small all-reduce a step).
+    ``all_gather_object`` serialises through tensors on the current device of the process group's backend."""
+    if not any_rank(changed, device):
         return None
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, sorted(names))
@@ -91,7 +92,7 @@ class Trainer:
         self.plan, self.cfg, self.engine = plan, plan.cfg, engine
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.logger, self.state, self.rank = logger, state, rank
-        self.ckpt_dir = run_dir / "checkpoints"
+        self.ckpt_dir = run_dir / run_layout.CHECKPOINTS
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.loads_universal = loads_universal
         """The engine was built to load universal checkpoints (an elastic resume): rollbacks load that form too."""
@@ -151,7 +152,7 @@ class Trainer:
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * plan.world_size)
             if self.peak_flops
             else None,
-            "memory_gb": memory_gb(self.device),
+            "memory_gb": memory.metric_gb(self.device),
             "tokens_seen": self.state.tokens_seen,
             "skipped_shards": len(self.skipped_all),
         }
@@ -159,7 +160,7 @@ class Trainer:
     def report_skipped_shards(self, step: int, metrics: dict[str, Any]) -> None:
         """Corrupt shards are skipped inside loader workers, each warning once there; here the ranks agree on
         the run's total, which goes into the metrics with an event naming the new ones."""
-        union = union_over_ranks(self.skipped_here, not self.skipped_here <= self.skipped_all)
+        union = union_over_ranks(self.skipped_here, not self.skipped_here <= self.skipped_all, self.device)
         if union is None:
             return
         new = sorted(union - self.skipped_all)
@@ -234,9 +235,7 @@ class Trainer:
             stop_workers()
 
     def stop_requested(self) -> bool:
-        flag = torch.tensor(1.0 if self.stop.requested else 0.0)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.stop.requested, self.device)
 
     def fit(self) -> int:
         cfg = self.cfg

@@ -1,7 +1,10 @@
-"""What each rank runs: ``python -m lmscale.train.main --config runs/<name>/config.yaml``.
+"""What each rank runs: ``python -m lmscale.train.main RUN_DIR``.
 
-Started by the DeepSpeed launcher, ``srun`` or a Ray job; the launcher has already validated the config
-and written the resolved copy into the run directory.
+Every launcher ends here: ``lmscale train`` (its node launcher, one per node), the DeepSpeed launcher with a
+hostfile, torchrun, ``srun``, or a Ray job. The rank reads its place in the job from the environment
+(``lmscale.train.topology``) and the run from ``RUN_DIR/config.yaml``, which ``lmscale train`` (or
+``--prepare-only``) wrote. That file keeps the global batch size; each start derives the micro-batches per
+step from the world size it has, so the same run directory trains unchanged on any number of ranks.
 """
 
 from __future__ import annotations
@@ -17,14 +20,22 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from lmscale.config import Config, load_config
+from lmscale import run_layout
+from lmscale.config import load_config, pin_run_dir
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import LmscaleError, one_line
 from lmscale.export.hf_dir import load_hf_model
-from lmscale.models import GPT, flops_per_token
-from lmscale.train import checkpoint
-from lmscale.train.engine import barrier, build_engine, init_distributed
-from lmscale.train.loop import LAUNCH_FILE, Trainer, TrainState
+from lmscale.models import flops_per_token
+from lmscale.train import checkpoint, memory, topology
+from lmscale.train.engine import (
+    barrier,
+    build_engine,
+    build_model,
+    device,
+    init_distributed,
+    shutdown_distributed,
+)
+from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink, last_logged_step
 from lmscale.train.peak import peak_flops
 from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
@@ -39,7 +50,9 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def data_loaders(plan: RunPlan, rank: int, start_position: int) -> tuple[DataLoader, DataLoader | None]:
+def data_loaders(
+    plan: RunPlan, rank: int, start_position: int, pin_memory: bool
+) -> tuple[DataLoader, DataLoader | None]:
     cfg = plan.cfg
     sources = cfg.data.resolved_sources()
     manifest = plan.manifests[0]
@@ -70,6 +83,8 @@ def data_loaders(plan: RunPlan, rank: int, start_position: int) -> tuple[DataLoa
         worker_init_fn=ignore_stop_signals,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
+        # Page-locked batches let the copy to the GPU run asynchronously (non_blocking) beside the step.
+        pin_memory=pin_memory,
     )
     val_record = manifest.splits.get("validation")
     if not cfg.trainer.eval_every_steps or val_record is None or not val_record.shards:
@@ -82,7 +97,7 @@ def data_loaders(plan: RunPlan, rank: int, start_position: int) -> tuple[DataLoa
         max_micro_batches=cfg.trainer.eval_batches,
         **common,
     )
-    return train_loader, DataLoader(val, batch_size=None, num_workers=0)
+    return train_loader, DataLoader(val, batch_size=None, num_workers=0, pin_memory=pin_memory)
 
 
 def resume_tag(ckpt_dir: Path, resume: str) -> str | None:
@@ -104,21 +119,30 @@ def wandb_run_id(run_dir: Path, saved: str | None) -> str:
 
 def launch_info(run_dir: Path) -> dict:
     """The launch command and git commit that ``lmscale train`` recorded for this run."""
-    path = run_dir / LAUNCH_FILE
+    path = run_dir / run_layout.LAUNCH
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run(cfg: Config, resume: str) -> int:
-    rank, _, world_size = init_distributed()
+def run(run_dir: Path, resume: str) -> int:
+    top = topology.detect()
+    rank, world_size = top.rank, top.world_size
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
         stream=sys.stderr,
     )
-    plan = plan_run(cfg, world_size)
+    config_path = run_dir / run_layout.CONFIG
+    if not config_path.is_file():
+        raise LmscaleError(
+            f"{config_path}: missing (prepare the run directory with `lmscale train CONFIG --prepare-only`)"
+        )
+    # Planned before the rendezvous: a world size the global batch does not divide fails at once on every rank.
+    plan = plan_run(pin_run_dir(load_config(config_path), run_dir), world_size)
+    topology.export_env(top)
+    init_distributed(top, plan.cfg.trainer.collective_timeout_minutes)
     cfg = plan.cfg
     run_dir = cfg.run.path
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = run_dir / run_layout.CHECKPOINTS
 
     tag = resume_tag(ckpt_dir, resume)
     saved = checkpoint.read_state(ckpt_dir, tag) if tag else {}
@@ -135,15 +159,15 @@ def run(cfg: Config, resume: str) -> int:
     if torch.cuda.is_available() and cfg.trainer.precision == "fp32":
         # fp32 training means TF32 tensor-core matmuls (the rate MFU is measured against), as in every GPU stack.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    # Same seed on every rank: identical initial weights before ZeRO partitions them.
-    torch.manual_seed(cfg.run.seed)
-    model = GPT(plan.model_config())
-    if cfg.model.init_from and tag is None:
-        # Continued pretraining: start from a Hugging Face-format model (a checkpoint resume supersedes it).
-        pretrained, _ = load_hf_model(cfg.model.init_from)
-        model.load_state_dict(pretrained.state_dict())
-    n_params = model.num_params()  # before ZeRO-3 partitions the parameters away
+    init_from = cfg.model.init_from
+    # Continued pretraining starts from a Hugging Face-format model (a checkpoint resume supersedes it).
+    load_weights = (lambda: load_hf_model(init_from)[0].state_dict()) if init_from and tag is None else None
+    rank_device = device()
+    baseline_gb = memory.in_use_gb(rank_device)
+    model, n_params = build_model(plan, rank, load_weights)
+    model_build_gb = memory.peak_gb(rank_device) - baseline_gb
     engine, ds_config = build_engine(plan, model, load_universal=elastic)
+    engine_build_gb = memory.peak_gb(rank_device) - baseline_gb
 
     state = TrainState()
     # Dropout differs per rank; restored from the checkpoint below when the world size is unchanged.
@@ -159,7 +183,7 @@ def run(cfg: Config, resume: str) -> int:
         )
         if elastic:
             torch.manual_seed(cfg.run.seed * 1000 + rank + state.step)
-    train_loader, val_loader = data_loaders(plan, rank, state.samples_seen)
+    train_loader, val_loader = data_loaders(plan, rank, state.samples_seen, pin_memory=rank_device.type == "cuda")
 
     model_cfg = plan.model_config()
     barrier()  # ranks measure a CPU peak together, as they will share the cores
@@ -176,7 +200,7 @@ def run(cfg: Config, resume: str) -> int:
     sinks: list[Sink] = []
     if rank == 0:
         state.wandb_id = wandb_run_id(run_dir, saved.get("wandb_id"))
-        metrics_path = run_dir / "metrics.jsonl"
+        metrics_path = run_dir / run_layout.METRICS
         logged_through = last_logged_step(metrics_path)  # before this job drops the steps it will retrain
         sinks = [ConsoleSink(cfg.trainer.max_steps, state.step), JsonlSink(metrics_path, start_step=state.step)]
         if cfg.logging.wandb.mode != "disabled":
@@ -187,6 +211,13 @@ def run(cfg: Config, resume: str) -> int:
             cfg.zero.stage, peak or float("nan"), peak_source,
         )  # fmt: skip
     logger = MetricsLogger(sinks)
+    # What this job's start cost rank 0's device beyond what it held before the model existed: under ZeRO-3
+    # a fraction of the full model, under stages 1-2 all of it.
+    logger.event(
+        state.step, "start", world_size=world_size, nodes=top.nnodes, started_by=top.source,
+        model_build_gb=round(model_build_gb, 4), engine_build_gb=round(engine_build_gb, 4),
+        full_model_fp32_gb=round(n_params * 4 / 1e9, 4),
+    )  # fmt: skip
     if tag is not None:
         logger.event(state.step, "resume", tag=tag, world_size=world_size, previous_world_size=saved["world_size"])
 
@@ -206,20 +237,21 @@ def run(cfg: Config, resume: str) -> int:
     exit_code = 1  # what W&B records if fit() raises
     try:
         exit_code = trainer.fit()
-        return exit_code
     finally:
         trainer.close()
         logger.close(exit_code)
+    shutdown_distributed()
+    return exit_code
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="the resolved config written by `lmscale train`")
-    parser.add_argument("--resume", default="auto")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the run directory `lmscale train` (or --prepare-only) wrote")
+    parser.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a tag")
     parser.add_argument("--local_rank", type=int, help="set by the DeepSpeed launcher; LOCAL_RANK is used")
     args = parser.parse_args(argv)
     try:
-        return run(load_config(args.config), args.resume)
+        return run(args.run_dir, args.resume)
     except LmscaleError as err:
         print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
