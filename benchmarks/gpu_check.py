@@ -43,6 +43,8 @@ class StageResult:
     tokens_per_s: float
     mfu: float | None
     peak_memory_gb: float
+    model_build_gb: float
+    """Device memory that building the model took (the ``start`` event): under ZeRO-3 inside zero.Init."""
     seconds: float
 
 
@@ -93,21 +95,25 @@ def train(run_dir: Path, overrides: list[str], nproc: int, log: Path) -> float:
     return seconds
 
 
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def step_records(run_dir: Path) -> list[dict]:
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "loss" in r]
+    return [r for r in records(run_dir) if "loss" in r]
 
 
 def summarise(stage: int, run_dir: Path, seconds: float) -> StageResult:
-    records = step_records(run_dir)
-    steady = [r for r in records if r["step"] > STEADY_AFTER] or records
+    steps = step_records(run_dir)
+    steady = [r for r in steps if r["step"] > STEADY_AFTER] or steps
     mfus = [r["mfu"] for r in steady if r.get("mfu") is not None]
     return StageResult(
         stage=stage,
-        losses={r["step"]: r["loss"] for r in records},
+        losses={r["step"]: r["loss"] for r in steps},
         tokens_per_s=statistics.median(r["tokens_per_s"] for r in steady),
         mfu=statistics.median(mfus) if mfus else None,
-        peak_memory_gb=max(r["memory_gb"] for r in records),
+        peak_memory_gb=max(r["memory_gb"] for r in steps),
+        model_build_gb=next(r for r in records(run_dir) if r.get("event") == "start")["model_build_gb"],
         seconds=seconds,
     )
 
@@ -176,11 +182,12 @@ def main() -> int:
                    f"{exported.architecture}: max |logit diff| {exported.max_abs_diff:.2e} <= {exported.tolerance:.2e}, "
                    f"{time.perf_counter() - export_started:.0f} s"))  # fmt: skip
 
-    print("\n| ZeRO stage | tokens/s | MFU | peak memory (GB) | wall time (s) |")
-    print("|---:|---:|---:|---:|---:|")
+    print("\n| ZeRO stage | tokens/s | MFU | peak memory (GB) | building the model (GB) | wall time (s) |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in results:
         mfu = f"{r.mfu:.1%}" if r.mfu is not None else "n/a"
-        print(f"| {r.stage} | {r.tokens_per_s:,.0f} | {mfu} | {r.peak_memory_gb:.2f} | {r.seconds:.0f} |")
+        print(f"| {r.stage} | {r.tokens_per_s:,.0f} | {mfu} | {r.peak_memory_gb:.2f} | {r.model_build_gb:.3f} | "
+              f"{r.seconds:.0f} |")  # fmt: skip
     print()
     for name, ok, detail in checks:
         print(f"{'PASS' if ok else 'FAIL'}  {name}: {detail}")

@@ -86,12 +86,8 @@ def launch_record(world_size: int, route: str) -> dict[str, str | int | None]:
 
 
 def check_resume(cfg: Config, ckpt_dir: Path, resume: str) -> None:
-    latest = checkpoint.latest_tag(ckpt_dir)
-    if resume == "none" and latest:
-        raise UsageError(
-            f"{ckpt_dir}: the run already has checkpoints; use --resume auto to continue it or another run.name"
-        )
-    tag = latest if resume == "auto" else None if resume == "none" else resume
+    """Refuse before any rank starts what the ranks would refuse: see ``checkpoint.resume_tag``."""
+    tag = checkpoint.resume_tag(ckpt_dir, resume)
     if tag is not None:
         check_same_sample_order(cfg, checkpoint.read_state(ckpt_dir, tag)["config"], tag)
 

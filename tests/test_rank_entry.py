@@ -59,6 +59,12 @@ def test_a_two_rank_run_directory_trains_unchanged_on_one_and_four_ranks(
         assert state["world_size"] == world and state["samples_seen"] == 6 * 16
         assert state["config"]["trainer"]["grad_accum_steps"] == 16 // (4 * world)
         assert state["config"]["run"]["dir"] == str(run_dir)
+    # A new run is not started over a run's checkpoints, by a rank or by the launcher.
+    again = subprocess.run([*single, "--resume", "none"], cwd=REPO, env=rank_env(), capture_output=True, text=True)
+    refusal = f"lmscale: error: {one}/checkpoints: the run already has checkpoints; use --resume auto"
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].startswith(refusal)
+    relaunch = run_cli(*train_args(dataset, one, 1, "trainer.max_steps=6"), "--resume", "none")
+    assert relaunch.returncode == 2 and relaunch.stderr.strip().splitlines()[-1].startswith(refusal)
 
 
 def test_a_world_size_that_does_not_divide_the_global_batch_fails_before_the_rendezvous(

@@ -9,7 +9,7 @@ import pytest
 
 from lmscale.train.checkpoint import LATEST
 
-from .conftest import TINY_OVERRIDES, damage_first_training_shard, run_cli
+from .conftest import TINY_OVERRIDES, damage_first_training_shard, keys_per_step, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -26,16 +26,6 @@ def train(run_dir: Path, dataset: Path, nproc: int, *overrides: str) -> None:
 def losses(run_dir: Path) -> dict[int, float]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
-
-
-def step_keys(run_dir: Path) -> dict[int, list[str]]:
-    """Every rank's keys per step, merged."""
-    merged: dict[int, list[str]] = {}
-    for path in sorted((run_dir / "sample_keys").glob("rank_*.jsonl")):
-        for line in path.read_text().splitlines():
-            record = json.loads(line)
-            merged.setdefault(record["step"], []).extend(record["keys"])
-    return merged
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -77,14 +67,14 @@ def test_elastic_resume_on_another_world_size_continues_the_sample_sequence(data
     ]
     full = tmp_path / "full"
     train(full, dataset, 2, "trainer.max_steps=8", *common)
-    reference = step_keys(full)
+    reference = keys_per_step(full)
     for world in (1, 3):
         resumed = tmp_path / f"resumed{world}"
         shutil.copytree(full, resumed)
         shutil.rmtree(resumed / "checkpoints" / "step_00000008")
         (resumed / "checkpoints" / LATEST).write_text("step_00000004")
         train(resumed, dataset, world, "trainer.max_steps=8", *common)
-        keys = step_keys(resumed)
+        keys = keys_per_step(resumed)
         for step in range(1, 9):
             assert sorted(keys[step]) == sorted(reference[step]), f"world {world}, step {step}"
         # The universal checkpoint restored weights and optimizer state: the same samples give the same loss,

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lmscale.errors import LmscaleError
+from lmscale.errors import LmscaleError, UsageError
 
 STATE_FILE = "lmscale_state.json"
 LATEST = "latest"
@@ -51,6 +51,21 @@ def latest_tag(ckpt_dir: Path) -> str | None:
             return tag
     tags = complete_tags(ckpt_dir)
     return tags[-1] if tags else None
+
+
+def resume_tag(ckpt_dir: Path, resume: str) -> str | None:
+    """The tag ``--resume`` asks for: ``auto`` the latest complete one (None for a new run), ``none`` None but
+    only for a run without checkpoints (it would overwrite them), else that tag, which must be complete."""
+    if resume == "none":
+        if latest_tag(ckpt_dir) is not None:
+            raise UsageError(
+                f"{ckpt_dir}: the run already has checkpoints; use --resume auto to continue it or another run.name"
+            )
+        return None
+    if resume == "auto":
+        return latest_tag(ckpt_dir)
+    read_state(ckpt_dir, resume)
+    return resume
 
 
 def read_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:

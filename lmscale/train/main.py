@@ -100,15 +100,6 @@ def data_loaders(
     return train_loader, DataLoader(val, batch_size=None, num_workers=0, pin_memory=pin_memory)
 
 
-def resume_tag(ckpt_dir: Path, resume: str) -> str | None:
-    if resume == "none":
-        return None
-    if resume == "auto":
-        return checkpoint.latest_tag(ckpt_dir)
-    checkpoint.read_state(ckpt_dir, resume)
-    return resume
-
-
 def wandb_run_id(run_dir: Path, saved: str | None) -> str:
     """The checkpoint's id, else the run directory's (a job that died before its first save), else new."""
     id_file = run_dir / "wandb_id"
@@ -144,7 +135,7 @@ def run(run_dir: Path, resume: str) -> int:
     run_dir = cfg.run.path
     ckpt_dir = run_dir / run_layout.CHECKPOINTS
 
-    tag = resume_tag(ckpt_dir, resume)
+    tag = checkpoint.resume_tag(ckpt_dir, resume)
     saved = checkpoint.read_state(ckpt_dir, tag) if tag else {}
     if tag:
         check_same_sample_order(cfg, saved["config"], tag)
