@@ -164,7 +164,7 @@ def check_topology(args: argparse.Namespace, gpus: int) -> tuple[int, int]:
         raise UsageError(f"--nnodes {args.nnodes}: must be at least 1")
     if not 0 <= args.node_rank < args.nnodes:
         raise UsageError(f"--node-rank {args.node_rank}: must be in [0, --nnodes={args.nnodes})")
-    if args.nnodes > 1 and not args.master_addr:
+    if args.nnodes > 1 and not args.master_addr and not args.prepare_only:
         raise UsageError("--nnodes: several nodes need --master-addr (the address of node 0 the others reach)")
     if args.hostfile:
         if args.nnodes > 1:

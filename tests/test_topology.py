@@ -1,9 +1,14 @@
 """A rank's place in the job, from the environment each launcher sets."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from lmscale.errors import LmscaleError
 from lmscale.train.topology import SLURM_PORT_BASE, SLURM_PORT_SPAN, detect, export_env, first_host, route_interface
+
+from .conftest import TINY_OVERRIDES, run_cli
 
 
 def test_torchrun_and_deepspeed_variables() -> None:
@@ -69,3 +74,23 @@ def test_exported_variables_keep_the_interfaces_a_user_chose() -> None:
     chosen = {"NCCL_SOCKET_IFNAME": "ib0"}
     export_env(top, chosen)
     assert chosen["NCCL_SOCKET_IFNAME"] == "ib0" and chosen["GLOO_SOCKET_IFNAME"] == "lo"
+
+
+def test_prepare_only_sizes_the_global_batch_for_the_whole_job(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    sets = [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}"]  # micro-batch 4 x 2 per step
+    args = ["train", "configs/gpt-tiny.yaml", "--nproc", "8", "--nnodes", "4", "--prepare-only"]
+    result = run_cli(*args, *(a for s in sets for a in ("--set", s)))
+    assert result.returncode == 0, result.stderr
+    assert f"prepared {run_dir} for 32 ranks (global batch 256 sequences" in result.stdout
+    config = (run_dir / "config.yaml").read_text()
+    assert "global_batch_size: 256" in config and "grad_accum_steps: null" in config
+    launch = json.loads((run_dir / "launch.json").read_text())
+    assert launch["route"] == "prepare-only" and launch["world_size"] == 32
+    for bad, message in (
+        (["--nnodes", "2", "--node-rank", "2", "--master-addr", "h"], "--node-rank 2: must be in [0, --nnodes=2)"),
+        (["--nnodes", "2"], "--nnodes: several nodes need --master-addr (the address of node 0 the others reach)"),
+        (["--hostfile", str(tmp_path / "none")], f"--hostfile {tmp_path / 'none'}: file not found"),
+    ):
+        result = run_cli("train", "configs/gpt-tiny.yaml", *bad, *(a for s in sets for a in ("--set", s)))
+        assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"lmscale: error: {message}"
