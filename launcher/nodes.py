@@ -8,7 +8,9 @@ so it exists before any rank starts. Through the store:
 - node 0 publishes the run directory once it has written it; the other nodes wait for that, check that
   their own resolution of the command line gives the same config, and only then start their ranks;
 - a rank that fails marks the job failed, and every node stops its ranks at once instead of letting them
-  wait out the collective timeout on a dead peer.
+  wait out the collective timeout on a dead peer;
+- each node says when its ranks are done, and node 0 keeps the store up until every node has (a store that
+  disappears while a node's ranks still run means node 0 died: that node stops too).
 
 Exit codes: 0 when every rank finished, 3 when they stopped on a preemption signal after saving a
 checkpoint, otherwise the code of the first rank that failed (128 + the signal for a rank that was killed,
@@ -36,6 +38,9 @@ from lmscale.train.loop import EXIT_PREEMPTED
 
 READY_KEY = "lmscale/run_dir"
 FAILED_KEY = "lmscale/failed"
+DONE_KEY = "lmscale/done"
+DONE_WAIT_SECONDS = 120.0
+"""How long node 0 keeps the store up for the other nodes once its own ranks have exited."""
 POLL_SECONDS = 0.5
 KILL_GRACE_SECONDS = 15.0
 """How long ranks told to stop (a peer failed) get to exit before they are killed."""
@@ -154,11 +159,24 @@ class NodeRanks:
                 failure = (1, f"stopped: {peer}")
                 self._stop_all()
             time.sleep(POLL_SECONDS)
+        self._finish_with_the_job()
+        # Node 0 answers for the job: a node that failed after node 0's ranks had finished fails it too.
+        if failure is None and self.spec.node_rank == 0 and (peer := self._peer_failed()) is not None:
+            failure = (1, f"failed: {peer}")
         if failure is not None:
             if failure[1] is not None:
                 print(f"lmscale: error: {failure[1]}", file=sys.stderr)
             return failure[0]
         return EXIT_PREEMPTED if EXIT_PREEMPTED in self.codes.values() else 0
+
+    def _finish_with_the_job(self) -> None:
+        """Say this node is done; node 0, whose process holds the store, stays until every node has said so,
+        so that a node whose ranks finish a moment later does not take the store's end for a failure."""
+        with contextlib.suppress(RuntimeError, OSError):
+            self.store.set(f"{DONE_KEY}/{self.spec.node_rank}", "1")
+            if self.spec.node_rank == 0:
+                keys = [f"{DONE_KEY}/{node}" for node in range(self.spec.nnodes)]
+                self.store.wait(keys, datetime.timedelta(seconds=DONE_WAIT_SECONDS))
 
     def _mark_failed(self, reason: str) -> None:
         with contextlib.suppress(RuntimeError, OSError):
