@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from lmscale.data.manifest import MANIFEST, Manifest, ShardRecord, SplitRecord, token_dtype
+from lmscale.data.ray_cluster import check_cluster, start_ray
 from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_documents
 from lmscale.data.tokenizer import (
     TokenizerKind,
@@ -329,18 +330,14 @@ def _run_tasks(ray: Any, calls: list[tuple[Any, tuple]], limit: int, progress: P
 
 
 def _start_ray(options: PrepareOptions, workers: int) -> Any:
-    import ray
-
     # One tokenizer thread per task: Ray provides the parallelism, and oversubscribed cores would hide it.
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}}
+    env: dict[str, Any] = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}}
     if options.ray_address:
         import lmscale
 
+        # The cluster's workers may not have lmscale installed: ship this copy with the job.
         env["py_modules"] = [str(Path(lmscale.__file__).parent)]
-        ray.init(address=options.ray_address, runtime_env=env, logging_level=logging.WARNING, log_to_driver=True)
-    else:
-        ray.init(num_cpus=workers, include_dashboard=False, runtime_env=env, logging_level=logging.WARNING)
-    return ray
+    return start_ray(options.ray_address, workers, env)
 
 
 def _check_output(options: PrepareOptions) -> None:
@@ -361,6 +358,8 @@ def prepare(options: PrepareOptions) -> Manifest:
     started = time.perf_counter()
     files = expand_inputs(options.inputs)
     _check_output(options)
+    if options.ray_address and not options.in_process:
+        check_cluster(options.ray_address)  # before the tokenizer is trained: a wrong address fails at once
     out = options.output
     work_dir = out / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)

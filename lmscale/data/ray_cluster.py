@@ -1,0 +1,108 @@
+"""Connecting data preparation to Ray: a private local instance, or a named cluster with its credentials.
+
+Without an address, ``ray.init()`` attaches to whatever cluster this machine knows of (a running ``ray
+start --head``, or the ``ray_current_cluster`` file one left behind in Ray's temp directory) and then
+refuses the resources we ask for. ``lmscale prepare`` instead always starts its own instance
+(``address="local"``) unless told which cluster to use.
+
+A named cluster may require token authentication (the default for clusters Ray starts in recent releases).
+Ray's client only sends a token when ``RAY_AUTH_MODE=token`` is set, and against a cluster that wants one
+it retries for 20 seconds before raising a bare ``ConnectionError``; against an address nobody answers at, for
+40. So the cluster is probed first, once: an unreachable address or a missing or rejected token is one line.
+The token comes from where Ray looks for it: ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` names, or
+``~/.ray/auth_token`` (``ray get-auth-token`` prints it on a machine of the cluster).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from lmscale.errors import LmscaleError
+
+T = TypeVar("T")
+REACH_TIMEOUT_SECONDS = 5.0
+TOKEN_HELP = (
+    "set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH to a file holding it, or put it in ~/.ray/auth_token "
+    "(`ray get-auth-token` prints it on the head node)"
+)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` of a cluster's GCS (the address ``ray start --head`` prints)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise LmscaleError(f"--ray-address {address!r}: expected HOST:PORT of the head's GCS (e.g. 10.0.0.1:6379)")
+    return host.strip("[]"), int(port)
+
+
+def check_reachable(address: str) -> None:
+    host, port = split_address(address)
+    try:
+        socket.create_connection((host, port), timeout=REACH_TIMEOUT_SECONDS).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise LmscaleError(f"--ray-address {address}: cannot reach the Ray head there ({reason})") from None
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Ray's C++ client logs a refused probe to file descriptor 2; the refusal is reported in one line."""
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def authenticated(connect: Callable[[], T], where: str) -> T:
+    """``connect()``'s result; when the cluster refuses it for want of a token and one is available, with
+    token authentication switched on. ``where`` names the cluster in the one-line failure."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+    from ray.exceptions import AuthenticationError
+
+    try:
+        with _quiet_stderr():
+            return connect()
+    except AuthenticationError:
+        pass
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        raise LmscaleError(f"{where}: the cluster rejected the Ray token; {TOKEN_HELP}")
+    if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise LmscaleError(f"{where}: the cluster requires token authentication; {TOKEN_HELP}")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    Config.initialize("")  # Ray caches its settings at import: make it read RAY_AUTH_MODE again
+    try:
+        with _quiet_stderr():
+            return connect()
+    except AuthenticationError:
+        raise LmscaleError(f"{where}: the cluster rejected the Ray token; {TOKEN_HELP}") from None
+
+
+def check_cluster(address: str) -> None:
+    """Fail in one line unless the cluster at ``address`` is reachable and accepts this process (its first
+    request, where authentication happens)."""
+    from ray._raylet import GcsClient
+
+    check_reachable(address)
+    authenticated(lambda: GcsClient(address=address).cluster_id, f"--ray-address {address}")
+
+
+def start_ray(address: str | None, workers: int, runtime_env: dict[str, Any]) -> Any:
+    """Ray, initialised: attached to the cluster at ``address`` (``check_cluster`` passed), or to a new local
+    instance of ``workers`` CPUs."""
+    import ray
+
+    if address is None:
+        ray.init(address="local", num_cpus=workers, include_dashboard=False, runtime_env=runtime_env,
+                 logging_level=logging.WARNING)  # fmt: skip
+        return ray
+    ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
+    return ray
