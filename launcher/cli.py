@@ -51,6 +51,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return train(args)
 
 
+def _submit(name: str, args: argparse.Namespace) -> int:
+    import launcher.submit
+
+    return getattr(launcher.submit, name)(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from lmscale.export.export import export_checkpoint
 
@@ -121,6 +127,47 @@ def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_prepare)
 
 
+def _submit_parsers(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="prepare a run and submit it as a cluster job (Slurm, Ray) or a local one")
+    p.add_argument("config")
+    p.add_argument("--backend", choices=["slurm", "ray", "local"], required=True)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--nproc", type=int, help="ranks per node (default: --gpus-per-node, or 1 on CPU nodes)")
+    p.add_argument("--gpus-per-node", metavar="[TYPE:]N", help="GPUs per node, with Slurm's GPU type (h100:8)")
+    p.add_argument("--gpu-memory", type=float, metavar="GB", help="memory of one GPU (default: from the type)")
+    p.add_argument("--cpus-per-task", type=int, help="CPU cores per rank (default 1)")
+    p.add_argument("--mem", help="host memory per node, Slurm syntax (64G)")
+    p.add_argument("--time", help="time limit, HH:MM:SS or D-HH:MM:SS")
+    p.add_argument("--partition")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--job-name", help="default: run.name")
+    p.add_argument(
+        "--max-requeues", type=int, default=3, help="restarts from the latest checkpoint after a preemption (default 3)"
+    )
+    p.add_argument(
+        "--signal-lead", type=int, default=300, metavar="SECONDS",
+        help="Slurm: the ranks get SIGUSR1 this long before the time limit, to save (default 300)",
+    )  # fmt: skip
+    p.add_argument("--template", help="Slurm: the job script template (default cluster/slurm/lmscale.sbatch)")
+    p.add_argument("--address", help="Ray: the cluster's dashboard, http://HEAD:8265 (default: $RAY_ADDRESS)")
+    p.add_argument("--dry-run", action="store_true", help="print the checks, DeepSpeed config, script; submit nothing")
+    p.set_defaults(func=lambda a: _submit("submit", a))
+
+    p = sub.add_parser("jobs", help="the jobs submitted from this machine, with their state")
+    p.add_argument("--last", type=int, default=20, help="how many of the latest to show")
+    p.set_defaults(func=lambda a: _submit("cmd_jobs", a))
+    for name, text in (("status", "the state of a job"), ("cancel", "cancel a job")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("job", help="a job id or a run directory (its latest job)")
+        p.set_defaults(func=lambda a, name=name: _submit(f"cmd_{name}", a))
+    p = sub.add_parser("logs", help="the output of a job")
+    p.add_argument("job", help="a job id or a run directory (its latest job)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+    p.set_defaults(func=lambda a: _submit("cmd_logs", a))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lmscale", description="Pretrain GPT/BERT models with DeepSpeed ZeRO.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -152,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hostfile", help="start the ranks on these hosts with DeepSpeed's launcher (`HOST slots=N`)")
     p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (sets logging.peak_flops)")
     p.set_defaults(func=cmd_train)
+
+    _submit_parsers(sub)
 
     p = sub.add_parser("export", help="a ZeRO checkpoint to a Hugging Face model directory")
     p.add_argument("run_dir", help="runs/<name>")

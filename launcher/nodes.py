@@ -201,13 +201,18 @@ class NodeRanks:
             self.codes.setdefault(local, proc.wait())
 
 
-def run_node(spec: NodeSpec, store: TCPStore, argv: list[str], env: dict[str, str]) -> int:
+def run_node(
+    spec: NodeSpec, store: TCPStore, argv: list[str], env: dict[str, str], forwarded: set[int] | None = None
+) -> int:
     """Start this node's ranks and wait for them; SIGTERM, SIGUSR1 and SIGINT go to every rank, which
-    checkpoint at the next step and exit with code 3."""
+    checkpoint at the next step and exit with code 3. The signals this process passed on are added to
+    ``forwarded``."""
     ranks = NodeRanks(spec, store, argv, env)
     previous: dict[int, Callable | int | None] = {}
 
     def forward(signum: int, frame: object) -> None:
+        if forwarded is not None:
+            forwarded.add(signum)
         ranks.send(signum)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):

@@ -47,13 +47,9 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve(config: str, overrides: list[str], world_size: int, accelerator: str) -> tuple[Config, RunPlan, dict]:
-    """The config as the run directory keeps it, its plan for ``world_size`` ranks, and the DeepSpeed config.
-
-    The kept config holds the global batch (micro x accumulation x ``world_size`` when the YAML gave no
-    global batch) and no accumulation: every start of a rank derives that from the world size it has.
-    Local paths are made absolute so that ranks started from any directory (srun, another node) find them.
-    """
+def resolve_config(config: str, overrides: list[str]) -> Config:
+    """The validated config with local paths made absolute, so that ranks started from any directory (srun,
+    another node) find them."""
     cfg = load_config(config, overrides)
     cfg = pin_run_dir(cfg, cfg.run.path.absolute())
     if cfg.data.path is not None and not is_remote(cfg.data.path):
@@ -61,13 +57,20 @@ def resolve(config: str, overrides: list[str], world_size: int, accelerator: str
     sources = [
         s if is_remote(s.path) else dataclasses.replace(s, path=str(Path(s.path).absolute())) for s in cfg.data.sources
     ]
-    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
-    plan = plan_run(cfg, world_size)
-    kept = dataclasses.replace(
-        plan.cfg,
-        trainer=dataclasses.replace(plan.cfg.trainer, global_batch_size=plan.global_batch_size, grad_accum_steps=None),
-    )
-    return kept, plan, deepspeed_config(plan, accelerator)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+
+
+def kept_config(plan: RunPlan) -> Config:
+    """The config as the run directory keeps it: the global batch (micro x accumulation x world size when the
+    YAML gave no global batch) and no accumulation, which every start of a rank derives from its world size."""
+    trainer = dataclasses.replace(plan.cfg.trainer, global_batch_size=plan.global_batch_size, grad_accum_steps=None)
+    return dataclasses.replace(plan.cfg, trainer=trainer)
+
+
+def resolve(config: str, overrides: list[str], world_size: int, accelerator: str) -> tuple[Config, RunPlan, dict]:
+    """The config as the run directory keeps it, its plan for ``world_size`` ranks, and the DeepSpeed config."""
+    plan = plan_run(resolve_config(config, overrides), world_size)
+    return kept_config(plan), plan, deepspeed_config(plan, accelerator)
 
 
 def launch_record(world_size: int, route: str) -> dict[str, str | int | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,16 @@ def damage_first_training_shard(dataset: Path, copy: Path) -> str:
     path = copy / "shards" / victim.name
     path.write_bytes(path.read_bytes()[:-512])
     return victim.name
+
+
+def ensure_debian_packages(commands: dict[str, str]) -> None:
+    """Install the Debian packages providing ``commands`` (command -> package) if any is missing: the test
+    machines are root and reach Debian's mirrors, as CI does."""
+    missing = [package for command, package in commands.items() if shutil.which(command) is None]
+    if not missing:
+        return
+    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
+        subprocess.run(install, env=env, capture_output=True, check=True)

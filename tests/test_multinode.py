@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import REPO, keys_per_step, metrics_records, run_cli, train_args
+from .conftest import REPO, ensure_debian_packages, keys_per_step, metrics_records, run_cli, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -194,19 +194,6 @@ def test_a_dead_rank_on_one_node_stops_every_node(two_nodes: list[Node], dataset
     assert time.time() - killed_at < 60  # not the collective timeout (10 minutes)
     assert code1 == 137 and "lmscale: error: rank 1 (node 1) exited with code -9 (killed by a signal)" in err1
     assert code0 != 0 and "lmscale: error:" in err0
-
-
-def ensure_debian_packages(commands: dict[str, str]) -> None:
-    """Install the Debian packages providing ``commands`` (command -> package) if any is missing: the test
-    machines are root and reach Debian's mirrors, as CI does."""
-    missing = [package for command, package in commands.items() if shutil.which(command) is None]
-    if not missing:
-        return
-    install = ["apt-get", "install", "-y", "--no-install-recommends", *missing]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=True)
-        subprocess.run(install, env=env, capture_output=True, check=True)
 
 
 @pytest.fixture

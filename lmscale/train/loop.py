@@ -261,6 +261,7 @@ class Trainer:
                 saved_step = step
             if stopping:
                 self.logger.event(step, "preempted", signal=self.stop.signal_name or "peer rank")
+                self.stop.settle()
                 return EXIT_PREEMPTED
         if self.state.step > first_step and saved_step != self.state.step:
             self.save()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmscale.config import Config, ConfigError, ModelConfig, grad_accum_steps
 from lmscale.data.manifest import Manifest, is_remote, read_manifest
-from lmscale.errors import UsageError
+from lmscale.errors import LmscaleError, UsageError
 from lmscale.models import GPTConfig
 
 
@@ -65,15 +65,21 @@ def gpt_config(m: ModelConfig) -> GPTConfig:
     )
 
 
-def plan_run(cfg: Config, world_size: int) -> RunPlan:
-    sources = cfg.data.resolved_sources()
+def read_manifests(cfg: Config) -> list[Manifest]:
+    """The manifest of every data source; a missing or unreadable one is a ConfigError naming its field."""
     manifests = []
-    for i, source in enumerate(sources):
+    for i, source in enumerate(cfg.data.resolved_sources()):
         field = "data.path" if cfg.data.path is not None else f"data.sources[{i}].path"
         try:
             manifests.append(read_manifest(source.path))
-        except UsageError as err:
+        except LmscaleError as err:
             raise ConfigError(f"{field}: {err}") from None
+    return manifests
+
+
+def plan_run(cfg: Config, world_size: int) -> RunPlan:
+    sources = cfg.data.resolved_sources()
+    manifests = read_manifests(cfg)
     first = manifests[0]
     for source, manifest in zip(sources[1:], manifests[1:], strict=True):
         if manifest.tokenizer_sha256 != first.tokenizer_sha256:

@@ -1,0 +1,188 @@
+"""``lmscale submit``: one job description (the run's YAML plus resource flags) to Slurm, a Ray cluster, or
+this machine in the background.
+
+The run directory is prepared here, once, as ``lmscale train --prepare-only`` prepares it, with the DeepSpeed
+config of the nodes the job will run on (GPU nodes get the fused optimizer and overlapped communication
+whatever the submitting machine has); every rank of every attempt of the job reads it. Preflight checks
+run first (``launcher.preflight``); ``--dry-run`` shows them, the DeepSpeed config and the exact script or
+request, and submits nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+from launcher import jobs, preflight
+from launcher.preflight import Resources
+from launcher.train import kept_config, launch_record, resolve_config, write_run_dir
+from lmscale.config import Config, ConfigError, grad_accum_steps
+from lmscale.errors import LmscaleError, UsageError
+from lmscale.train.ds_config import deepspeed_config
+from lmscale.train.plan import RunPlan, plan_run, read_manifests
+
+DEFAULT_SIGNAL_LEAD_SECONDS = 300
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Everything a backend needs to start the job."""
+
+    run_dir: Path
+    name: str
+    resources: Resources
+    max_requeues: int
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    address: str | None = None
+    """Ray: the dashboard URL."""
+    template: Path | None = None
+    """Slurm: the job script template (default cluster/slurm/lmscale.sbatch)."""
+
+
+def backend(name: str) -> ModuleType:
+    if name == "slurm":
+        from launcher import slurm
+
+        return slurm
+    if name == "ray":
+        from launcher import ray_jobs
+
+        return ray_jobs
+    from launcher import local_jobs
+
+    return local_jobs
+
+
+def resources(args: argparse.Namespace) -> Resources:
+    gpus, gpu_type = preflight.parse_gpus(args.gpus_per_node)
+    nproc = args.nproc or max(gpus, 1)
+    if args.nodes < 1 or nproc < 1:
+        raise UsageError(f"--nodes {args.nodes} --nproc {nproc}: both must be at least 1")
+    if gpus and nproc > gpus:
+        raise UsageError(f"--nproc {nproc}: more ranks than the {gpus} GPUs per node (one rank per GPU)")
+    return Resources(
+        nodes=args.nodes,
+        nproc=nproc,
+        gpus_per_node=gpus,
+        gpu_type=gpu_type,
+        gpu_memory_gb=args.gpu_memory or preflight.gpu_memory_gb(gpu_type),
+        cpus_per_task=args.cpus_per_task or 1,
+        mem=args.mem,
+        time_seconds=preflight.parse_time(args.time),
+        signal_lead_seconds=args.signal_lead,
+    )
+
+
+def plan_for_target(cfg: Config, res: Resources) -> tuple[RunPlan, str | None]:
+    """The plan, or, when the dataset cannot be read yet, a plan without it and the reason (a dry run still
+    renders everything that does not depend on the data)."""
+    try:
+        read_manifests(cfg)
+    except ConfigError as err:
+        accum = grad_accum_steps(cfg, res.world_size)
+        unresolved = [f for f, v in (("model.vocab_size", cfg.model.vocab_size), ("model.seq_len", cfg.model.seq_len))
+                      if v is None]  # fmt: skip
+        reason = str(err) + (f"; unresolved until it is: {', '.join(unresolved)}" if unresolved else "")
+        resolved = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, grad_accum_steps=accum))
+        return RunPlan(resolved, res.world_size, []), reason
+    return plan_run(cfg, res.world_size), None
+
+
+def preflight_failures(cfg: Config, plan: RunPlan | None, data_problem: str | None, res: Resources) -> list[str]:
+    """Every check that fails, one line each. ``plan`` is None when the global batch does not divide."""
+    failures = [c for c in (preflight.check_batch(cfg, res), data_problem, preflight.check_run_dir(cfg.run.path)) if c]
+    model = (plan.cfg if plan else cfg).model
+    if model.vocab_size is not None and model.seq_len is not None:
+        resolved = plan.cfg if plan else cfg
+        sequences = plan.global_batch_size if plan else resolved.trainer.global_batch_size or res.world_size
+        seq_len = plan.seq_len if plan and plan.manifests else model.seq_len
+        checks = [preflight.check_memory(resolved, res), preflight.check_time(resolved, res, sequences * seq_len)]
+        failures += [c for c in checks if c]
+    return failures
+
+
+def submit(args: argparse.Namespace) -> int:
+    res = resources(args)
+    cfg = resolve_config(args.config, args.set)
+    divisible = preflight.check_batch(cfg, res) is None
+    plan, data_problem = plan_for_target(cfg, res) if divisible else (None, None)
+    accelerator = "cuda" if res.gpus_per_node else "cpu"
+    name = args.job_name or cfg.run.name
+    submission = Submission(
+        run_dir=cfg.run.path,
+        name=name,
+        resources=res,
+        max_requeues=args.max_requeues,
+        partition=args.partition,
+        account=args.account,
+        qos=args.qos,
+        address=args.address,
+        template=Path(args.template) if args.template else None,
+    )
+    chosen = backend(args.backend)
+    failures = preflight_failures(cfg, plan, data_problem, res)
+    if args.dry_run:
+        print(f"# preflight ({res.nodes} nodes x {res.nproc} ranks, {res.gpus_per_node} GPUs per node)")
+        for line in failures or ["all checks pass"]:
+            print(f"#   {line}")
+        if plan is not None:
+            print(f"# DeepSpeed config for the job's {accelerator} ranks (world size {res.world_size})")
+            print(json.dumps(deepspeed_config(plan, accelerator), indent=2))
+        print(chosen.render(submission))
+        return 0
+    if failures or plan is None:
+        for line in failures:
+            print(f"lmscale: error: preflight: {line}", file=sys.stderr)
+        return UsageError.exit_code
+    write_run_dir(
+        kept_config(plan), plan, deepspeed_config(plan, accelerator), launch_record(res.world_size, args.backend)
+    )
+    job = chosen.submit(submission)
+    jobs.record_job(job)
+    print(f"submitted {job.backend} job {job.job_id} ({name}) for {submission.run_dir}")
+    print(f"  lmscale status {job.job_id}    lmscale logs {job.job_id} --follow    lmscale cancel {job.job_id}")
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    records = jobs.all_jobs()
+    if not records:
+        print(f"no jobs submitted from this machine ({jobs.state_dir()})")
+        return 0
+    print(f"{'JOB':<24} {'BACKEND':<7} {'STATE':<10} {'SUBMITTED':<25} RUN DIR")
+    for job in records[-args.last :]:
+        try:
+            state = backend(job.backend).status(job).state
+        except LmscaleError:
+            state = "UNKNOWN"
+        print(f"{job.job_id:<24} {job.backend:<7} {state:<10} {job.submitted_at:<25} {job.run_dir}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    job = jobs.find_job(args.job)
+    status = backend(job.backend).status(job)
+    detail = f" ({status.detail})" if status.detail else ""
+    print(f"{job.backend} job {job.job_id} ({job.name}): {status.state}{detail}")
+    print(f"  run directory {job.run_dir}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    job = jobs.find_job(args.job)
+    backend(job.backend).logs(job, follow=args.follow)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    job = jobs.find_job(args.job)
+    backend(job.backend).cancel(job)
+    print(f"cancelled {job.backend} job {job.job_id} ({job.name})")
+    return 0
