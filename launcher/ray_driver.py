@@ -13,10 +13,11 @@ local rank). The master address is the node address Ray itself uses for rank 0's
 a cluster). A node's ranks all see the node's GPUs that its actors were given (``CUDA_VISIBLE_DEVICES``,
 as under torchrun, so NCCL can use NVLink between them), each picking its own by ``LOCAL_RANK``.
 
-Failure: a rank that exits with an error, or whose actor or node dies, stops the others and ends the
-attempt with the rank's last error line. Up to ``--max-requeues`` times the driver then starts the job
-again from the latest checkpoint (a rank saving after a preemption signal exits with 3, and counts the
-same way); after that the job fails with that line.
+Failure: a rank that exits with an error, or whose actor or node dies, ends the attempt at once with the
+rank's last error line: the other ranks wait in a collective for the dead one and could not save anyway, so
+their actors are killed (and their rank processes with them). Up to ``--max-requeues`` times the driver
+then starts the job again from the latest checkpoint (a rank saving after a preemption signal exits with 3,
+and counts the same way); after that the job fails with that line.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -39,7 +39,6 @@ from launcher.jobs import record_exit
 from lmscale.train.loop import EXIT_PREEMPTED
 
 PLACEMENT_TIMEOUT_SECONDS = 600
-STOP_GRACE_SECONDS = 20.0
 
 
 def _die_with_parent() -> None:
@@ -149,17 +148,14 @@ class Attempt:
                     code, last_line = 1, f"its actor died ({type(err).__name__}: the node was lost or killed)"
                 codes.append(code)
                 if code not in (0, EXIT_PREEMPTED):
-                    self.stop_others(pending)
+                    # The others are stuck in a collective with the dead rank and cannot save: close() kills
+                    # their actors, and with them the rank processes.
                     return code, f"rank {index} exited with code {code}: {last_line}"
         return (EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0), ""
 
     def signal(self, signum: int) -> None:
         for rank in self.ranks:
             rank.signal.remote(signum)
-
-    def stop_others(self, pending: dict[Any, int]) -> None:
-        self.signal(signal.SIGTERM)
-        ray.wait(list(pending), num_returns=len(pending), timeout=STOP_GRACE_SECONDS)
 
     def close(self) -> None:
         for rank in self.ranks:

@@ -38,11 +38,14 @@ def dashboard_address(sub_address: str | None) -> str:
 
 
 def client(address: str) -> Any:
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     def connect() -> Any:
         try:
             return JobSubmissionClient(address)
+        except AuthenticationError:
+            return None
         except ConnectionError as err:
             raise LmscaleError(f"--address {address}: no Ray dashboard answers there ({_first_line(err)})") from None
 

@@ -65,6 +65,23 @@ def two_rank_reference(dataset: Path, tmp_path_factory: pytest.TempPathFactory) 
     return run_dir
 
 
+FORTY_STEPS = ["trainer.max_steps=40", "schedule.total_steps=40"]
+"""A GLOBAL_BATCH_OVERRIDES run long enough to interrupt on purpose (a step takes about 0.1 s on 2 CPU ranks)."""
+
+
+@pytest.fixture(scope="session")
+def forty_step_reference(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted FORTY_STEPS run of ``lmscale train`` on 2 ranks: what interrupted jobs must end on."""
+    run_dir = tmp_path_factory.mktemp("forty") / "run"
+    result = run_cli(*train_args(dataset, run_dir, 2, *FORTY_STEPS, "checkpoint.every_steps=100"))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def final_loss(run_dir: Path) -> float:
+    return next(r["loss"] for r in reversed(metrics_records(run_dir)) if "loss" in r)
+
+
 def metrics_records(run_dir: Path) -> list[dict]:
     import json
 
@@ -103,8 +120,9 @@ def dataset(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    """Run ``lmscale`` as a user would, in a fresh process."""
+    """Run ``lmscale`` as a user would, in a fresh process; a variable ``env`` maps to None is unset."""
     full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true", **(env or {})}
+    full_env = {name: value for name, value in full_env.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-m", "launcher", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
         timeout=timeout,

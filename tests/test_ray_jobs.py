@@ -12,7 +12,14 @@ import psutil
 import pytest
 
 from . import schedulers
-from .conftest import GLOBAL_BATCH_OVERRIDES, damage_first_training_shard, metrics_records, run_cli
+from .conftest import (
+    FORTY_STEPS,
+    GLOBAL_BATCH_OVERRIDES,
+    damage_first_training_shard,
+    final_loss,
+    metrics_records,
+    run_cli,
+)
 from .schedulers import RayHead
 
 ray_head = schedulers.ray_head
@@ -32,7 +39,6 @@ def test_prepare_beside_a_running_head_starts_its_own_ray_and_authenticates_agai
     beside = prepare(corpus_dir, tmp_path / "beside", {**ray_head.env, "RAY_TMPDIR": str(ray_head.temp_dir)})
     assert beside.returncode == 0, beside.stderr[-3000:]
     assert (tmp_path / "beside" / "manifest.json").is_file()
-
     # With --ray-address: the token from RAY_AUTH_TOKEN_PATH, though RAY_AUTH_MODE is not set here.
     on_head = prepare(corpus_dir, tmp_path / "on-head", ray_head.env, "--ray-address", ray_head.address)
     assert on_head.returncode == 0, on_head.stderr[-3000:]
@@ -42,7 +48,8 @@ def test_prepare_beside_a_running_head_starts_its_own_ray_and_authenticates_agai
     )
 
     # Without a token: one line, at once (Ray's client alone retries for 20 s, then raises a ConnectionError).
-    no_token = {k: v for k, v in ray_head.env.items() if not k.startswith("RAY_AUTH")}
+    # (A Ray started in this process, by a fixture's prepare, sets RAY_AUTH_MODE here: unset it too.)
+    no_token = {**ray_head.env, "RAY_AUTH_TOKEN_PATH": None, "RAY_AUTH_TOKEN": None, "RAY_AUTH_MODE": None}
     started = time.monotonic()
     refused = prepare(corpus_dir, tmp_path / "refused", {**no_token, "HOME": str(tmp_path)}, "--ray-address",
                       ray_head.address)  # fmt: skip
@@ -129,3 +136,32 @@ def test_a_ray_job_fails_with_its_rank_error_and_one_can_be_cancelled(
         assert time.monotonic() < deadline, "rank processes of the cancelled job are still running"
         time.sleep(1)
     assert os.path.isdir(running_dir)
+
+
+def test_a_ray_job_whose_rank_dies_restarts_from_its_checkpoint_and_ends_like_an_uninterrupted_one(
+    ray_head: RayHead, dataset: Path, forty_step_reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    longer = [arg for item in [*FORTY_STEPS, "checkpoint.every_steps=10"] for arg in ("--set", item)]
+    job = submit(ray_head, dataset, run_dir, "--max-requeues", "1", *longer)
+    deadline = time.monotonic() + 240
+    latest = run_dir / "checkpoints" / "latest"
+    while not latest.is_file() or latest.read_text().strip() != "step_00000010":
+        assert time.monotonic() < deadline, run_cli("logs", job, env=ray_head.env).stdout[-3000:]
+        time.sleep(0.2)
+    rank = next(
+        p
+        for p in psutil.process_iter(["cmdline", "environ"])
+        if str(run_dir) in " ".join(p.info["cmdline"] or []) and (p.info["environ"] or {}).get("RANK") == "1"
+    )
+    rank.kill()  # a lost node, as far as the job can tell
+
+    assert ": SUCCEEDED" in wait_until_finished(ray_head, job), run_cli("logs", job, env=ray_head.env).stdout[-3000:]
+    exits = [json.loads(line) for line in (run_dir / "job_exits.jsonl").read_text().splitlines()]
+    assert [(e["attempt"], e["exit_code"] == 0) for e in exits] == [(0, False), (1, True)]
+    logs = run_cli("logs", job, env=ray_head.env).stdout
+    assert "rank 1 exited with code -9" in logs and "restarting from the latest checkpoint (1 of 1)" in logs
+    resume = next(r for r in metrics_records(run_dir) if r.get("event") == "resume")
+    assert resume["step"] >= 10
+
+    assert final_loss(run_dir) == pytest.approx(final_loss(forty_step_reference), rel=1e-5)

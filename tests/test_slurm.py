@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from . import schedulers
-from .conftest import GLOBAL_BATCH_OVERRIDES, metrics_records, run_cli
+from .conftest import FORTY_STEPS, GLOBAL_BATCH_OVERRIDES, final_loss, metrics_records, run_cli
 from .schedulers import SlurmCluster
 
 slurm_cluster = schedulers.slurm_cluster
@@ -46,7 +46,7 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
         if (run_dir / "metrics.jsonl").is_file() and any(r.get("step", 0) >= step and "loss" in r
                                                           for r in metrics_records(run_dir)):  # fmt: skip
             return
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"{run_dir} did not reach step {step}")
 
 
@@ -91,19 +91,10 @@ def test_a_slurm_job_trains_like_the_local_launcher_and_keeps_its_name_intact(
 
 
 def test_a_preempted_slurm_job_saves_requeues_resumes_and_ends_like_an_uninterrupted_one(
-    slurm_cluster: SlurmCluster, dataset: Path, tmp_path: Path
+    slurm_cluster: SlurmCluster, dataset: Path, forty_step_reference: Path, tmp_path: Path
 ) -> None:
-    longer = [
-        "--set",
-        "trainer.max_steps=40",
-        "--set",
-        "schedule.total_steps=40",
-        "--set",
-        "checkpoint.every_steps=100",
-    ]
-    # Both jobs at once (the node has room for 4 ranks): the uninterrupted one is the reference.
-    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    reference_job = submit(slurm_cluster, dataset, reference_dir, *longer)
+    run_dir = tmp_path / "run"
+    longer = [arg for item in [*FORTY_STEPS, "checkpoint.every_steps=100"] for arg in ("--set", item)]
     job = submit(slurm_cluster, dataset, run_dir, *longer)
     wait_for_step(run_dir, 3)
     # Slurm's preemption warning, as --signal=USR1@LEAD sends it before the time limit: to every rank.
@@ -114,14 +105,13 @@ def test_a_preempted_slurm_job_saves_requeues_resumes_and_ends_like_an_uninterru
     state = wait_for_state(slurm_cluster, job, {"COMPLETED", "FAILED", "CANCELLED"})
     log = (run_dir / "logs" / f"slurm-{job}.out").read_text()
     assert state == "COMPLETED", log[-3000:]
-    assert wait_for_state(slurm_cluster, reference_job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED"
     exits = [json.loads(line) for line in (run_dir / "job_exits.jsonl").read_text().splitlines()]
     assert [(e["attempt"], e["exit_code"]) for e in exits] == [(0, 3), (1, 0)], log[-3000:]
     assert slurm_cluster.job_field(job, "Restarts") == "1" and "requeueing (1 of 3)" in log
     events = [r for r in metrics_records(run_dir) if r.get("event") in ("preempted", "resume")]
     assert [e["event"] for e in events] == ["preempted", "resume"] and events[0]["signal"] == "SIGUSR1"
     assert 3 <= events[0]["step"] < 40 and events[1]["step"] == events[0]["step"]
-    assert losses(run_dir)[40] == pytest.approx(losses(reference_dir)[40], rel=1e-5)
+    assert losses(run_dir)[40] == pytest.approx(final_loss(forty_step_reference), rel=1e-5)
 
 
 def test_cancelling_a_running_slurm_job_stops_it_after_a_save_and_does_not_requeue(

@@ -28,7 +28,9 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-1 trains through every stage of the GPU check's CPU run (test_gpu_check); its resume is stage 2's
+# with unpartitioned gradients.
+@pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stage_trains_and_resumes_exactly(stage: int, dataset: Path, tmp_path: Path) -> None:
     common = [f"zero.stage={stage}", "checkpoint.every_steps=4"]
     full, part = tmp_path / "full", tmp_path / "part"

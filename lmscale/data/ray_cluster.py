@@ -15,11 +15,12 @@ The token comes from where Ray looks for it: ``RAY_AUTH_TOKEN``, the file ``RAY_
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterator
+import subprocess
+import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lmscale.errors import LmscaleError
@@ -49,50 +50,66 @@ def check_reachable(address: str) -> None:
         raise LmscaleError(f"--ray-address {address}: cannot reach the Ray head there ({reason})") from None
 
 
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """Ray's C++ client logs a refused probe to file descriptor 2; the refusal is reported in one line."""
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+# Run in a child process: Ray's C++ client logs a refusal to the terminal, and may exit its process outright
+# on an unexpected answer; the parent turns the child's exit into one line either way.
+GCS_PROBE = """
+import sys
+from ray._raylet import GcsClient
+from ray.exceptions import AuthenticationError
+try:
+    GcsClient(address=sys.argv[1]).cluster_id
+except AuthenticationError:
+    sys.exit(77)
+"""
+REFUSED = 77
+PROBE_TIMEOUT_SECONDS = 90
 
 
-def authenticated(connect: Callable[[], T], where: str) -> T:
-    """``connect()``'s result; when the cluster refuses it for want of a token and one is available, with
-    token authentication switched on. ``where`` names the cluster in the one-line failure."""
+def authenticated(connect: Callable[[], T | None], where: str) -> T | None:
+    """``connect()``'s result; when the cluster refuses it for want of a token (``connect`` returns None) and
+    one is available, with token authentication switched on. ``where`` names the cluster in the one-line
+    failure."""
     from ray._raylet import AuthenticationTokenLoader, Config
-    from ray.exceptions import AuthenticationError
 
-    try:
-        with _quiet_stderr():
-            return connect()
-    except AuthenticationError:
-        pass
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+    token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+    if token_mode and not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
+        raise LmscaleError(f"{where}: RAY_AUTH_MODE=token is set but there is no Ray token; {TOKEN_HELP}")
+    result = connect()
+    if result is not None:
+        return result
+    if token_mode:
         raise LmscaleError(f"{where}: the cluster rejected the Ray token; {TOKEN_HELP}")
     if not AuthenticationTokenLoader.instance().has_token(ignore_auth_mode=True):
         raise LmscaleError(f"{where}: the cluster requires token authentication; {TOKEN_HELP}")
     os.environ["RAY_AUTH_MODE"] = "token"
     Config.initialize("")  # Ray caches its settings at import: make it read RAY_AUTH_MODE again
-    try:
-        with _quiet_stderr():
-            return connect()
-    except AuthenticationError:
-        raise LmscaleError(f"{where}: the cluster rejected the Ray token; {TOKEN_HELP}") from None
+    result = connect()
+    if result is None:
+        raise LmscaleError(f"{where}: the cluster rejected the Ray token; {TOKEN_HELP}")
+    return result
 
 
 def check_cluster(address: str) -> None:
     """Fail in one line unless the cluster at ``address`` is reachable and accepts this process (its first
     request, where authentication happens)."""
-    from ray._raylet import GcsClient
+    where = f"--ray-address {address}"
+
+    def probe() -> bool | None:
+        try:
+            result = subprocess.run([sys.executable, "-c", GCS_PROBE, address], capture_output=True, text=True,
+                                    timeout=PROBE_TIMEOUT_SECONDS)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            raise LmscaleError(f"{where}: the Ray head did not answer within {PROBE_TIMEOUT_SECONDS} s") from None
+        if result.returncode == REFUSED:
+            return None
+        if result.returncode != 0:
+            lines = [line for line in result.stderr.splitlines() if line.strip()]
+            reason = lines[-1].strip() if lines else f"exit code {result.returncode}"
+            raise LmscaleError(f"{where}: the Ray head did not accept a connection ({reason[:300]})")
+        return True
 
     check_reachable(address)
-    authenticated(lambda: GcsClient(address=address).cluster_id, f"--ray-address {address}")
+    authenticated(probe, where)
 
 
 def start_ray(address: str | None, workers: int, runtime_env: dict[str, Any]) -> Any:
