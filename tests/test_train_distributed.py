@@ -5,6 +5,7 @@ import re
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 
 from lmscale.train.checkpoint import LATEST
@@ -101,7 +102,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(dataset: Path, tmp_path:
     args = [sys.executable, "-m", "launcher", "train", "configs/gpt-tiny.yaml", "--nproc", "2"]
     args += [a for s in sets for a in ("--set", s)]
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen([*args, "--set", "trainer.max_steps=1000"], cwd=REPO, env=env,
+    proc = subprocess.Popen([*args, "--set", "trainer.max_steps=1000"], cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
     metrics = run_dir / "metrics.jsonl"
     deadline = time.time() + 300
@@ -109,9 +110,13 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(dataset: Path, tmp_path:
         if metrics.is_file() and len(losses(run_dir)) >= 3:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    # As Slurm ends a job: SIGTERM to every process at once (launcher, ranks, loader workers). The launcher
+    # must not return before its ranks, which save and exit with 3.
+    os.killpg(proc.pid, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err[-3000:]
+    ranks = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+    assert not ranks, "the launcher returned before its ranks"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     stopped = next(r for r in records if r.get("event") == "preempted")
     tag = f"step_{stopped['step']:08d}"
