@@ -161,6 +161,8 @@ class CheckpointConfig:
     """Save a checkpoint every N steps (0 disables periodic saves); a final one is always saved."""
     keep_last: int = 3
     """Checkpoints kept in the run directory; older ones are deleted after a successful save."""
+    keep_every_steps: int = 0
+    """Also keep every checkpoint whose step is a multiple of this (milestones; 0: none)."""
 
 
 @dataclass
@@ -363,6 +365,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"schedule.min_lr_ratio: must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
     _positive(cfg.checkpoint.every_steps, "checkpoint.every_steps", allow_zero=True)
     _positive(cfg.checkpoint.keep_last, "checkpoint.keep_last")
+    _positive(cfg.checkpoint.keep_every_steps, "checkpoint.keep_every_steps", allow_zero=True)
     _positive(cfg.logging.every_steps, "logging.every_steps")
     _positive(cfg.logging.peak_flops, "logging.peak_flops")
     _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)

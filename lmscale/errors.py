@@ -13,6 +13,15 @@ class UsageError(LmscaleError):
     exit_code = 2
 
 
+class AgreedError(LmscaleError):
+    """An error every rank of the job raises together, after agreeing on it through a collective: rank 0
+    reports it and the others exit with the same code in silence, so the console shows it once."""
+
+    def __init__(self, message: str, rank: int) -> None:
+        super().__init__(message)
+        self.quiet = rank != 0
+
+
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line. An error re-raised from a DataLoader worker carries the worker's
     traceback ("Caught LmscaleError in DataLoader worker process 0. Original Traceback ..."): its last line

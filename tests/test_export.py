@@ -18,6 +18,7 @@ from lmscale.export.hf import from_hf, to_hf
 from lmscale.export.hf_dir import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
 from lmscale.models import GPT, GPTConfig
+from lmscale.train.checkpoint_manifest import digest
 
 from .conftest import TINY_OVERRIDES, run_cli
 
@@ -183,13 +184,14 @@ def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
     result = run_cli("export", str(empty), "--output", str(tmp_path / "x"))
     assert result.returncode == 1 and "no complete checkpoint to export" in result.stderr
     train(run_dir, dataset, "trainer.max_steps=2")
-    # A save that never finished: DeepSpeed files without lmscale_state.json.
+    # A damaged tag: a file of its manifest is gone.
     half = run_dir / "checkpoints" / "step_00000009"
     shutil.copytree(run_dir / "checkpoints" / "step_00000002", half)
     (half / "lmscale_state.json").unlink()
     result = run_cli("export", str(run_dir), "--checkpoint", "step_00000009", "--output", str(tmp_path / "x"))
-    assert result.returncode == 1 and "step_00000009: not a complete lmscale checkpoint" in result.stderr
-    # latest skips the incomplete tag and exports step 2.
+    assert result.returncode == 1
+    assert f"checkpoint step_00000009 fails verification: {half}/lmscale_state.json: missing" in result.stderr
+    # latest (step 2) is exported.
     ok = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
     assert ok.returncode == 0 and "step_00000002" in ok.stdout
     # eval takes the run directory too (consolidating its latest checkpoint) and scores like the export.
@@ -204,6 +206,10 @@ def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
     state = json.loads(state_file.read_text())
     state["config"]["model"]["d_model"] = 128
     state_file.write_text(json.dumps(state))
+    manifest_file = state_file.with_name("manifest.json")  # as if saved so: the checkpoint verifies
+    manifest = json.loads(manifest_file.read_text())
+    manifest["files"]["lmscale_state.json"] = dict(zip(("size", "sha256"), digest(state_file), strict=True))
+    manifest_file.write_text(json.dumps(manifest))
     result = run_cli("export", str(run_dir), "--output", str(tmp_path / "y"))
     assert result.returncode == 1 and "a checkpoint of another model shape" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3

@@ -1,5 +1,6 @@
 """The training stream over real shards: rank split, elastic determinism, resume, epochs, mixtures, corruption."""
 
+import re
 import shutil
 from pathlib import Path
 
@@ -126,9 +127,12 @@ def test_mixture_draws_in_proportion(dataset: Path, tmp_path: Path) -> None:
         source, _ = stream.mixture.locate(i)
         urls.append(source)
     assert urls.count(0) == 3000 and urls.count(1) == 1000
-    # Real samples come from both directories, and the order is seed-determined.
-    keys = [stream.micro_batch(i)["keys"][0] for i in range(40)]
-    assert len(set(keys)) > 20
+    # Every key names its source: the two copies hold samples of the same names, yet no two keys are equal
+    # within an epoch, and each key's prefix is the source the mixture drew that position from.
+    keys = [stream.micro_batch(i)["keys"][0] for i in range(400)]
+    assert len(set(keys)) == len(keys)
+    assert [int(k.split(":")[0]) for k in keys] == [stream.mixture.locate(i)[0] for i in range(400)]
+    assert all(re.fullmatch(r"[01]:train-\d{6}-\d{6}", k) for k in keys)
 
 
 def test_corrupt_shard_is_skipped_with_a_count_or_fatal_when_strict(dataset: Path, tmp_path: Path, caplog) -> None:

@@ -33,7 +33,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 # with unpartitioned gradients.
 @pytest.mark.parametrize("stage", [2, 3])
 def test_zero_stage_trains_and_resumes_exactly(stage: int, dataset: Path, tmp_path: Path) -> None:
-    common = [f"zero.stage={stage}", "checkpoint.every_steps=4"]
+    # Dropout makes exactness depend on each rank's random state, restored as the last thing before a step.
+    common = [f"zero.stage={stage}", "checkpoint.every_steps=4", "model.dropout=0.1"]
     full, part = tmp_path / "full", tmp_path / "part"
     shm_before = set(Path("/dev/shm").glob("deepspeed_*"))
     train(full, dataset, 2, "trainer.max_steps=8", *common)

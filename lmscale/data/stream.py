@@ -239,6 +239,9 @@ class ShardStream(IterableDataset):
     ) -> None:
         super().__init__()
         self.sources = sources
+        # A mixture's keys name their source (its position in data.sources): two datasets may hold shards and
+        # samples of the same name, and every logged key must trace back to one file.
+        self.key_prefixes = [f"{i}:" for i in range(len(sources))] if len(sources) > 1 else [""]
         self.sample_len, self.dtype = sample_len, np.dtype(dtype)
         self.micro_batch_size, self.rank, self.world_size = micro_batch_size, rank, world_size
         self.seed, self.start_position = seed, start_position
@@ -299,7 +302,7 @@ class ShardStream(IterableDataset):
             if loaded is not None:
                 tokens, keys = loaded
                 index = order.sample_index(epoch, shard, offset) if step == 0 else offset % len(keys)
-                return tokens[index], keys[index]
+                return tokens[index], self.key_prefixes[source] + keys[index]
         raise LmscaleError(f"every shard of data source {source} is corrupt")
 
     def micro_batch(self, index: int) -> dict[str, Any]:

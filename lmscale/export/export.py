@@ -42,14 +42,11 @@ def find_checkpoint(run_dir: Path, requested: str) -> str:
     ckpt_dir = run_dir / run_layout.CHECKPOINTS
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory does not exist")
-    if requested != "latest":
-        checkpoint.read_state(ckpt_dir, requested)  # names an incomplete tag
-        return requested
-    tag = checkpoint.latest_tag(ckpt_dir)
+    tag = checkpoint.latest_tag(ckpt_dir) if requested == "latest" else checkpoint.named_tag(ckpt_dir, requested)
     if tag is None:
-        partial = sorted(p.name for p in ckpt_dir.glob("step_*")) if ckpt_dir.is_dir() else []
-        detail = f" ({', '.join(partial)} incomplete: no {checkpoint.STATE_FILE})" if partial else ""
-        raise LmscaleError(f"{run_dir}: no complete checkpoint to export{detail}")
+        raise LmscaleError(f"{run_dir}: no complete checkpoint to export")
+    if problem := checkpoint.check_tag(ckpt_dir, tag):
+        raise LmscaleError(f"checkpoint {tag} fails verification: {problem}")
     return tag
 
 

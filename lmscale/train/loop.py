@@ -194,8 +194,9 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "saved_at": time.time(),
         }
+        keep = self.cfg.checkpoint
         tag = checkpoint.save(
-            self.engine, self.ckpt_dir, self.state.step, state, self.rank, self.cfg.checkpoint.keep_last
+            self.engine, self.ckpt_dir, self.state.step, state, self.rank, keep.keep_last, keep.keep_every_steps
         )
         self.logger.event(self.state.step, "checkpoint", tag=tag)
 
@@ -217,7 +218,9 @@ class Trainer:
             if self.rank == 0:
                 checkpoint.convert_to_universal(self.ckpt_dir, tag)
             dist.barrier()
-        saved = checkpoint.load(self.engine, self.ckpt_dir, tag, self.rank, universal=self.loads_universal)
+        saved = checkpoint.load(self.engine, self.ckpt_dir, tag, universal=self.loads_universal)
+        if not self.loads_universal:
+            checkpoint.restore_rng(self.ckpt_dir, tag, self.rank)
         self.rollbacks += 1
         skipped = self.state.samples_seen - saved["samples_seen"]
         log.warning(

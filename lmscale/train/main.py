@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from lmscale import run_layout
 from lmscale.config import load_config, pin_run_dir
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
-from lmscale.errors import LmscaleError, one_line
+from lmscale.errors import AgreedError, LmscaleError, one_line
 from lmscale.export.hf_dir import load_hf_model
 from lmscale.models import flops_per_token
 from lmscale.train import checkpoint, memory, topology
@@ -108,6 +108,19 @@ def wandb_run_id(run_dir: Path, saved: str | None) -> str:
     return run_id
 
 
+def seed_dropout(ckpt_dir: Path, tag: str | None, rank: int, elastic: bool, seed: int, step: int) -> None:
+    """The random state of the first step, set as the last thing before it: building the data loader's iterator
+    and measuring the CPU peak draw from the generators, and would shift dropout if they ran after it.
+
+    A resume on the same world size continues each rank's saved state, so it repeats the uninterrupted run bit
+    for bit. Another world size has no per-rank state to continue: each rank reseeds from the run's seed, its
+    rank and the step (the run goes on with other dropout masks than an uninterrupted one would have drawn)."""
+    if tag is not None and not elastic:
+        checkpoint.restore_rng(ckpt_dir, tag, rank)
+    else:
+        torch.manual_seed(seed * 1000 + rank + step)
+
+
 def launch_info(run_dir: Path) -> dict:
     """The launch command and git commit that ``lmscale train`` recorded for this run."""
     path = run_dir / run_layout.LAUNCH
@@ -135,7 +148,12 @@ def run(run_dir: Path, resume: str) -> int:
     run_dir = cfg.run.path
     ckpt_dir = run_dir / run_layout.CHECKPOINTS
 
-    tag = checkpoint.resume_tag(ckpt_dir, resume)
+    removed = checkpoint.remove_partial_saves(ckpt_dir) if rank == 0 else []
+    # A directory no checkpoint can be written to fails the start, not the first save an hour later.
+    checkpoint.agree(checkpoint.probe_writable(ckpt_dir, rank), rank)
+    tag, rejected = checkpoint.choose(ckpt_dir, resume, rank)
+    for bad, problem in rejected if rank == 0 else []:
+        log.warning("checkpoint %s fails verification, trying an older one: %s", bad, problem)
     saved = checkpoint.read_state(ckpt_dir, tag) if tag else {}
     if tag:
         check_same_sample_order(cfg, saved["config"], tag)
@@ -161,10 +179,8 @@ def run(run_dir: Path, resume: str) -> int:
     engine_build_gb = memory.peak_gb(rank_device) - baseline_gb
 
     state = TrainState()
-    # Dropout differs per rank; restored from the checkpoint below when the world size is unchanged.
-    torch.manual_seed(cfg.run.seed * 1000 + rank)
     if tag is not None:
-        checkpoint.load(engine, ckpt_dir, tag, rank, universal=elastic)
+        checkpoint.load(engine, ckpt_dir, tag, universal=elastic)
         state = TrainState(
             step=saved["step"],
             samples_seen=saved["samples_seen"],
@@ -172,8 +188,6 @@ def run(run_dir: Path, resume: str) -> int:
             resumes=saved.get("resumes", 0) + 1,
             skipped_shards=saved.get("skipped_shards", []),
         )
-        if elastic:
-            torch.manual_seed(cfg.run.seed * 1000 + rank + state.step)
     train_loader, val_loader = data_loaders(plan, rank, state.samples_seen, pin_memory=rank_device.type == "cuda")
 
     model_cfg = plan.model_config()
@@ -209,6 +223,10 @@ def run(run_dir: Path, resume: str) -> int:
         model_build_gb=round(model_build_gb, 4), engine_build_gb=round(engine_build_gb, 4),
         full_model_fp32_gb=round(n_params * 4 / 1e9, 4),
     )  # fmt: skip
+    if removed:
+        logger.event(state.step, "removed_partial_saves", names=removed)
+    for bad, problem in rejected:
+        logger.event(state.step, "checkpoint_rejected", tag=bad, reason=problem)
     if tag is not None:
         logger.event(state.step, "resume", tag=tag, world_size=world_size, previous_world_size=saved["world_size"])
 
@@ -225,6 +243,7 @@ def run(run_dir: Path, resume: str) -> int:
         peak_flops=peak,
         loads_universal=elastic,
     )
+    seed_dropout(ckpt_dir, tag, rank, elastic, cfg.run.seed, state.step)
     exit_code = 1  # what W&B records if fit() raises
     try:
         exit_code = trainer.fit()
@@ -244,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args.run_dir, args.resume)
     except LmscaleError as err:
-        print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
+        if not (isinstance(err, AgreedError) and err.quiet):
+            print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
 
 

@@ -1,0 +1,272 @@
+"""Checkpoints under faults, on real DeepSpeed ranks: damaged files, saves a crash interrupted, a full and a
+read-only disk, kill -9 of a rank mid-run. Every resume must repeat the uninterrupted run loss for loss, with
+dropout on (each rank's random state is part of the checkpoint).
+
+CI runs one ZeRO stage and seed of the kill -9 matrix; ``LMSCALE_FAULT_MATRIX=1`` runs all of it."""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from lmscale.train.checkpoint import LATEST, check_tag
+from lmscale.train.checkpoint_manifest import MANIFEST, read_manifest
+
+from .conftest import FORTY_STEPS, REPO, metrics_records, run_cli, train_args
+
+pytestmark = pytest.mark.slow
+
+SAVED = ["trainer.max_steps=4", "checkpoint.every_steps=2", "checkpoint.keep_last=5", "model.dropout=0.1"]
+"""The run every damage starts from: checkpoints at steps 2 and 4 of a 6-step schedule, dropout on."""
+
+
+@pytest.fixture(scope="module")
+def saved_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("saved") / "run"
+    result = run_cli(*train_args(dataset, run_dir, 2, *SAVED))
+    assert result.returncode == 0, result.stderr[-4000:]
+    return run_dir
+
+
+def resume(dataset: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The saved run continued to step 6 (its schedule's end) on 2 ranks."""
+    return run_cli(*train_args(dataset, run_dir, 2, *SAVED, "trainer.max_steps=6"), *extra)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
+
+
+def events(run_dir: Path, name: str) -> list[dict]:
+    return [r for r in metrics_records(run_dir) if r.get("event") == name]
+
+
+def error_lines(stderr: str) -> list[str]:
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("lmscale: error:")]
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def damage(kind: str, tag_dir: Path) -> str:
+    """Damage ``tag_dir`` one way; returns the file the verdict must name."""
+    if kind == "model byte":
+        flip_byte(tag_dir / "mp_rank_00_model_states.pt")
+        return "mp_rank_00_model_states.pt: sha256 differs from the manifest"
+    if kind == "optimizer byte":
+        flip_byte(tag_dir / "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+        return "zero_pp_rank_1_mp_rank_00_optim_states.pt: sha256 differs from the manifest"
+    if kind == "truncated":
+        path = tag_dir / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+        size = path.stat().st_size
+        path.write_bytes(path.read_bytes()[: size // 3])
+        return f"zero_pp_rank_0_mp_rank_00_optim_states.pt: {size // 3} bytes, the manifest says {size}"
+    if kind == "rng missing":
+        (tag_dir / "rng" / "rank_1.pt").unlink()
+        return "rng/rank_1.pt: missing"
+    if kind == "manifest missing":
+        (tag_dir / MANIFEST).unlink()
+        return f"{MANIFEST}: missing (the save did not finish)"
+    (tag_dir / MANIFEST).write_text('{"files": ')
+    return f"{MANIFEST}: unreadable"
+
+
+@pytest.mark.parametrize(
+    "kind", ["model byte", "optimizer byte", "truncated", "rng missing", "manifest missing", "manifest garbled"]
+)
+def test_verification_names_the_damaged_file(kind: str, saved_run: Path, tmp_path: Path) -> None:
+    ckpt_dir = tmp_path / "checkpoints"
+    shutil.copytree(saved_run / "checkpoints" / "step_00000004", ckpt_dir / "step_00000004")
+    assert check_tag(ckpt_dir, "step_00000004") is None
+    expected = damage(kind, ckpt_dir / "step_00000004")
+    problem = check_tag(ckpt_dir, "step_00000004")
+    assert problem is not None and problem.startswith(f"{ckpt_dir}/step_00000004/{expected}"), problem
+    if MANIFEST not in expected:  # each rank checks its share of the bytes: one of two shares holds the file
+        verdicts = [check_tag(ckpt_dir, "step_00000004", part, 2) for part in (0, 1)]
+        assert sorted(v is None for v in verdicts) == [False, True]
+
+
+def test_a_damaged_checkpoint_is_named_and_auto_resume_falls_back_to_the_last_good_one(
+    saved_run: Path, dataset: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    damage("model byte", run_dir / "checkpoints" / "step_00000004")
+
+    named = resume(dataset, run_dir, "--resume", "step_00000004")
+    assert named.returncode == 1
+    assert error_lines(named.stderr) == [
+        f"lmscale: error: checkpoint step_00000004 fails verification: {run_dir}/checkpoints/step_00000004/"
+        "mp_rank_00_model_states.pt: sha256 differs from the manifest (the file changed after it was saved)"
+    ]
+    for bad in ("../../etc", "step_00000099"):
+        refused = resume(dataset, run_dir, "--resume", bad)
+        assert refused.returncode == 2
+        assert error_lines(refused.stderr) == [
+            f"lmscale: error: checkpoint {bad!r}: not a complete checkpoint of {run_dir}/checkpoints (its tags: "
+            "step_00000002, step_00000004)"
+        ]
+
+    fallback = resume(dataset, run_dir)
+    assert fallback.returncode == 0, fallback.stderr[-3000:]
+    (rejected,) = events(run_dir, "checkpoint_rejected")
+    assert rejected["tag"] == "step_00000004" and "mp_rank_00_model_states.pt: sha256 differs" in rejected["reason"]
+    assert events(run_dir, "resume")[-1]["tag"] == "step_00000002"
+    # Steps 3 and 4 were trained again from step 2, dropout included, to the very same losses.
+    assert [losses(run_dir)[s] for s in (3, 4)] == [losses(saved_run)[s] for s in (3, 4)]
+    # The step-4 checkpoint was saved again over the damaged one.
+    assert check_tag(run_dir / "checkpoints", "step_00000004") is None
+    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000006"
+
+
+def test_saves_a_crash_interrupted_are_removed_and_the_run_resumes_from_latest(
+    saved_run: Path, dataset: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    four = ckpt_dir / "step_00000004"
+    # What a kill leaves at each phase of a save (see lmscale.train.checkpoint):
+    # while DeepSpeed wrote or the ranks hashed: a partial directory without a manifest;
+    shutil.copytree(four, ckpt_dir / ".step_00000006.partial", ignore=shutil.ignore_patterns(MANIFEST))
+    # after the manifest, before the rename: a partial directory with one;
+    shutil.copytree(four, ckpt_dir / ".step_00000005.partial")
+    # while a tag saved again replaced its namesake: the old one, moved aside;
+    shutil.copytree(four, ckpt_dir / ".step_00000004.replaced.partial")
+    # after the rename, before `latest` moved: a complete tag newer than `latest`, which stays the commit point.
+    (ckpt_dir / LATEST).write_text("step_00000002")
+
+    result = resume(dataset, run_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (removed,) = events(run_dir, "removed_partial_saves")
+    assert removed["names"] == [".step_00000004.replaced.partial", ".step_00000005.partial", ".step_00000006.partial"]
+    assert events(run_dir, "resume")[-1]["tag"] == "step_00000002"
+    assert [losses(run_dir)[s] for s in (3, 4)] == [losses(saved_run)[s] for s in (3, 4)]
+    assert sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir()) == [f"step_0000000{s}" for s in (2, 4, 6)]
+
+
+@pytest.fixture
+def mounts() -> list[Path]:
+    """Mount points a test creates, unmounted after it even when it fails."""
+    made: list[Path] = []
+    yield made
+    for path in reversed(made):
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def mount(mounts: list[Path], *args: str) -> None:
+    subprocess.run(["mount", *args], check=True, capture_output=True)
+    mounts.append(Path(args[-1]))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs and a read-only bind mount (root, as in CI)")
+def test_a_full_or_read_only_checkpoint_directory_fails_in_one_line_and_keeps_the_last_checkpoint(
+    saved_run: Path, dataset: Path, tmp_path: Path, mounts: list[Path]
+) -> None:
+    # Read-only (a remounted filesystem, an expired lease): the start refuses, before any step is trained.
+    run_dir = tmp_path / "readonly"
+    shutil.copytree(saved_run, run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    mount(mounts, "--bind", str(ckpt_dir), str(ckpt_dir))
+    mount(mounts, "-o", "remount,bind,ro", str(ckpt_dir))
+    result = resume(dataset, run_dir)
+    assert result.returncode == 1
+    assert error_lines(result.stderr) == [
+        f"lmscale: error: {ckpt_dir}: rank 0 cannot write its checkpoint files: Read-only file system (errno 30)"
+    ]
+    assert check_tag(ckpt_dir, "step_00000004") is None and (ckpt_dir / LATEST).read_text() == "step_00000004"
+
+    # Full: room for one checkpoint and a half. The second save is refused before it writes a byte.
+    checkpoint_bytes = sum(r.size for r in read_manifest(saved_run / "checkpoints" / "step_00000002").values())
+    full_run = tmp_path / "full"
+    (full_run / "checkpoints").mkdir(parents=True)
+    mount(mounts, "-t", "tmpfs", "-o", f"size={checkpoint_bytes * 3 // 2}", "tmpfs", str(full_run / "checkpoints"))
+    result = run_cli(*train_args(dataset, full_run, 2, *SAVED))
+    assert result.returncode == 1
+    (line,) = error_lines(result.stderr)
+    assert re.fullmatch(
+        rf"lmscale: error: {full_run}/checkpoints: no space left for a checkpoint: [\d.]+ MB free, [\d.]+ MB "
+        r"needed \(as large as step_00000002\); free space or lower checkpoint.keep_last",
+        line,
+    ), line
+    assert check_tag(full_run / "checkpoints", "step_00000002") is None
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002"]
+
+    # Less room than a first checkpoint's lower bound gives away: the disk fills while DeepSpeed writes.
+    first_run = tmp_path / "first"
+    (first_run / "checkpoints").mkdir(parents=True)
+    mount(mounts, "-t", "tmpfs", "-o", f"size={checkpoint_bytes * 4 // 5}", "tmpfs", str(first_run / "checkpoints"))
+    result = run_cli(*train_args(dataset, first_run, 2, *SAVED))
+    assert result.returncode == 1
+    lines = error_lines(result.stderr)
+    assert lines and all(
+        re.fullmatch(
+            rf"lmscale: error: ({first_run}/checkpoints/\.step_00000002\.partial: saving checkpoint step_00000002 "
+            r"failed: no space left on the device \([\d.]+ MB free\)|checkpoint step_00000002: another rank failed "
+            r"while saving it \(its error says why\))",
+            line,
+        )
+        for line in lines
+    ), lines
+
+
+KILL_MATRIX = (
+    [(stage, seed) for stage in (1, 2, 3) for seed in (0, 1)] if os.environ.get("LMSCALE_FAULT_MATRIX") else [(2, 0)]
+)
+
+
+@pytest.mark.parametrize(("stage", "seed"), KILL_MATRIX)
+def test_kill_9_of_a_random_rank_at_a_random_step_resumes_loss_for_loss(
+    stage: int, seed: int, dataset: Path, forty_step_reference: Path, tmp_path: Path
+) -> None:
+    chosen = random.Random(seed)
+    victim, kill_at = chosen.randrange(2), chosen.randrange(6, 36)
+    sets = [*FORTY_STEPS, f"zero.stage={stage}"]
+    if stage == 2:
+        reference = forty_step_reference
+    else:
+        reference = tmp_path / "reference"
+        result = run_cli(*train_args(dataset, reference, 2, *sets, "checkpoint.every_steps=100"))
+        assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    args = train_args(dataset, run_dir, 2, *sets, "checkpoint.every_steps=5")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    job = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, start_new_session=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").is_file() and kill_at in losses(run_dir)):
+            assert job.poll() is None and time.monotonic() < deadline, "the run ended before the kill"
+            time.sleep(0.05)
+        rank = next(
+            p
+            for p in psutil.process_iter(["cmdline", "environ"])
+            if str(run_dir) in " ".join(p.info["cmdline"] or [])
+            and (p.info["environ"] or {}).get("RANK") == str(victim)
+        )
+        rank.send_signal(signal.SIGKILL)
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 128 + signal.SIGKILL, err[-3000:]
+    assert f"rank {victim} (node 0) exited with code -9 (killed by a signal)" in err
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed_at = events(run_dir, "resume")[-1]["step"]
+    assert resumed_at >= 5 and resumed_at % 5 == 0
+    assert losses(run_dir) == losses(reference)  # every one of the 40 steps, bit for bit
