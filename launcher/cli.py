@@ -46,9 +46,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from lmscale.train.signals import StopRequest
+
+    # A stop signal during start-up (imports, writing the run directory) is kept for the ranks, which honour
+    # it before their first step, instead of killing this process with the job half started.
+    early = None if args.dry_run or args.prepare_only or args.hostfile else StopRequest()
     from launcher.train import train
 
-    return train(args)
+    return train(args, early)
 
 
 def _submit(name: str, args: argparse.Namespace) -> int:
@@ -190,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--prepare-only", action="store_true", help="write the run directory, print the per-rank command, and exit"
     )
     p.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a checkpoint tag")
+    p.add_argument(
+        "--stop-grace-s", type=float, default=600.0,
+        help="after SIGTERM/SIGUSR1/Ctrl-C, how long the ranks get to save and exit before they are killed (600)",
+    )  # fmt: skip
     p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; run the same command on each")
     p.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, --nnodes); node 0 hosts")
     p.add_argument("--master-addr", help="address of node 0 that every node reaches (needed with --nnodes > 1)")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lmscale import run_layout
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.train.loop import EXIT_PREEMPTED
+from lmscale.train.exit_codes import EXIT_PREEMPTED
 
 FOLLOW_POLL_SECONDS = 1.0
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import psutil
 
 from launcher.jobs import JobRecord, JobStatus, print_log, record_exit, status_from_exit, timestamp
-from launcher.nodes import NodeSpec, cpu_rank_env, open_store, rank_argv, run_node
+from launcher.nodes import NodeSpec, cpu_rank_env, open_store, run_node
 from launcher.submit import Submission
 from launcher.train import gpu_count
 from lmscale import run_layout
 from lmscale.config import load_config
 from lmscale.errors import LmscaleError
-from lmscale.train.loop import EXIT_PREEMPTED
+from lmscale.train.exit_codes import EXIT_PREEMPTED
 
 
 def job_argv(sub: Submission, job_id: str) -> list[str]:
@@ -88,7 +88,7 @@ def run_job(run_dir: Path, nproc: int, max_requeues: int, job_id: str) -> int:
         print(f"lmscale: job {job_id} attempt {attempt}: {nproc} ranks on this machine", flush=True)
         spec = NodeSpec(1, 0, nproc, "127.0.0.1", None, timeout)
         forwarded: set[int] = set()
-        code = run_node(spec, open_store(spec), rank_argv(run_dir, "auto"), env, forwarded)
+        code = run_node(spec, open_store(spec), run_dir, "auto", env, forwarded)
         record_exit(run_dir, job_id, attempt, code, ended=bool(forwarded))
         if code != EXIT_PREEMPTED or forwarded or attempt >= max_requeues:
             return code

@@ -13,8 +13,9 @@ so it exists before any rank starts. Through the store:
   disappears while a node's ranks still run means node 0 died: that node stops too).
 
 Exit codes: 0 when every rank finished, 3 when they stopped on a preemption signal after saving a
-checkpoint, otherwise the code of the first rank that failed (128 + the signal for a rank that was killed,
-which is then named in one line; 1 when a rank of another node failed, named likewise).
+checkpoint (130 on Ctrl-C), otherwise the code of the rank that failed first (128 + the signal for a rank
+that was killed, which is then named in one line; 4 when ranks only lost a peer in a collective, a hung
+one; 1 when a rank of another node failed, named likewise).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from pathlib import Path
 
 from torch.distributed import TCPStore
 
+from lmscale import run_layout
 from lmscale.errors import LmscaleError
-from lmscale.train.loop import EXIT_PREEMPTED
+from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, SAVED_AND_STOPPED
+from lmscale.train.signals import STOP_SIGNALS, StopRequest
 
 READY_KEY = "lmscale/run_dir"
 FAILED_KEY = "lmscale/failed"
@@ -42,6 +45,9 @@ DONE_KEY = "lmscale/done"
 DONE_WAIT_SECONDS = 120.0
 """How long node 0 keeps the store up for the other nodes once its own ranks have exited."""
 POLL_SECONDS = 0.5
+PEER_REPORT_SECONDS = 5.0
+"""How long a node whose ranks lost a peer waits for the peer's node to name the rank that failed."""
+STOP_RESEND_SECONDS = 2.0
 KILL_GRACE_SECONDS = 15.0
 """How long ranks told to stop (a peer failed) get to exit before they are killed."""
 
@@ -57,6 +63,8 @@ class NodeSpec:
     """None on a single node: the store takes a free port."""
     timeout_minutes: float
     """How long a node waits for node 0 (its store, then its run directory)."""
+    stop_grace_seconds: float = 600.0
+    """How long ranks asked to stop get to save and exit before they are killed."""
 
     @property
     def world_size(self) -> int:
@@ -115,8 +123,17 @@ def rank_env(spec: NodeSpec, local_rank: int, port: int, base: dict[str, str]) -
         MASTER_PORT=str(port),
         # The store above is the job's: ranks connect to it instead of rank 0 hosting one.
         TORCHELASTIC_USE_AGENT_STORE="True",
+        **{LAUNCHER_REPORTS_PEERS: "1"},
     )
     return env
+
+
+def ignore_stop_signals() -> None:
+    """In a rank process before it runs Python: stop signals are ignored (the disposition survives exec) until
+    the rank installs its handler, so that one arriving during its imports does not kill it before it could
+    checkpoint. The launcher re-sends the stop until the ranks exit."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def rank_argv(run_dir: Path, resume: str) -> list[str]:
@@ -126,11 +143,45 @@ def rank_argv(run_dir: Path, resume: str) -> list[str]:
 class NodeRanks:
     """The rank processes of this node, with signal forwarding and failure propagation through the store."""
 
-    def __init__(self, spec: NodeSpec, store: TCPStore, argv: list[str], base_env: dict[str, str]) -> None:
-        self.spec, self.store = spec, store
+    def __init__(self, spec: NodeSpec, store: TCPStore, run_dir: Path, resume: str, base_env: dict[str, str]) -> None:
+        self.spec, self.store, self.run_dir = spec, store, run_dir
         port = spec.master_port or store.port
-        self.procs = [subprocess.Popen(argv, env=rank_env(spec, local, port, base_env)) for local in range(spec.nproc)]
+        argv = rank_argv(run_dir, resume)
+        self.procs = [subprocess.Popen(argv, env=rank_env(spec, local, port, base_env), preexec_fn=ignore_stop_signals)
+                      for local in range(spec.nproc)]  # fmt: skip
         self.codes: dict[int, int] = {}
+        self.stop_signal: int | None = None
+        self.stop_since = self.stop_sent = 0.0
+        self.abandoned = False
+
+    def request_stop(self, signum: int) -> None:
+        """A stop signal for the job. The first is passed to every rank, and again every STOP_RESEND_SECONDS
+        while they run: a rank still starting up ignores it until it can checkpoint. The same signal again (a
+        second Ctrl-C) kills them without waiting for their checkpoint."""
+        if signum == self.stop_signal:
+            self.abandoned = True
+            self.send(signal.SIGKILL)
+            return
+        if self.stop_signal is None:
+            self.stop_since = time.monotonic()
+        self.stop_signal = signum
+        self.stop_sent = time.monotonic()
+        self.send(signum)
+
+    def _press_stop(self) -> tuple[int, str] | None:
+        """Re-send the stop signal to ranks still running; past the grace, kill them and say so."""
+        if self.stop_signal is None or self.abandoned:
+            return None
+        now = time.monotonic()
+        if now - self.stop_since > self.spec.stop_grace_seconds:
+            self.send(signal.SIGKILL)
+            name, grace = signal.Signals(self.stop_signal).name, self.spec.stop_grace_seconds
+            return 1, (f"stopped: the ranks did not save and exit within --stop-grace-s={grace:g} after {name}; "
+                       "killed (the run resumes from its last complete checkpoint)")  # fmt: skip
+        if now - self.stop_sent > STOP_RESEND_SECONDS:
+            self.stop_sent = now
+            self.send(self.stop_signal)
+        return None
 
     def send(self, signum: int) -> None:
         for proc in self.procs:
@@ -144,21 +195,30 @@ class NodeRanks:
     def wait(self) -> int:
         failure: tuple[int, str | None] | None = None  # (exit code, what to print when the rank could not)
         while len(self.codes) < len(self.procs):
-            for local, proc in enumerate(self.procs):
-                code = proc.poll()
-                if code is None or local in self.codes:
-                    continue
-                self.codes[local] = code
-                if code not in (0, EXIT_PREEMPTED) and failure is None:
-                    reason = f"rank {self.global_rank(local)} (node {self.spec.node_rank}) exited with code {code}"
-                    # A rank that exits reports its own error; one killed by a signal never got to say anything.
-                    failure = (code, None) if code > 0 else (128 - code, f"{reason} (killed by a signal)")
-                    self._mark_failed(reason)
-                    self._stop_all()
+            exited = {local: code for local, proc in enumerate(self.procs)
+                      if local not in self.codes and (code := proc.poll()) is not None}  # fmt: skip
+            self.codes.update(exited)
+            failed = [(local, code) for local, code in exited.items() if code not in (0, *SAVED_AND_STOPPED)]
+            if failed and failure is None:
+                # The rank that died is the cause; peers it left in a collective exit with EXIT_PEER_LOST at
+                # about the same time, and are named only when nothing else failed (a hung peer).
+                local, code = min(failed, key=lambda item: (item[1] == EXIT_PEER_LOST, item[0]))
+                peer = self._wait_for_peer_failure() if code == EXIT_PEER_LOST else None
+                if peer is not None:
+                    failure = (1, f"stopped: {peer}")
+                else:
+                    failure = self._failure(local, code)
+                    self._mark_failed(self._exited(local, code))
+                self._stop_all()
             if failure is None and (peer := self._peer_failed()) is not None:
                 failure = (1, f"stopped: {peer}")
                 self._stop_all()
+            if failure is None and (late := self._press_stop()) is not None:
+                failure = late
             time.sleep(POLL_SECONDS)
+        if self.abandoned:
+            name = signal.Signals(self.stop_signal or signal.SIGINT).name
+            failure = (128 + (self.stop_signal or signal.SIGINT), f"stopped without a checkpoint: a second {name}")
         self._finish_with_the_job()
         # Node 0 answers for the job: a node that failed after node 0's ranks had finished fails it too.
         if failure is None and self.spec.node_rank == 0 and (peer := self._peer_failed()) is not None:
@@ -167,7 +227,25 @@ class NodeRanks:
             if failure[1] is not None:
                 print(f"lmscale: error: {failure[1]}", file=sys.stderr)
             return failure[0]
-        return EXIT_PREEMPTED if EXIT_PREEMPTED in self.codes.values() else 0
+        # Ranks that saved and stopped agree on why: a scheduler's signal (3) or Ctrl-C (130).
+        return next((code for code in SAVED_AND_STOPPED if code in self.codes.values()), 0)
+
+    def _exited(self, local: int, code: int) -> str:
+        return f"rank {self.global_rank(local)} (node {self.spec.node_rank}) exited with code {code}"
+
+    def _failure(self, local: int, code: int) -> tuple[int, str | None]:
+        """(the node's exit code, the line to print) for a failed rank. A rank that exits with an error has
+        printed it; one killed by a signal never got to, and one that lost a peer leaves it to this launcher."""
+        reason = self._exited(local, code)
+        if code < 0:
+            return 128 - code, f"{reason} (killed by signal {signal.Signals(-code).name})"
+        if code == EXIT_PEER_LOST:
+            log = self.run_dir / run_layout.LOGS / run_layout.RANK_LOG.format(rank=self.global_rank(local))
+            return code, (
+                f"{reason}: a collective failed (a peer rank died, or hung longer than trainer.step_timeout_minutes; "
+                f"traceback in {log})"
+            )
+        return code, None
 
     def _finish_with_the_job(self) -> None:
         """Say this node is done; node 0, whose process holds the store, stays until every node has said so,
@@ -177,6 +255,16 @@ class NodeRanks:
             if self.spec.node_rank == 0:
                 keys = [f"{DONE_KEY}/{node}" for node in range(self.spec.nnodes)]
                 self.store.wait(keys, datetime.timedelta(seconds=DONE_WAIT_SECONDS))
+
+    def _wait_for_peer_failure(self) -> str | None:
+        """The failure another node reports for the rank whose loss ended a collective here (a peer dies
+        first, then its node says so): waited for briefly, as it may come a moment after the symptom."""
+        deadline = time.monotonic() + PEER_REPORT_SECONDS
+        while self.spec.nnodes > 1 and time.monotonic() < deadline:
+            if (peer := self._peer_failed()) is not None:
+                return peer
+            time.sleep(POLL_SECONDS / 5)
+        return None
 
     def _mark_failed(self, reason: str) -> None:
         with contextlib.suppress(RuntimeError, OSError):
@@ -202,21 +290,29 @@ class NodeRanks:
 
 
 def run_node(
-    spec: NodeSpec, store: TCPStore, argv: list[str], env: dict[str, str], forwarded: set[int] | None = None
+    spec: NodeSpec,
+    store: TCPStore,
+    run_dir: Path,
+    resume: str,
+    env: dict[str, str],
+    forwarded: set[int] | None = None,
+    early: StopRequest | None = None,
 ) -> int:
     """Start this node's ranks and wait for them; SIGTERM, SIGUSR1 and SIGINT go to every rank, which
-    checkpoint at the next step and exit with code 3. The signals this process passed on are added to
-    ``forwarded``."""
-    ranks = NodeRanks(spec, store, argv, env)
+    checkpoint at the next step and exit with code 3 (130 for SIGINT). The signals this process passed on are
+    added to ``forwarded``; one that ``early`` caught before the ranks existed is passed on as they start."""
+    ranks = NodeRanks(spec, store, run_dir, resume, env)
     previous: dict[int, Callable | int | None] = {}
 
     def forward(signum: int, frame: object) -> None:
         if forwarded is not None:
             forwarded.add(signum)
-        ranks.send(signum)
+        ranks.request_stop(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         previous[sig] = signal.signal(sig, forward)
+    if early is not None and early.signal_name is not None:
+        forward(signal.Signals[early.signal_name], None)
     try:
         return ranks.wait()
     finally:

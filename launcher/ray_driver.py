@@ -36,9 +36,11 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from launcher.jobs import record_exit
-from lmscale.train.loop import EXIT_PREEMPTED
+from lmscale.train.exit_codes import EXIT_PEER_LOST, SAVED_AND_STOPPED
 
 PLACEMENT_TIMEOUT_SECONDS = 600
+PEER_REPORT_SECONDS = 5.0
+"""How long a failure that is only a lost peer waits for the peer's own exit, which names the cause."""
 
 
 def _die_with_parent() -> None:
@@ -80,6 +82,14 @@ class Rank:
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signum)
+
+
+def outcome(ref: ray.ObjectRef) -> tuple[int, str]:
+    """(exit code, last error line) of a finished rank."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayError as err:
+        return 1, f"its actor died ({type(err).__name__}: the node was lost or killed)"
 
 
 class Attempt:
@@ -140,18 +150,19 @@ class Attempt:
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             if stopping.is_set():
                 self.signal(signal.SIGTERM)
-            for ref in done:
-                index = pending.pop(ref)
-                try:
-                    code, last_line = ray.get(ref)
-                except ray.exceptions.RayError as err:
-                    code, last_line = 1, f"its actor died ({type(err).__name__}: the node was lost or killed)"
-                codes.append(code)
-                if code not in (0, EXIT_PREEMPTED):
-                    # The others are stuck in a collective with the dead rank and cannot save: close() kills
-                    # their actors, and with them the rank processes.
-                    return code, f"rank {index} exited with code {code}: {last_line}"
-        return (EXIT_PREEMPTED if EXIT_PREEMPTED in codes else 0), ""
+            finished = [(pending.pop(ref), *outcome(ref)) for ref in done]
+            codes += [code for _, code, _ in finished]
+            failures = [f for f in finished if f[1] not in (0, *SAVED_AND_STOPPED)]
+            if failures and pending and all(code == EXIT_PEER_LOST for _, code, _ in failures):
+                # A rank that lost a peer in a collective is the echo: the peer's own exit follows at once.
+                late, _ = ray.wait(list(pending), num_returns=len(pending), timeout=PEER_REPORT_SECONDS)
+                failures += [(pending.pop(ref), *outcome(ref)) for ref in late]
+            if failures:
+                # The others are stuck in a collective with the dead rank and cannot save: close() kills
+                # their actors, and with them the rank processes.
+                index, code, last_line = min(failures, key=lambda f: (f[1] in (0, EXIT_PEER_LOST), f[0]))
+                return code, f"rank {index} exited with code {code}: {last_line}"
+        return next((code for code in SAVED_AND_STOPPED if code in codes), 0), ""
 
     def signal(self, signum: int) -> None:
         for rank in self.ranks:

@@ -29,7 +29,7 @@ from pathlib import Path
 import psutil
 from torch.distributed import TCPStore
 
-from launcher.nodes import NodeSpec, cpu_rank_env, open_store, publish_run_dir, rank_argv, run_node, wait_for_run_dir
+from launcher.nodes import NodeSpec, cpu_rank_env, open_store, publish_run_dir, run_node, wait_for_run_dir
 from lmscale import run_layout
 from lmscale.config import Config, load_config, pin_run_dir
 from lmscale.data.manifest import is_remote
@@ -37,6 +37,7 @@ from lmscale.errors import LmscaleError, UsageError
 from lmscale.train import checkpoint
 from lmscale.train.ds_config import deepspeed_config
 from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning, plan_run
+from lmscale.train.signals import StopRequest
 
 DEFAULT_MULTI_NODE_PORT = 29500
 
@@ -176,7 +177,8 @@ def check_topology(args: argparse.Namespace, gpus: int) -> tuple[int, int]:
     return nproc, args.nnodes * nproc
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, early: StopRequest | None = None) -> int:
+    """``lmscale train``; ``early`` holds a stop signal that arrived before the ranks could be told."""
     gpus = gpu_count()
     nproc, world_size = check_topology(args, gpus)
     overrides = [*args.set, *([f"logging.peak_flops={args.peak_flops}"] if args.peak_flops else [])]
@@ -210,6 +212,7 @@ def train(args: argparse.Namespace) -> int:
         master_addr=args.master_addr or "127.0.0.1",
         master_port=args.master_port or (DEFAULT_MULTI_NODE_PORT if args.nnodes > 1 else None),
         timeout_minutes=cfg.trainer.collective_timeout_minutes,
+        stop_grace_seconds=args.stop_grace_s,
     )
     store = open_store(spec)
     if spec.node_rank == 0:
@@ -218,7 +221,7 @@ def train(args: argparse.Namespace) -> int:
         publish_run_dir(store, run_dir, str(launch["launch_id"]))
     else:
         run_dir = join_prepared_run(cfg, store, spec)
-    return run_node(spec, store, rank_argv(run_dir, args.resume), env)
+    return run_node(spec, store, run_dir, args.resume, env, early=early)
 
 
 def join_prepared_run(cfg: Config, store: TCPStore, spec: NodeSpec) -> Path:

@@ -150,9 +150,12 @@ class TrainerConfig:
     """A step whose loss or gradient norm is not finite rolls the weights back to the last checkpoint and
     skips the batches since; after this many rollbacks in one job (or with no checkpoint) the run stops."""
     collective_timeout_minutes: float = 10.0
-    """How long a rank waits in one collective (all-reduce, barrier, rendezvous) before it fails: a dead or
-    hung peer surfaces after this long instead of NCCL's 10-30 minutes. Must cover the slowest step and the
-    slowest checkpoint save, during which the other ranks wait at a barrier."""
+    """How long a rank waits in one collective (all-reduce, barrier, rendezvous) during start-up, the first
+    step, checkpoint saves and loads before it fails: a dead or hung peer surfaces after this long instead of
+    NCCL's 10-30 minutes. Must cover the slowest save, during which the other ranks wait at a barrier."""
+    step_timeout_minutes: float = 5.0
+    """The same bound once the first step is done, outside saves and loads: must cover the slowest step,
+    evaluation pass and data-loader stall. A hung peer stops the job after this long."""
 
 
 @dataclass
@@ -355,6 +358,7 @@ def validate(cfg: Config) -> None:
     _positive(t.eval_batches, "trainer.eval_batches")
     _positive(t.max_rollbacks, "trainer.max_rollbacks", allow_zero=True)
     _positive(t.collective_timeout_minutes, "trainer.collective_timeout_minutes")
+    _positive(t.step_timeout_minutes, "trainer.step_timeout_minutes")
     _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
     _positive(cfg.schedule.total_steps, "schedule.total_steps")
     if cfg.schedule.total_steps is not None and cfg.schedule.total_steps < t.max_steps:

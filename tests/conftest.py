@@ -79,6 +79,12 @@ def forty_step_reference(dataset: Path, tmp_path_factory: pytest.TempPathFactory
     return run_dir
 
 
+def error_lines(stderr: str) -> list[str]:
+    """The ``lmscale: error:`` lines of a command's stderr, which must hold no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    return [line for line in stderr.splitlines() if line.startswith("lmscale: error:")]
+
+
 def final_loss(run_dir: Path) -> float:
     return next(r["loss"] for r in reversed(metrics_records(run_dir)) if "loss" in r)
 

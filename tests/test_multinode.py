@@ -192,7 +192,7 @@ def test_a_dead_rank_on_one_node_stops_every_node(two_nodes: list[Node], dataset
     victims[0].kill()
     (code1, err1), (code0, err0) = finish([node1, node0], timeout=120)
     assert time.time() - killed_at < 60  # not the collective timeout (10 minutes)
-    assert code1 == 137 and "lmscale: error: rank 1 (node 1) exited with code -9 (killed by a signal)" in err1
+    assert code1 == 137 and "lmscale: error: rank 1 (node 1) exited with code -9 (killed by signal SIGKILL)" in err1
     assert code0 != 0 and "lmscale: error:" in err0
 
 

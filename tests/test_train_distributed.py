@@ -1,8 +1,14 @@
 """Real DeepSpeed engines on 2 CPU ranks over gloo, started by the CLI as a user would."""
 
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -10,7 +16,18 @@ import pytest
 
 from lmscale.train.checkpoint import LATEST
 
-from .conftest import TINY_OVERRIDES, damage_first_training_shard, keys_per_step, run_cli
+from .conftest import (
+    FORTY_STEPS,
+    REPO,
+    TINY_OVERRIDES,
+    damage_first_training_shard,
+    error_lines,
+    keys_per_step,
+    metrics_records,
+    run_cli,
+    train_args,
+)
+from .test_cli_e2e import wandb_records
 
 pytestmark = pytest.mark.slow
 
@@ -30,8 +47,8 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 # ZeRO-1 trains through every stage of the GPU check's CPU run (test_gpu_check); its resume is stage 2's
-# with unpartitioned gradients.
-@pytest.mark.parametrize("stage", [2, 3])
+# with unpartitioned gradients, which test_checkpoints' kill -9 and the stop signals below resume exactly.
+@pytest.mark.parametrize("stage", [3])
 def test_zero_stage_trains_and_resumes_exactly(stage: int, dataset: Path, tmp_path: Path) -> None:
     # Dropout makes exactness depend on each rank's random state, restored as the last thing before a step.
     common = [f"zero.stage={stage}", "checkpoint.every_steps=4", "model.dropout=0.1"]
@@ -88,73 +105,132 @@ def test_elastic_resume_on_another_world_size_continues_the_sample_sequence(data
         assert state["world_size"] == world and state["samples_seen"] == 8 * 24
 
 
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(dataset: Path, tmp_path: Path) -> None:
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from .conftest import REPO
-
+def test_stop_signals_to_any_process_save_and_the_run_resumes_loss_for_loss(
+    dataset: Path, forty_step_reference: Path, tmp_path: Path
+) -> None:
+    """One run stopped four ways, as schedulers and users stop jobs, then finished: every stop saves the current
+    step and ends with its documented code only after the ranks have exited, and the 40 steps equal an
+    uninterrupted run's, dropout included; W&B (offline) holds every step exactly once."""
     run_dir = tmp_path / "run"
-    sets = [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", "trainer.eval_every_steps=0",
-            "checkpoint.every_steps=0", "data.num_workers=1", "schedule.total_steps=1000"]  # fmt: skip
-    args = [sys.executable, "-m", "launcher", "train", "configs/gpt-tiny.yaml", "--nproc", "2"]
-    args += [a for s in sets for a in ("--set", s)]
+    args = [sys.executable, "-m", "launcher",
+            *train_args(dataset, run_dir, 2, *FORTY_STEPS, "checkpoint.every_steps=100", "logging.wandb.mode=offline")]  # fmt: skip
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WANDB_SILENT": "true"}
+
+    def interrupted(send: Callable[[subprocess.Popen], None], after_steps: int | None) -> tuple[int, str, int]:
+        """(exit code, stderr, the step it stopped at) of a job that ``send`` signals once it has trained
+        ``after_steps`` more steps (None: at once, while it starts)."""
+
+        def trained() -> int:
+            return max(losses(run_dir), default=0) if (run_dir / "metrics.jsonl").is_file() else 0
+
+        start = trained()
+        job = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 300
+            while after_steps is not None and trained() < start + after_steps:
+                assert job.poll() is None and time.monotonic() < deadline, "the job ended before its stop"
+                time.sleep(0.05)
+            time.sleep(0 if after_steps is not None else 1.0)
+            send(job)
+            _, err = job.communicate(timeout=180)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+        left = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
+        assert not left, "the launcher returned before its ranks"
+        stopped = [r for r in metrics_records(run_dir) if r.get("event") == "preempted"][-1]
+        return job.returncode, err, stopped["step"]
+
+    def rank(job: subprocess.Popen, number: int) -> psutil.Process:
+        return next(p for p in psutil.Process(job.pid).children() if p.environ().get("RANK") == str(number))
+
+    stops = [
+        ("SIGTERM to one rank", lambda job: rank(job, 1).send_signal(signal.SIGTERM), 3, 3),
+        ("SIGUSR1 to the launcher", lambda job: job.send_signal(signal.SIGUSR1), 3, 3),
+        ("Ctrl-C to the process group", lambda job: os.killpg(job.pid, signal.SIGINT), 3, 130),
+        ("SIGTERM to every process while it starts", lambda job: os.killpg(job.pid, signal.SIGTERM), None, 3),
+    ]
+    steps_before = 0
+    for what, send, after_steps, expected in stops:
+        code, err, step = interrupted(send, after_steps)
+        assert code == expected, f"{what}: {err[-3000:]}"
+        assert "Traceback" not in err and "lmscale: error" not in err, f"{what}: {err[-3000:]}"
+        assert (run_dir / "checkpoints" / LATEST).read_text() == f"step_{step:08d}", what
+        assert step > steps_before if after_steps else step == steps_before, what
+        steps_before = step
+    assert steps_before < 40
+    finished = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert losses(run_dir) == losses(forty_step_reference)  # all 40 steps, bit for bit
+
+    # W&B: one offline run per job, none marked crashed, every step of the run once.
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == len(stops) + 1
+    records = [wandb_records(f) for f in files]
+    assert all(next(r["exit"]["exit_code"] for r in job if r["type"] == "exit") == 0 for job in records)
+    assert sum(any(r["type"] == "preempting" for r in job) for job in records) == len(stops)
+    steps = [r["history"]["item"]["_step"] for job in records for r in job if r["type"] == "history"]
+    assert sorted(steps) == list(range(1, 41))
+
+
+def test_a_hung_rank_stops_the_job_after_the_step_timeout_with_one_line(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = [sys.executable, "-m", "launcher", *train_args(dataset, run_dir, 2, "trainer.max_steps=1000",
+            "schedule.total_steps=1000", "checkpoint.every_steps=0", "trainer.step_timeout_minutes=0.1")]  # fmt: skip
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.Popen([*args, "--set", "trainer.max_steps=1000"], cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(losses(run_dir)) >= 3:
-            break
-        time.sleep(0.2)
-    # As Slurm ends a job: SIGTERM to every process at once (launcher, ranks, loader workers). The launcher
-    # must not return before its ranks, which save and exit with 3.
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 3, err[-3000:]
-    ranks = [p for p in psutil.process_iter(["cmdline"]) if str(run_dir) in " ".join(p.info["cmdline"] or [])]
-    assert not ranks, "the launcher returned before its ranks"
-    records = [json.loads(line) for line in metrics.read_text().splitlines()]
-    stopped = next(r for r in records if r.get("event") == "preempted")
-    tag = f"step_{stopped['step']:08d}"
-    assert (run_dir / "checkpoints" / LATEST).read_text() == tag
-    assert 3 <= stopped["step"] < 1000
-    resumed = subprocess.run([*args, "--set", f"trainer.max_steps={stopped['step'] + 2}"], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(losses(run_dir)) == list(range(1, stopped["step"] + 3))
+    job = subprocess.Popen(args, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run_dir / "metrics.jsonl").is_file() and len(losses(run_dir)) >= 3):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended before the hang"
+            time.sleep(0.05)
+        hung = next(p for p in psutil.Process(job.pid).children() if p.environ().get("RANK") == "1")
+        hung.suspend()  # alive, holding its sockets open, answering nothing: a hung GPU or a stuck filesystem
+        _, err = job.communicate(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode == 4, err[-3000:]
+    assert error_lines(err) == [
+        "lmscale: error: rank 0 (node 0) exited with code 4: a collective failed (a peer rank died, or hung longer "
+        f"than trainer.step_timeout_minutes; traceback in {run_dir}/logs/rank_0.log)"
+    ]
+    assert "Timed out waiting 6000ms" in (run_dir / "logs" / "rank_0.log").read_text()
 
 
-def test_non_finite_steps_roll_back_to_the_last_checkpoint(dataset: Path, tmp_path: Path) -> None:
+def test_non_finite_steps_roll_back_and_walk_back_past_checkpoints_that_diverge_again(
+    dataset: Path, tmp_path: Path
+) -> None:
     run_dir = tmp_path / "run"
-    train(run_dir, dataset, 2, "trainer.max_steps=2", "checkpoint.every_steps=2", "schedule.warmup_steps=0")
-    # A learning rate of 1e30 wrecks the weights in one update, so the next step's loss is not finite.
+    train(run_dir, dataset, 2, "trainer.max_steps=4", "checkpoint.every_steps=2", "schedule.warmup_steps=0")
+    # A learning rate of 1e30 wrecks the weights in one update, so every other step's loss is not finite.
     args = ["train", "configs/gpt-tiny.yaml", "--nproc", "2"]
     for item in [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", "trainer.eval_every_steps=0",
-                 "schedule.total_steps=8", "schedule.warmup_steps=0", "checkpoint.every_steps=0",
-                 "trainer.max_steps=8", "optim.lr=1e30", "trainer.max_rollbacks=2"]:  # fmt: skip
+                 "schedule.total_steps=10", "schedule.warmup_steps=0", "checkpoint.every_steps=0",
+                 "trainer.max_steps=10", "optim.lr=1e30", "trainer.max_rollbacks=5"]:  # fmt: skip
         args += ["--set", item]
     result = run_cli(*args)
     assert result.returncode == 1
-    assert "training diverged (trainer.max_rollbacks=2 reached)" in result.stderr.splitlines()[-1]
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    events = [(r["step"], r["event"]) for r in records if "event" in r]
-    assert events == [(0, "start"), (2, "checkpoint"), (2, "start"), (2, "resume"), (4, "skipped_step"), (4, "rollback"),
-                      (6, "skipped_step"), (6, "rollback"), (8, "skipped_step")]  # fmt: skip
+    assert error_lines(result.stderr)[-1].endswith(
+        "training diverged (every checkpoint (step_00000004, step_00000002) led back to non-finite values)"
+    )
+    records = metrics_records(run_dir)
+    events = [(r["step"], r["event"]) for r in records if "event" in r and r["event"] != "checkpoint"]
+    assert events == [(0, "start"), (4, "start"), (4, "resume"), (6, "skipped_step"), (6, "rollback"),
+                      (8, "skipped_step"), (8, "rollback"), (10, "skipped_step")]  # fmt: skip
     rollbacks = [r for r in records if r.get("event") == "rollback"]
+    # The latest checkpoint first; diverging again before the next save, the one before it.
     assert [(r["tag"], r["to_step"], r["skipped_samples"]) for r in rollbacks] == [
-        ("step_00000002", 2, 2 * 16),
-        ("step_00000002", 2, 4 * 16),
+        ("step_00000004", 4, 2 * 16),
+        ("step_00000002", 2, 6 * 16),
     ]
     loss = {r["step"]: r["loss"] for r in records if "loss" in r}
-    assert loss[4] is None and loss[6] is None and loss[8] is None  # not finite: written as null
-    # After each rollback the step-2 weights are back: the loss is that of a healthy model again.
-    assert abs(loss[5] - loss[3]) < 0.2 and abs(loss[7] - loss[3]) < 0.2
-    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000002"
+    assert loss[6] is None and loss[8] is None and loss[10] is None  # not finite: written as null
+    # After each rollback that checkpoint's weights are back: the loss is that of a healthy model again.
+    assert abs(loss[7] - loss[5]) < 0.2 and abs(loss[9] - loss[3]) < 0.2
+    assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
 
 
 def test_a_corrupt_shard_with_strict_data_stops_training_with_one_line(dataset: Path, tmp_path: Path) -> None:

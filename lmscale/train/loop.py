@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import math
@@ -17,15 +19,13 @@ import torch.distributed as dist
 from lmscale import run_layout
 from lmscale.errors import LmscaleError
 from lmscale.train import checkpoint, memory
+from lmscale.train.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
-from lmscale.train.signals import StopRequest
+from lmscale.train.signals import PREEMPTION, StopRequest
 
 log = logging.getLogger("lmscale")
-
-EXIT_PREEMPTED = 3
-"""Exit code of a run stopped by a signal after saving a checkpoint: requeue it to continue."""
 
 
 @dataclass
@@ -70,6 +70,16 @@ def union_over_ranks(names: set[str], changed: bool, device: torch.device) -> se
     return {name for part in gathered for name in part or ()}
 
 
+def set_collective_timeout(minutes: float) -> None:
+    """Bound every later collective (gloo and NCCL alike) of every process group this rank belongs to:
+    DeepSpeed reduces gradients over groups of its own, not the default one."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    timeout = datetime.timedelta(minutes=minutes)
+    for group in list(_world.pg_map):
+        _set_pg_timeout(timeout, group)
+
+
 def is_finite(value: float | None) -> bool:
     return value is None or math.isfinite(value)
 
@@ -87,6 +97,7 @@ class Trainer:
         run_dir: Path,
         flops_per_token: float,
         peak_flops: float | None,
+        stop: StopRequest,
         loads_universal: bool = False,
     ) -> None:
         self.plan, self.cfg, self.engine = plan, plan.cfg, engine
@@ -97,9 +108,12 @@ class Trainer:
         self.loads_universal = loads_universal
         """The engine was built to load universal checkpoints (an elastic resume): rollbacks load that form too."""
         self.rollbacks = 0
+        self.walked_back = 0
+        """Checkpoints (newest first) tried by rollbacks since the last save: the next rollback starts past them."""
         self.skipped_here: set[str] = set()  # corrupt shards this rank's loader workers skipped
         self.skipped_all = set(state.skipped_shards)  # ... and those of every rank, as last agreed
-        self.stop = StopRequest()
+        self.stop = stop
+        self.short_timeouts = False  # set after this job's first step (start-up may compile, load, fetch)
         self.key_log = None
         if self.cfg.data.log_sample_keys:
             key_dir = run_dir / "sample_keys"
@@ -182,7 +196,23 @@ class Trainer:
         self.engine.train()
         return mean_over_ranks(total / max(count, 1))
 
+    @contextlib.contextmanager
+    def long_collectives(self) -> Iterator[None]:
+        """Saves and loads keep the ranks waiting on the slowest writer or reader: they get the start-up bound
+        (``collective_timeout_minutes``), the steps around them the short one."""
+        t = self.cfg.trainer
+        set_collective_timeout(t.collective_timeout_minutes)
+        try:
+            yield
+        finally:
+            if self.short_timeouts:
+                set_collective_timeout(t.step_timeout_minutes)
+
     def save(self) -> None:
+        with self.long_collectives():
+            self._save()
+
+    def _save(self) -> None:
         state = {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
@@ -198,27 +228,48 @@ class Trainer:
         tag = checkpoint.save(
             self.engine, self.ckpt_dir, self.state.step, state, self.rank, keep.keep_last, keep.keep_every_steps
         )
+        self.walked_back = 0
         self.logger.event(self.state.step, "checkpoint", tag=tag)
 
     def roll_back(self, metrics: dict[str, Any]) -> None:
-        """A step whose loss or gradient norm is not finite has poisoned the weights: restore the last
-        checkpoint's weights and optimizer state and train on from the current data position, so the
-        batches since that checkpoint are skipped (the step count and schedule go on; no step repeats)."""
+        """A step whose loss or gradient norm is not finite has poisoned the weights: restore a checkpoint's
+        weights and optimizer state and train on from the current data position, so the batches since that
+        checkpoint are skipped (the step count and schedule go on; no step repeats). The first rollback after
+        a save goes to the latest checkpoint; if training diverges again before the next save, that checkpoint
+        is suspect too and the next rollback walks back to the one before it."""
         step = self.state.step
         self.logger.event(step, "skipped_step", loss=metrics["loss"], grad_norm=metrics["grad_norm"])
-        tag = checkpoint.latest_tag(self.ckpt_dir)
+        order = checkpoint.fallback_order(self.ckpt_dir)
         limit = self.cfg.trainer.max_rollbacks
-        if tag is None or self.rollbacks >= limit:
-            reason = "no checkpoint to roll back to" if tag is None else f"trainer.max_rollbacks={limit} reached"
+        reason = None
+        if not order:
+            reason = "no checkpoint to roll back to"
+        elif self.rollbacks >= limit:
+            reason = f"trainer.max_rollbacks={limit} reached"
+        elif self.walked_back >= len(order):
+            reason = f"every checkpoint ({', '.join(order)}) led back to non-finite values"
+        tag = None
+        while reason is None and self.walked_back < len(order):
+            candidate = order[self.walked_back]
+            self.walked_back += 1
+            with self.long_collectives():
+                problem = checkpoint.verify(self.ckpt_dir, candidate, self.rank)
+            if problem is None:
+                tag = candidate
+                break
+            self.logger.event(step, "checkpoint_rejected", tag=candidate, reason=problem)
+        if tag is None:
+            reason = reason or "no checkpoint passes verification"
             raise LmscaleError(
                 f"step {step}: loss {metrics['loss']}, gradient norm {metrics['grad_norm']}: training diverged "
                 f"({reason})"
             )
-        if self.loads_universal:
-            if self.rank == 0:
-                checkpoint.convert_to_universal(self.ckpt_dir, tag)
-            dist.barrier()
-        saved = checkpoint.load(self.engine, self.ckpt_dir, tag, universal=self.loads_universal)
+        with self.long_collectives():
+            if self.loads_universal:
+                if self.rank == 0:
+                    checkpoint.convert_to_universal(self.ckpt_dir, tag)
+                dist.barrier()
+            saved = checkpoint.load(self.engine, self.ckpt_dir, tag, universal=self.loads_universal)
         if not self.loads_universal:
             checkpoint.restore_rng(self.ckpt_dir, tag, self.rank)
         self.rollbacks += 1
@@ -237,16 +288,30 @@ class Trainer:
         if stop_workers is not None:
             stop_workers()
 
-    def stop_requested(self) -> bool:
-        return any_rank(self.stop.requested, self.device)
+    def stop_requested(self) -> int:
+        """The stop every rank agrees on: the most pressing any rank was asked for (``signals.NO_STOP`` ...)."""
+        value = torch.tensor(float(self.stop.kind), device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return int(value.item())
+
+    def stopped(self, step: int, stopping: int) -> int:
+        self.logger.event(step, "preempted", signal=self.stop.signal_name or "peer rank")
+        self.stop.settle()
+        return EXIT_PREEMPTED if stopping == PREEMPTION else EXIT_INTERRUPTED
 
     def fit(self) -> int:
         cfg = self.cfg
         every_eval, every_ckpt = cfg.trainer.eval_every_steps, cfg.checkpoint.every_steps
         first_step, saved_step = self.state.step, -1
+        if stopping := self.stop_requested():
+            # Asked to stop while starting: nothing was trained since the checkpoint this job started from.
+            return self.stopped(first_step, stopping)
         while self.state.step < cfg.trainer.max_steps:
             metrics: dict[str, Any] = self.train_step()
             step = self.state.step
+            if not self.short_timeouts:
+                self.short_timeouts = True
+                set_collective_timeout(cfg.trainer.step_timeout_minutes)
             self.report_skipped_shards(step, metrics)
             if not (is_finite(metrics["loss"]) and is_finite(metrics["grad_norm"])):
                 self.logger.log(step, metrics)
@@ -263,9 +328,7 @@ class Trainer:
                 self.save()
                 saved_step = step
             if stopping:
-                self.logger.event(step, "preempted", signal=self.stop.signal_name or "peer rank")
-                self.stop.settle()
-                return EXIT_PREEMPTED
+                return self.stopped(step, stopping)
         if self.state.step > first_step and saved_step != self.state.step:
             self.save()
         return 0

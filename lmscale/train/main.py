@@ -12,8 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import re
 import signal
 import sys
+import traceback
 import uuid
 from pathlib import Path
 
@@ -35,18 +38,20 @@ from lmscale.train.engine import (
     init_distributed,
     shutdown_distributed,
 )
+from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS
 from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink, last_logged_step
 from lmscale.train.peak import peak_flops
 from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
+from lmscale.train.signals import STOP_SIGNALS, StopRequest
 
 log = logging.getLogger("lmscale")
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave preemption to their rank: a worker killed by SIGTERM would crash the rank
-    before it saves. They exit with the rank."""
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """Loader workers leave stop requests to their rank: a worker killed by SIGTERM, or interrupted by the
+    Ctrl-C its whole process group gets, would crash the rank before it saves. They exit with the rank."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
 
@@ -127,14 +132,32 @@ def launch_info(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run(run_dir: Path, resume: str) -> int:
-    top = topology.detect()
-    rank, world_size = top.rank, top.world_size
+def rank_log_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / run_layout.LOGS / run_layout.RANK_LOG.format(rank=rank)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Rank 0's records on the console, every rank's warnings there too, and all of a rank's records in its
+    log file (when the run directory can take one)."""
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handlers: list[logging.Handler] = [console]
+    path = rank_log_path(run_dir, rank)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
+    except OSError:
+        pass  # the start-up's own checks name an unwritable run directory
     logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
-        stream=sys.stderr,
+        level=logging.INFO, handlers=handlers, format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
     )
+
+
+def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
+    rank, world_size = top.rank, top.world_size
+    # From here a stop signal is a request: honoured before the first step if it comes during start-up.
+    stop = StopRequest()
+    setup_logging(run_dir, rank)
     config_path = run_dir / run_layout.CONFIG
     if not config_path.is_file():
         raise LmscaleError(
@@ -241,6 +264,7 @@ def run(run_dir: Path, resume: str) -> int:
         run_dir,
         flops_per_token=run_info["flops_per_token"],
         peak_flops=peak,
+        stop=stop,
         loads_universal=elastic,
     )
     seed_dropout(ckpt_dir, tag, rank, elastic, cfg.run.seed, state.step)
@@ -260,12 +284,50 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a tag")
     parser.add_argument("--local_rank", type=int, help="set by the DeepSpeed launcher; LOCAL_RANK is used")
     args = parser.parse_args(argv)
+    rank = 0
     try:
-        return run(args.run_dir, args.resume)
+        top = topology.detect()
+        rank = top.rank
+        return run(top, args.run_dir, args.resume)
     except LmscaleError as err:
         if not (isinstance(err, AgreedError) and err.quiet):
             print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:  # the console gets one line, the rank's log the traceback
+        return report_crash(err, rank_log_path(args.run_dir, rank), rank)
+
+
+def report_crash(err: Exception, log_path: Path, rank: int) -> int:
+    """Write the traceback to the rank's log and one line to the console. A failed collective is the echo of
+    another rank's failure, which its launcher names: rank 0 says it in one line, the others keep quiet (and
+    rank 0 too when the launcher says it has it covered)."""
+    try:
+        with open(log_path, "a") as f:
+            f.write("".join(traceback.format_exception(err)))
+        where = f"; traceback in {log_path}"
+    except OSError:
+        where = ""
+    reason = collective_failure(err)
+    if reason is None:
+        print(f"lmscale: error: rank {rank}: {type(err).__name__}: {one_line(err)}{where}", file=sys.stderr)
+        return 1
+    if rank == 0 and os.environ.get(LAUNCHER_REPORTS_PEERS) != "1":
+        print(
+            f"lmscale: error: rank {rank}: a collective failed ({reason}): a peer rank died, or hung longer than "
+            f"trainer.step_timeout_minutes{where}",
+            file=sys.stderr,
+        )
+    return EXIT_PEER_LOST
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """The backend's reason when ``err`` is a failed collective (gloo raises plain RuntimeErrors that name its
+    source files; NCCL's watchdog aborts the process instead), else None."""
+    text = str(err).strip()
+    if not (isinstance(err, torch.distributed.DistError) or (isinstance(err, RuntimeError) and "/gloo/" in text)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__)
+    return first.split(". ")[0]
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TextIO
 
 from lmscale.config import Config
 from lmscale.progress import Progress
+from lmscale.train.exit_codes import SAVED_AND_STOPPED
 
 log = logging.getLogger("lmscale")
 
@@ -185,6 +186,10 @@ class WandbSink:
         if self.pending:
             # No row left to carry them (the job stopped before logging a new step): keep them in the summary.
             self.run.summary.update(self.pending)
+        if exit_code in SAVED_AND_STOPPED:
+            # Stopped on request after a checkpoint: the run goes on in the next job, it did not crash.
+            self.run.mark_preempting()
+            exit_code = 0
         self.run.finish(exit_code=exit_code)
         if self.mode == "offline":
             # Every job of the run wrote its own offline directory; together they make up the W&B run.

@@ -1,7 +1,8 @@
-"""Preemption: SIGTERM / SIGUSR1 (Slurm's warning before the time limit) ask for a checkpoint and a clean stop.
+"""Stop requests: SIGTERM / SIGUSR1 (a scheduler: Slurm's warning before the time limit, a preemption) and
+SIGINT (Ctrl-C) ask for a checkpoint and a clean stop.
 
-The handler only sets a flag; the loop agrees on it across ranks at the next step boundary, so every rank
-saves the same step.
+The handler only records the signal; the loop agrees on it across ranks at the next step boundary, so every
+rank saves the same step and stops with the same exit code.
 """
 
 from __future__ import annotations
@@ -9,12 +10,19 @@ from __future__ import annotations
 import signal
 import types
 
+SCHEDULER_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (*SCHEDULER_SIGNALS, signal.SIGINT)
+
+NO_STOP, INTERRUPT, PREEMPTION = 0, 1, 2
+"""What a rank was asked, in increasing precedence: a scheduler's signal wins over Ctrl-C, as the job will be
+requeued."""
+
 
 class StopRequest:
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGUSR1)) -> None:
+    def __init__(self) -> None:
         self.signal_name: str | None = None
-        self.signals = signals
-        for sig in signals:
+        self.kind = NO_STOP
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def settle(self) -> None:
@@ -22,12 +30,9 @@ class StopRequest:
         --kill-on-bad-exit the first rank to exit with code 3 makes Slurm send SIGTERM to the others, and the
         interpreter's exit restores the default action of handled signals (not of ignored ones): a rank
         terminated there would turn the job's "saved, requeue me" into a crash."""
-        for sig in self.signals:
+        for sig in STOP_SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
+        self.kind = max(self.kind, PREEMPTION if signum in SCHEDULER_SIGNALS else INTERRUPT)

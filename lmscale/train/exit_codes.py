@@ -1,0 +1,15 @@
+"""The exit codes a rank ends with, which every launcher (``lmscale train``, Slurm, Ray, local jobs) passes on or
+acts on: requeue after a preemption, name the rank behind a failed collective."""
+
+EXIT_PREEMPTED = 3
+"""Exit code of a run stopped by a signal after saving a checkpoint: requeue it to continue."""
+EXIT_INTERRUPTED = 130
+"""Exit code of a run stopped by Ctrl-C (SIGINT) after saving a checkpoint, as a shell reports an interrupted
+command; `lmscale train` continues it."""
+SAVED_AND_STOPPED = (EXIT_PREEMPTED, EXIT_INTERRUPTED)
+EXIT_PEER_LOST = 4
+"""Exit code of a rank whose collective failed: a peer died, hung past the timeout, or the network broke. The
+cause is another rank's exit (launchers report that one); this rank's traceback is in its log."""
+LAUNCHER_REPORTS_PEERS = "LMSCALE_LAUNCHER_REPORTS_PEERS"
+"""Environment variable a launcher sets to 1 when it names the rank behind a failed collective itself: rank 0
+then keeps its own line about the lost peer to its log."""
