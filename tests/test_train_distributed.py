@@ -89,7 +89,7 @@ def test_elastic_resume_on_another_world_size_continues_the_sample_sequence(data
     full = tmp_path / "full"
     train(full, dataset, 2, "trainer.max_steps=8", *common)
     reference = keys_per_step(full)
-    for world in (1, 3):
+    for world in (3,):  # a fresh run directory on 1 rank: test_rank_entry
         resumed = tmp_path / f"resumed{world}"
         shutil.copytree(full, resumed)
         shutil.rmtree(resumed / "checkpoints" / "step_00000008")

@@ -40,7 +40,7 @@ from lmscale.train.engine import (
 )
 from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS
 from lmscale.train.loop import Trainer, TrainState
-from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink, last_logged_step
+from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
 from lmscale.train.peak import peak_flops
 from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
 from lmscale.train.signals import STOP_SIGNALS, StopRequest
@@ -172,6 +172,8 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     ckpt_dir = run_dir / run_layout.CHECKPOINTS
 
     removed = checkpoint.remove_partial_saves(ckpt_dir) if rank == 0 else []
+    if removed:
+        log.warning("removed saves that a crash interrupted: %s", ", ".join(removed))
     # A directory no checkpoint can be written to fails the start, not the first save an hour later.
     checkpoint.agree(checkpoint.probe_writable(ckpt_dir, rank), rank)
     tag, rejected = checkpoint.choose(ckpt_dir, resume, rank)
@@ -229,10 +231,11 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     if rank == 0:
         state.wandb_id = wandb_run_id(run_dir, saved.get("wandb_id"))
         metrics_path = run_dir / run_layout.METRICS
-        logged_through = last_logged_step(metrics_path)  # before this job drops the steps it will retrain
         sinks = [ConsoleSink(cfg.trainer.max_steps, state.step), JsonlSink(metrics_path, start_step=state.step)]
         if cfg.logging.wandb.mode != "disabled":
-            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, run_info, logged_through))
+            # What W&B may lack from earlier jobs, up to this job's first step (the JSONL sink kept those lines).
+            replay = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, run_info, replay))
         log.info(
             "model %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d, peak %.3g FLOP/s per "
             "rank (%s)", model_cfg.flavor, n_params / 1e6, world_size, plan.global_batch_size, plan.seq_len,

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,13 +78,6 @@ class ConsoleSink:
             self.progress.close()
 
 
-def last_logged_step(path: Path) -> int:
-    """The highest step a JSONL step log holds (0 for none): how far an earlier job of the run got."""
-    if not path.is_file():
-        return 0
-    return max((json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line), default=0)
-
-
 def open_step_log(path: Path, start_step: int) -> TextIO:
     """Open a JSONL file of step records for appending, first dropping records past ``start_step``."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,24 +123,83 @@ def wandb_mode(requested: str) -> str:
     return "online"
 
 
+def event_values(name: str, step: int, detail: dict[str, Any]) -> dict[str, Any]:
+    """An event as W&B columns: ``events/<name>`` (1), its step and its details."""
+    return {f"events/{name}": 1, f"events/{name}/step": step, **{f"events/{name}/{k}": v for k, v in detail.items()}}
+
+
+OFFLINE_STEPS = "lmscale_steps.json"
+"""In the run's wandb/ directory: the highest step each offline log of the run holds, by directory name."""
+
+
+def offline_steps_held(wandb_dir: Path, run_id: str, current: Path) -> int:
+    """The highest step the run's earlier offline logs hold. A log whose job finished cleanly recorded it;
+    any other (a killed job's: W&B may have written fewer steps than the job logged, or none) is read back with
+    wandb's own reader, and the answer recorded."""
+    ledger_path = wandb_dir / OFFLINE_STEPS
+    ledger: dict[str, int] = json.loads(ledger_path.read_text()) if ledger_path.is_file() else {}
+    held = 0
+    for log_dir in sorted(wandb_dir.glob(f"offline-run-*-{run_id}")):
+        if log_dir == current:
+            continue
+        if log_dir.name not in ledger:
+            ledger[log_dir.name] = max((history_steps(f) for f in log_dir.glob("run-*.wandb")), default=0)
+            record_offline_steps(wandb_dir, log_dir.name, ledger[log_dir.name])
+        held = max(held, ledger[log_dir.name])
+    return held
+
+
+def history_steps(log_file: Path) -> int:
+    """The highest history step in one offline ``.wandb`` log (0 when it holds none or cannot be read)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    steps = [0]
+    for line in result.stdout.splitlines():
+        if line.startswith('{"') and '"history"' in line:
+            record = json.loads(line)
+            if record.get("type") == "history":
+                steps.append(int(record["history"]["item"].get("_step", 0)))
+    return max(steps)
+
+
+def record_offline_steps(wandb_dir: Path, log_name: str, step: int) -> None:
+    path = wandb_dir / OFFLINE_STEPS
+    ledger = json.loads(path.read_text()) if path.is_file() else {}
+    ledger[log_name] = step
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(ledger, indent=1))
+    tmp.replace(path)
+
+
 class WandbSink:
     """A W&B run whose id lives in the run directory, so a resumed or requeued job continues it.
 
-    The W&B step is the training step. An earlier job of the run may have logged past the step this job
-    starts at (it died after its last checkpoint); W&B keeps a step's first values and the retrained steps
-    repeat them (resume is exact), so this sink logs only steps past ``logged_through``. An event goes into
-    the row of its step while that row is still open in this job, otherwise into the next row logged.
+    The W&B step is the training step, and W&B must hold every step of the run once. A job starts by asking
+    what W&B already holds (``held``): the steps of the run's earlier offline logs as wandb reads them back, or
+    the step an online run resumes at. An earlier job that was killed may have logged steps W&B never
+    wrote; those up to this job's first step are logged again from ``replay`` (the run's ``metrics.jsonl``
+    records up to there). Steps past it are retrained to the same values (resume is exact) and logged when
+    W&B lacks them. An event goes into the row of its step while that row is still open in this job,
+    otherwise into the next row logged.
     """
 
     def __init__(
-        self, cfg: Config, run_dir: Path, run_id: str, extra_config: dict[str, Any], logged_through: int = 0
+        self,
+        cfg: Config,
+        run_dir: Path,
+        run_id: str,
+        extra_config: dict[str, Any],
+        replay: list[dict[str, Any]] | None = None,
     ) -> None:
         import wandb
 
         w = cfg.logging.wandb
         self.mode = wandb_mode(w.mode)
         self.run_dir, self.run_id = run_dir, run_id
-        self.logged_through = logged_through
         self.open_step: int | None = None
         self.pending: dict[str, Any] = {}
         self.run = wandb.init(
@@ -161,6 +214,23 @@ class WandbSink:
             dir=str(run_dir),
             config={**cfg.to_dict(), **extra_config},
         )
+        self.log_dir = Path(self.run.dir).parent
+        if self.mode == "offline":
+            held = offline_steps_held(run_dir / "wandb", run_id, self.log_dir)
+        else:
+            held = max(self.run.starting_step - 1, 0)
+        self.logged_through = held
+        rows: dict[int, dict[str, Any]] = {}
+        for record in replay or []:
+            if record["step"] > held:
+                row = rows.setdefault(record["step"], {})
+                if "event" in record:
+                    detail = {k: v for k, v in record.items() if k not in ("step", "event")}
+                    row.update(event_values(record["event"], record["step"], detail))
+                else:
+                    row.update({k: v for k, v in record.items() if k != "step" and v is not None})
+        for step in sorted(rows):
+            self._write(step, rows[step])
 
     def _write(self, step: int, values: dict[str, Any]) -> None:
         self.run.log({**self.pending, **values}, step=step)
@@ -172,11 +242,7 @@ class WandbSink:
             self._write(step, {k: v for k, v in metrics.items() if v is not None})
 
     def event(self, step: int, name: str, detail: dict[str, Any]) -> None:
-        values = {
-            f"events/{name}": 1,
-            f"events/{name}/step": step,
-            **{f"events/{name}/{k}": v for k, v in detail.items()},
-        }
+        values = event_values(name, step, detail)
         if step > self.logged_through or step == self.open_step:
             self._write(step, values)
         else:
@@ -191,6 +257,9 @@ class WandbSink:
             self.run.mark_preempting()
             exit_code = 0
         self.run.finish(exit_code=exit_code)
+        if self.mode == "offline":
+            # Finished cleanly: W&B holds every step logged, and the next job need not read this log back.
+            record_offline_steps(self.run_dir / "wandb", self.log_dir.name, self.logged_through)
         if self.mode == "offline":
             # Every job of the run wrote its own offline directory; together they make up the W&B run.
             log.info(
