@@ -153,6 +153,11 @@ class TrainerConfig:
     """How long a rank waits in one collective (all-reduce, barrier, rendezvous) during start-up, the first
     step, checkpoint saves and loads before it fails: a dead or hung peer surfaces after this long instead of
     NCCL's 10-30 minutes. Must cover the slowest save, during which the other ranks wait at a barrier."""
+    spike_sigma: float | None = None
+    """Skip an optimizer step whose loss or gradient norm is more than this many standard deviations above the
+    last spike_window kept steps (weights and optimizer state untouched; counted and logged). None: off."""
+    spike_window: int = 128
+    """Steps of history the spike test compares against."""
     step_timeout_minutes: float = 5.0
     """The same bound once the first step is done, outside saves and loads: must cover the slowest step,
     evaluation pass and data-loader stall. A hung peer stops the job after this long."""
@@ -359,6 +364,16 @@ def validate(cfg: Config) -> None:
     _positive(t.max_rollbacks, "trainer.max_rollbacks", allow_zero=True)
     _positive(t.collective_timeout_minutes, "trainer.collective_timeout_minutes")
     _positive(t.step_timeout_minutes, "trainer.step_timeout_minutes")
+    _positive(t.spike_sigma, "trainer.spike_sigma")
+    if t.spike_window < 20:
+        raise ConfigError(
+            f"trainer.spike_window: must be >= 20 (the history a spike is judged against), got {t.spike_window}"
+        )
+    if t.spike_sigma is not None and cfg.zero.offload_optimizer != "none":
+        raise ConfigError(
+            "trainer.spike_sigma: not available with zero.offload_optimizer (the offloaded optimizer is DeepSpeed's "
+            "CPU Adam, which cannot skip a step)"
+        )
     _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
     _positive(cfg.schedule.total_steps, "schedule.total_steps")
     if cfg.schedule.total_steps is not None and cfg.schedule.total_steps < t.max_steps:

@@ -233,6 +233,33 @@ def test_non_finite_steps_roll_back_and_walk_back_past_checkpoints_that_diverge_
     assert (run_dir / "checkpoints" / LATEST).read_text() == "step_00000004"
 
 
+def test_spike_protection_skips_steps_on_every_rank_and_a_resume_skips_the_same(dataset: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    # A learning rate too small to move the loss leaves it to the noise between batches, and a guard this
+    # strict (half a standard deviation) takes that noise for spikes: many steps are skipped, deterministically.
+    sets = ["trainer.max_steps=30", "schedule.total_steps=30", "checkpoint.every_steps=15", "optim.lr=1e-6",
+            "schedule.warmup_steps=0", "trainer.spike_sigma=0.5", "trainer.spike_window=20", "model.dropout=0.1"]  # fmt: skip
+    first = run_cli(*train_args(dataset, run_dir, 2, *sets))
+    assert first.returncode == 0, first.stderr[-3000:]
+    records = metrics_records(run_dir)
+    skipped = {r["step"]: r["skipped_spikes"] for r in records if "loss" in r}
+    assert set(skipped[s] for s in range(1, 21)) == {0}  # 20 steps of history before any judgement
+    assert 0 < skipped[30] < 10
+    events = [r for r in records if r.get("event") == "skipped_spikes"]
+    assert sum(e["new"] for e in events) == skipped[30] == events[-1]["total"]
+    state = json.loads((run_dir / "checkpoints" / "step_00000030" / "lmscale_state.json").read_text())
+    assert state["spike_guard"]["skipped"] == skipped[30] and state["spike_guard"]["seen"] == 30 - skipped[30]
+
+    # The guard's window is part of the checkpoint: resumed at step 15, the run skips the same steps.
+    before = losses(run_dir), skipped
+    shutil.rmtree(run_dir / "checkpoints" / "step_00000030")
+    (run_dir / "checkpoints" / LATEST).write_text("step_00000015")
+    again = run_cli(*train_args(dataset, run_dir, 2, *sets))
+    assert again.returncode == 0, again.stderr[-3000:]
+    after = {r["step"]: r["skipped_spikes"] for r in metrics_records(run_dir) if "loss" in r}
+    assert (losses(run_dir), after) == before
+
+
 def test_a_corrupt_shard_with_strict_data_stops_training_with_one_line(dataset: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(dataset, broken)

@@ -25,27 +25,34 @@ def deepspeed_config(plan: RunPlan, accelerator: str, load_universal: bool = Fal
         zero["offload_param"] = {"device": cfg.zero.offload_params, "pin_memory": accelerator == "cuda"}
     optim = cfg.optim
     offloaded = cfg.zero.offload_optimizer
+    if cfg.trainer.spike_sigma is not None:
+        # lmscale passes its own skip-step AdamW (lmscale.train.spike), which ZeRO partitions like any other.
+        optimizer: dict[str, Any] = {"zero_allow_untested_optimizer": True}
+    else:
+        optimizer = {
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    # The schedule sets the learning rate before every step; this is only the initial value.
+                    "lr": optim.lr,
+                    "betas": [optim.beta1, optim.beta2],
+                    "eps": optim.eps,
+                    "weight_decay": optim.weight_decay,
+                    # torch.optim.AdamW, fused into one CUDA kernel on GPUs: DeepSpeed's own FusedAdam is compiled
+                    # on first use and needs nvcc on every node. An offloaded optimizer steps on the CPU with
+                    # DeepSpeed's vectorised CPU Adam (a C++ op, built by the host compiler on first use).
+                    "torch_adam": offloaded == "none",
+                    **({"fused": True} if accelerator == "cuda" and offloaded == "none" else {}),
+                    "adam_w_mode": True,
+                },
+            }
+        }
     return {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": plan.grad_accum_steps,
         "gradient_clipping": optim.grad_clip,
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                # The schedule sets the learning rate before every step; this is only the initial value.
-                "lr": optim.lr,
-                "betas": [optim.beta1, optim.beta2],
-                "eps": optim.eps,
-                "weight_decay": optim.weight_decay,
-                # torch.optim.AdamW, fused into one CUDA kernel on GPUs: DeepSpeed's own FusedAdam is compiled
-                # on first use and needs nvcc on every node. An offloaded optimizer steps on the CPU with
-                # DeepSpeed's vectorised CPU Adam (a C++ op, built by the host compiler on first use).
-                "torch_adam": offloaded == "none",
-                **({"fused": True} if accelerator == "cuda" and offloaded == "none" else {}),
-                "adam_w_mode": True,
-            },
-        },
+        **optimizer,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.trainer.precision == "bf16"},
         "fp16": {"enabled": False},

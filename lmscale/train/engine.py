@@ -16,6 +16,7 @@ from deepspeed.accelerator import get_accelerator
 from lmscale.models import GPT
 from lmscale.train.ds_config import deepspeed_config
 from lmscale.train.plan import RunPlan
+from lmscale.train.spike import SkipStepAdamW, SpikeGuard
 from lmscale.train.topology import Topology
 
 
@@ -114,13 +115,24 @@ def build_model(
     return model, count
 
 
-def build_engine(plan: RunPlan, model: GPT, load_universal: bool = False) -> tuple[Any, dict[str, Any]]:
-    """Wrap the model in a DeepSpeed engine (ZeRO stage, precision, clipping and AdamW from the plan)."""
+def build_engine(
+    plan: RunPlan, model: GPT, load_universal: bool = False
+) -> tuple[Any, dict[str, Any], SpikeGuard | None]:
+    """Wrap the model in a DeepSpeed engine (ZeRO stage, precision, clipping and AdamW from the plan). With
+    ``trainer.spike_sigma`` the optimizer is lmscale's skip-step AdamW, gated by the returned guard."""
+    cfg = plan.cfg
     ds_config = deepspeed_config(plan, accelerator_name(), load_universal)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model, plan.cfg.optim.weight_decay), config=ds_config
-    )
-    return engine, ds_config
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if cfg.trainer.spike_sigma is None:
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        return engine, ds_config, None
+    o = cfg.optim
+    optimizer = SkipStepAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    guard = SpikeGuard(cfg.trainer.spike_sigma, cfg.trainer.spike_window, engine.device)
+    # ZeRO sets the global gradient norm (before clipping) just before it steps the optimizer on its partition.
+    optimizer.step_factor = lambda: guard.step_factor(engine.optimizer._global_grad_norm)
+    return engine, ds_config, guard
 
 
 def barrier() -> None:

@@ -24,6 +24,7 @@ from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
 from lmscale.train.signals import PREEMPTION, StopRequest
+from lmscale.train.spike import SpikeGuard
 
 log = logging.getLogger("lmscale")
 
@@ -46,11 +47,15 @@ class TrainState:
 # whose loop handed it one would fail at its first step. On CPU ranks the device is the CPU and gloo runs them.
 
 
-def mean_over_ranks(value: torch.Tensor) -> float:
-    """The mean of a scalar over all ranks (the tensor stays on its device)."""
+def reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar over all ranks, on its device (no host sync)."""
     total = value.detach().float().clone()
     dist.all_reduce(total)
-    return total.item() / dist.get_world_size()
+    return total / dist.get_world_size()
+
+
+def mean_over_ranks(value: torch.Tensor) -> float:
+    return reduce_mean(value).item()
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -98,6 +103,7 @@ class Trainer:
         flops_per_token: float,
         peak_flops: float | None,
         stop: StopRequest,
+        spike_guard: SpikeGuard | None = None,
         loads_universal: bool = False,
     ) -> None:
         self.plan, self.cfg, self.engine = plan, plan.cfg, engine
@@ -113,6 +119,8 @@ class Trainer:
         self.skipped_here: set[str] = set()  # corrupt shards this rank's loader workers skipped
         self.skipped_all = set(state.skipped_shards)  # ... and those of every rank, as last agreed
         self.stop = stop
+        self.spike_guard = spike_guard
+        self.spikes_logged = int(spike_guard.skipped) if spike_guard is not None else 0
         self.short_timeouts = False  # set after this job's first step (start-up may compile, load, fetch)
         self.key_log = None
         if self.cfg.data.log_sample_keys:
@@ -134,7 +142,7 @@ class Trainer:
         data_wait = 0.0
         keys: list[str] = []
         loss_sum = torch.zeros((), device=self.device)
-        for _ in range(plan.grad_accum_steps):
+        for micro in range(plan.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(self.train_batches)
             data_wait += time.perf_counter() - wait_started
@@ -143,9 +151,14 @@ class Trainer:
             tokens = batch["tokens"].to(self.device, non_blocking=True)
             _, loss = self.engine(tokens[:, :-1], tokens[:, 1:])
             self.engine.backward(loss)
-            self.engine.step()
             loss_sum += loss.detach()
-        loss_value = mean_over_ranks(loss_sum / plan.grad_accum_steps)
+            if micro == plan.grad_accum_steps - 1:
+                # The step's loss, known on the device before the optimizer runs (the spike guard judges it).
+                step_loss = reduce_mean(loss_sum / plan.grad_accum_steps)
+                if self.spike_guard is not None:
+                    self.spike_guard.begin_step(step_loss)
+            self.engine.step()
+        loss_value = step_loss.item()
         step_time = time.perf_counter() - started
         self.state.step += 1
         self.state.samples_seen += plan.global_batch_size
@@ -182,6 +195,17 @@ class Trainer:
         metrics["skipped_shards"] = len(union)
         if new:
             self.logger.event(step, "skipped_shards", shards=new, total=len(union))
+
+    def report_spikes(self, step: int, metrics: dict[str, Any]) -> None:
+        """Steps the spike guard skipped, read from the device only when a step is logged."""
+        if self.spike_guard is None:
+            return
+        skipped = int(self.spike_guard.skipped)
+        metrics["skipped_spikes"] = skipped
+        if skipped > self.spikes_logged:
+            log.warning("step %d: %d loss or gradient-norm spikes skipped so far", step, skipped)
+            self.logger.event(step, "skipped_spikes", new=skipped - self.spikes_logged, total=skipped)
+            self.spikes_logged = skipped
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -221,6 +245,7 @@ class Trainer:
             "wandb_id": self.state.wandb_id,
             "resumes": self.state.resumes,
             "skipped_shards": sorted(self.skipped_all),
+            **({"spike_guard": self.spike_guard.state_dict()} if self.spike_guard is not None else {}),
             "config": self.cfg.to_dict(),
             "saved_at": time.time(),
         }
@@ -270,6 +295,8 @@ class Trainer:
                     checkpoint.convert_to_universal(self.ckpt_dir, tag)
                 dist.barrier()
             saved = checkpoint.load(self.engine, self.ckpt_dir, tag, universal=self.loads_universal)
+        if self.spike_guard is not None and "spike_guard" in saved:
+            self.spike_guard.load_state_dict(saved["spike_guard"])
         if not self.loads_universal:
             checkpoint.restore_rng(self.ckpt_dir, tag, self.rank)
         self.rollbacks += 1
@@ -322,6 +349,7 @@ class Trainer:
                 metrics["val_loss"] = val_loss
                 metrics["val_perplexity"] = math.exp(min(val_loss, 50.0))
             if step % cfg.logging.every_steps == 0 or "val_loss" in metrics or step == cfg.trainer.max_steps:
+                self.report_spikes(step, metrics)
                 self.logger.log(step, metrics)
             stopping = self.stop_requested()
             if (every_ckpt and step % every_ckpt == 0) or stopping:

@@ -200,7 +200,7 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     baseline_gb = memory.in_use_gb(rank_device)
     model, n_params = build_model(plan, rank, load_weights)
     model_build_gb = memory.peak_gb(rank_device) - baseline_gb
-    engine, ds_config = build_engine(plan, model, load_universal=elastic)
+    engine, ds_config, spike_guard = build_engine(plan, model, load_universal=elastic)
     engine_build_gb = memory.peak_gb(rank_device) - baseline_gb
 
     state = TrainState()
@@ -213,6 +213,8 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
             resumes=saved.get("resumes", 0) + 1,
             skipped_shards=saved.get("skipped_shards", []),
         )
+        if spike_guard is not None and "spike_guard" in saved:
+            spike_guard.load_state_dict(saved["spike_guard"])
     train_loader, val_loader = data_loaders(plan, rank, state.samples_seen, pin_memory=rank_device.type == "cuda")
 
     model_cfg = plan.model_config()
@@ -268,6 +270,7 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
         flops_per_token=run_info["flops_per_token"],
         peak_flops=peak,
         stop=stop,
+        spike_guard=spike_guard,
         loads_universal=elastic,
     )
     seed_dropout(ckpt_dir, tag, rank, elastic, cfg.run.seed, state.step)
