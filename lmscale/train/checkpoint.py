@@ -123,7 +123,10 @@ def read_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
     path = ckpt_dir / tag / STATE_FILE
     if not path.is_file():
         raise LmscaleError(f"{ckpt_dir / tag}: not a complete lmscale checkpoint (no {STATE_FILE})")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise LmscaleError(f"{path}: unreadable ({err}); resume from another tag with --resume") from None
 
 
 def remove_partial_saves(ckpt_dir: Path) -> list[str]:
