@@ -52,6 +52,7 @@ from lmscale.train.checkpoint_manifest import (
     write_durably,
     write_manifest,
 )
+from lmscale.train.exit_codes import collective_failure
 
 STATE_FILE = "lmscale_state.json"
 LATEST = "latest"
@@ -185,9 +186,9 @@ def save(
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
         torch.save(rng_state(), partial / "rng" / f"rank_{rank}.pt")
-    except dist.DistBackendError:
-        raise LmscaleError(f"checkpoint {tag}: another rank failed while saving it (its error says why)") from None
     except (OSError, RuntimeError) as err:
+        if collective_failure(err) is not None:
+            raise  # a peer died during the save: the rank's report of a lost peer, not a write error
         raise LmscaleError(f"{partial}: saving checkpoint {tag} failed: {write_failure(err, partial)}") from None
     dist.barrier()
     shares: list[Any] = [share(list_files(partial), dist.get_world_size()) if rank == 0 else None]

@@ -1,6 +1,10 @@
 """The exit codes a rank ends with, which every launcher (``lmscale train``, Slurm, Ray, local jobs) passes on or
 acts on: requeue after a preemption, name the rank behind a failed collective."""
 
+import re
+
+import torch
+
 EXIT_PREEMPTED = 3
 """Exit code of a run stopped by a signal after saving a checkpoint: requeue it to continue."""
 EXIT_INTERRUPTED = 130
@@ -13,3 +17,13 @@ cause is another rank's exit (launchers report that one); this rank's traceback 
 LAUNCHER_REPORTS_PEERS = "LMSCALE_LAUNCHER_REPORTS_PEERS"
 """Environment variable a launcher sets to 1 when it names the rank behind a failed collective itself: rank 0
 then keeps its own line about the lost peer to its log."""
+
+
+def collective_failure(err: BaseException) -> str | None:
+    """The backend's reason when ``err`` is a failed collective (gloo raises plain RuntimeErrors that name its
+    source files; NCCL's watchdog aborts the process instead), else None."""
+    text = str(err).strip()
+    if not (isinstance(err, torch.distributed.DistError) or (isinstance(err, RuntimeError) and "/gloo/" in text)):
+        return None
+    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__)
+    return first.split(". ")[0]

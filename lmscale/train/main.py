@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
 import sys
 import traceback
@@ -38,7 +37,7 @@ from lmscale.train.engine import (
     init_distributed,
     shutdown_distributed,
 )
-from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS
+from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure
 from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
 from lmscale.train.peak import peak_flops
@@ -324,16 +323,6 @@ def report_crash(err: Exception, log_path: Path, rank: int) -> int:
             file=sys.stderr,
         )
     return EXIT_PEER_LOST
-
-
-def collective_failure(err: BaseException) -> str | None:
-    """The backend's reason when ``err`` is a failed collective (gloo raises plain RuntimeErrors that name its
-    source files; NCCL's watchdog aborts the process instead), else None."""
-    text = str(err).strip()
-    if not (isinstance(err, torch.distributed.DistError) or (isinstance(err, RuntimeError) and "/gloo/" in text)):
-        return None
-    first = re.sub(r"^\[[^\]]*\]\s*", "", text.splitlines()[0] if text else type(err).__name__)
-    return first.split(". ")[0]
 
 
 if __name__ == "__main__":
