@@ -46,11 +46,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmscale.train.signals import StopRequest
+    from lmscale.train.signals import LauncherStopRequest
 
     # A stop signal during start-up (imports, writing the run directory) is kept for the ranks, which honour
     # it before their first step, instead of killing this process with the job half started.
-    early = None if args.dry_run or args.prepare_only or args.hostfile else StopRequest()
+    early = None if args.dry_run or args.prepare_only or args.hostfile else LauncherStopRequest()
     from launcher.train import train
 
     return train(args, early)

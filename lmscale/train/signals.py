@@ -36,3 +36,15 @@ class StopRequest:
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self.signal_name = signal.Signals(signum).name
         self.kind = max(self.kind, PREEMPTION if signum in SCHEDULER_SIGNALS else INTERRUPT)
+
+
+class LauncherStopRequest(StopRequest):
+    """The launcher's stop request while it starts (before it has ranks to pass a signal to): the first stop
+    signal is kept for the ranks, the same signal again aborts the start (Ctrl-C twice, as in any command)."""
+
+    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        if self.signal_name == signal.Signals(signum).name:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(128 + signum)
+        super()._handle(signum, frame)
