@@ -1,8 +1,9 @@
 """Checkpoints under faults, on real DeepSpeed ranks: damaged files, saves a crash interrupted, a full and a
-read-only disk, kill -9 of a rank mid-run. Every resume must repeat the uninterrupted run loss for loss, with
+read-only disk, kill -9 of a rank mid-run and at each phase of a save. Every resume must repeat the uninterrupted run loss for loss, with
 dropout on (each rank's random state is part of the checkpoint).
 
-CI runs one ZeRO stage and seed of the kill -9 matrix; ``LMSCALE_FAULT_MATRIX=1`` runs all of it."""
+CI runs one ZeRO stage and seed of the kill -9 matrix and one phase of a save; ``LMSCALE_FAULT_MATRIX=1`` runs
+all of both."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import pytest
 from lmscale.errors import UsageError
 from lmscale.train.checkpoint import LATEST, check_tag, fallback_order, resume_tag
 from lmscale.train.checkpoint_manifest import MANIFEST, read_manifest
+from lmscale.train.failpoints import ENV, POINTS
 
 from .conftest import FORTY_STEPS, REPO, error_lines, metrics_records, run_cli, train_args
 from .test_cli_e2e import wandb_records
@@ -257,3 +259,41 @@ def test_kill_9_of_a_random_rank_at_a_random_step_resumes_loss_for_loss(
     logs = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     steps = [r["history"]["item"]["_step"] for log in logs for r in wandb_records(log) if r["type"] == "history"]
     assert sorted(steps) == list(range(1, 41))
+
+
+# (failpoint, step of the save, rank): each job of one run crashes at the next (after the step-5 save), the last
+# job finishes it.
+SAVE_CRASHES = (
+    [(point, 5 * (i + 2), rank) for i, (point, rank) in enumerate(zip(POINTS, (1, 0, 1, 0, 0, 0), strict=True))]
+    if os.environ.get("LMSCALE_FAULT_MATRIX")
+    else [("save.renamed", 20, 0)]
+)
+
+
+def test_a_kill_at_each_phase_of_a_save_resumes_from_the_last_published_tag_loss_for_loss(
+    dataset: Path, forty_step_reference: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    args = train_args(dataset, run_dir, 2, *FORTY_STEPS, "checkpoint.every_steps=5", "checkpoint.keep_last=2")
+    ckpt_dir = run_dir / "checkpoints"
+    expected_resumes = []
+    for point, step, rank in SAVE_CRASHES:
+        tag = f"step_{step:08d}"
+        crashed = run_cli(*args, env={ENV: f"{point}:{tag}:{rank}"})
+        assert crashed.returncode == 128 + signal.SIGKILL, crashed.stderr[-3000:]
+        assert error_lines(crashed.stderr) == [
+            f"lmscale: error: rank {rank} (node 0) exited with code -9 (killed by signal SIGKILL)"
+        ]
+        published = point == "save.published"
+        # `latest` is the commit point: a tag renamed into place but not yet named by it is not resumed from.
+        assert (ckpt_dir / LATEST).read_text() == (tag if published else f"step_{step - 5:08d}")
+        assert (ckpt_dir / tag).is_dir() == (point in ("save.renamed", "save.published"))
+        assert check_tag(ckpt_dir, (ckpt_dir / LATEST).read_text()) is None
+        expected_resumes.append(step if published else step - 5)
+    finished = run_cli(*args)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert [e["step"] for e in events(run_dir, "resume")] == expected_resumes
+    assert losses(run_dir) == losses(forty_step_reference)  # every one of the 40 steps, bit for bit
+    assert not list(ckpt_dir.glob(".*"))
+    assert fallback_order(ckpt_dir) == ["step_00000040", "step_00000035"]
+    assert all(check_tag(ckpt_dir, t) is None for t in fallback_order(ckpt_dir))

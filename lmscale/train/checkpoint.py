@@ -53,6 +53,7 @@ from lmscale.train.checkpoint_manifest import (
     write_manifest,
 )
 from lmscale.train.exit_codes import collective_failure
+from lmscale.train.failpoints import reach
 
 STATE_FILE = "lmscale_state.json"
 LATEST = "latest"
@@ -183,6 +184,7 @@ def save(
         problem = prepare_partial(engine, ckpt_dir, partial)
     agree(problem, rank)
     agree(probe_writable(partial / "rng", rank), rank)
+    reach("save.begun", tag, rank)
     try:
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name, save_latest=False)
         torch.save(rng_state(), partial / "rng" / f"rank_{rank}.pt")
@@ -190,10 +192,12 @@ def save(
         if collective_failure(err) is not None:
             raise  # a peer died during the save: the rank's report of a lost peer, not a write error
         raise LmscaleError(f"{partial}: saving checkpoint {tag} failed: {write_failure(err, partial)}") from None
+    reach("save.written", tag, rank)
     dist.barrier()
     shares: list[Any] = [share(list_files(partial), dist.get_world_size()) if rank == 0 else None]
     dist.broadcast_object_list(shares, src=0)
     records = hash_files(partial, shares[0][rank], sync=True)
+    reach("save.hashed", tag, rank)
     gathered: list[list[FileRecord] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, records)
     problem = None
@@ -202,7 +206,9 @@ def save(
             write_durably(partial / STATE_FILE, json.dumps(state, indent=2))
             every = [r for part in gathered for r in part or []] + hash_files(partial, [STATE_FILE], sync=False)
             write_manifest(partial, every, step)
+            reach("save.manifest", tag, rank)
             publish(ckpt_dir, partial, tag)
+            reach("save.published", tag, rank)
             rotate(ckpt_dir, tag, keep_last, keep_every_steps)
         except OSError as err:
             problem = f"{partial}: publishing checkpoint {tag} failed: {write_failure(err, partial)}"
@@ -285,6 +291,7 @@ def publish(ckpt_dir: Path, partial: Path, tag: str) -> None:
     sync_dir(partial)
     partial.rename(final)
     sync_dir(ckpt_dir)
+    reach("save.renamed", tag, 0)  # only rank 0 publishes
     write_durably(ckpt_dir / LATEST, tag)
     shutil.rmtree(replaced, ignore_errors=True)
 
