@@ -25,7 +25,6 @@ from lmscale.data.manifest import read_manifest
 from lmscale.data.shard import PrepareOptions, prepare
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.models import flops_per_token
-from lmscale.train.plan import gpt_config
 
 H100_BF16_PEAK = 989.4e12
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def gpu_rate() -> float:
     cfg = load_config(REPO / "configs" / "gpt2-124m.yaml")
-    model = gpt_config(cfg.model)
+    model = cfg.model
+    assert model.seq_len is not None
     return 0.4 * H100_BF16_PEAK / flops_per_token(model, model.seq_len)
 
 

@@ -24,6 +24,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         vocab_size=args.vocab_size,
         tokenizer=args.tokenizer,
         tokenizer_kind=args.tokenizer_kind,
+        format=args.format,
         tokenizer_sample_mb=args.tokenizer_sample_mb,
         shard_size=args.shard_size,
         val_fraction=args.val_fraction,
@@ -110,6 +111,12 @@ def _prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
     p.add_argument(
         "--tokenizer-kind", choices=["bpe", "wordpiece"], default="bpe", help="bpe (GPT) or wordpiece (BERT)"
+    )
+    p.add_argument(
+        "--format",
+        choices=["causal", "mlm"],
+        default="causal",
+        help="causal: GPT samples of seq-len + 1 tokens; mlm: BERT samples [CLS] ... [SEP], documents packed",
     )
     p.add_argument("--tokenizer-sample-mb", type=float, default=64.0, help="text to train the tokenizer on")
     p.add_argument("--shard-size", default="64MB", help="samples per shard (10000) or a size (64MB)")

@@ -66,14 +66,16 @@ def _model_of_run(run_dir: Path) -> GPT:
     """The latest checkpoint of a run, consolidated in memory (this path imports DeepSpeed)."""
     from lmscale.config import from_dict
     from lmscale.export.export import find_checkpoint
-    from lmscale.models.gpt import load_checked
+    from lmscale.models import build_model, load_checked
     from lmscale.train import checkpoint
     from lmscale.train.engine import consolidated_state_dict
-    from lmscale.train.plan import gpt_config
 
     tag = find_checkpoint(run_dir, "latest")
     cfg = from_dict(checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)["config"])
-    model = GPT(gpt_config(cfg.model))
+    if cfg.model.family != "gpt":
+        raise UsageError(f"{run_dir}: generation and evaluation of a {cfg.model.family} run are not supported yet")
+    model = build_model(cfg.model)
+    assert isinstance(model, GPT)
     try:
         load_checked(model, consolidated_state_dict(str(run_dir / run_layout.CHECKPOINTS), tag), str(run_dir))
     except ValueError as err:

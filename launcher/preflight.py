@@ -17,7 +17,6 @@ from lmscale.config import Config, grad_accum_steps
 from lmscale.errors import LmscaleError
 from lmscale.train.footprint import GB, estimate_memory, step_seconds
 from lmscale.train.peak import gpu_peak_flops
-from lmscale.train.plan import gpt_config
 
 GPU_MEMORY_GB: list[tuple[str, float]] = [
     ("gh200", 96), ("h200", 141), ("h100", 80), ("b200", 180), ("a100-40", 40), ("a100_40", 40), ("a100", 80),
@@ -120,8 +119,7 @@ def check_run_dir(run_dir: Path) -> str | None:
 
 def check_memory(cfg: Config, res: Resources) -> str | None:
     """A rank's estimated peak against one GPU's memory, or on CPU nodes the node's ranks against --mem."""
-    model_cfg = gpt_config(cfg.model)
-    estimate = estimate_memory(cfg, model_cfg, res.world_size, cfg.trainer.micro_batch_size)
+    estimate = estimate_memory(cfg, res.world_size, cfg.trainer.micro_batch_size)
     what = (
         f"a rank needs about {estimate.total / GB:.1f} GB ({estimate.describe()}; {estimate.parameters / 1e6:.1f}M "
         f"parameters, ZeRO-{cfg.zero.stage}, {cfg.trainer.precision}, micro-batch {cfg.trainer.micro_batch_size})"
@@ -157,7 +155,7 @@ def check_time(cfg: Config, res: Resources, tokens_per_step: int) -> str | None:
     peak = gpu_peak_flops(res.gpu_type.upper(), cfg.trainer.precision) if res.gpu_type else None
     if not res.gpus_per_node or peak is None:
         return None
-    per_step = step_seconds(gpt_config(cfg.model), tokens_per_step, res.world_size, peak, ASSUMED_MFU)
+    per_step = step_seconds(cfg, tokens_per_step, res.world_size, peak, ASSUMED_MFU)
     interval = cfg.checkpoint.every_steps * per_step
     if interval + margin > res.time_seconds:
         return (

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from lmscale.errors import UsageError
+from lmscale.models import GPTConfig, ModelConfig, family_of
 
 
 class ConfigError(UsageError):
@@ -63,6 +64,11 @@ class DataConfig:
     """Fail on a corrupt shard instead of skipping it with a counted warning."""
     log_sample_keys: bool = False
     """Write the sample keys of every step to <run>/sample_keys/rank_<r>.jsonl (data provenance)."""
+    mlm_probability: float = 0.15
+    """Masked-LM training: share of (non-special) tokens masked, re-drawn every time a sample is served
+    (BERT 0.15; MosaicBERT and ModernBERT train with 0.30)."""
+    mlm_eval_probability: float = 0.15
+    """Masked-LM validation: share masked, the same masks at every evaluation."""
 
     def resolved_sources(self) -> list[DataSourceConfig]:
         if self.path is not None and self.sources:
@@ -72,31 +78,6 @@ class DataConfig:
         if not self.sources:
             raise ConfigError("data.path: missing (a directory written by `lmscale prepare`)")
         return self.sources
-
-
-@dataclass
-class ModelConfig:
-    flavor: Literal["gpt2", "llama"] = "gpt2"
-    """Architecture family: gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, GQA)."""
-    d_model: int = 256
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    """Key/value heads for grouped-query attention (llama); default n_heads."""
-    d_ff: int | None = None
-    """MLP hidden size; default 4*d_model (gpt2) or the Llama 8/3*d_model rounded to 64."""
-    seq_len: int | None = None
-    """Context length (positions); default the dataset's seq_len."""
-    vocab_size: int | None = None
-    """Embedding rows; default the dataset tokenizer's vocabulary."""
-    dropout: float = 0.0
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    """Epsilon of LayerNorm (gpt2) or RMSNorm (llama)."""
-    init_std: float = 0.02
-    init_from: str | None = None
-    """A Hugging Face-format model directory to start (continued pretraining) from."""
 
 
 @dataclass
@@ -197,7 +178,8 @@ class LoggingConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=GPTConfig)
+    """One family's section, chosen by its ``family`` key (gpt by default): lmscale.models.FAMILIES."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -208,6 +190,11 @@ class Config:
     @property
     def total_steps(self) -> int:
         return self.schedule.total_steps or self.trainer.max_steps
+
+    @property
+    def predicted_fraction(self) -> float:
+        """Share of positions the output head predicts: the masked ones of a masked LM, all of a causal one."""
+        return self.data.mlm_probability if family_of(self.model).data_format == "mlm" else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,6 +212,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and all(dataclasses.is_dataclass(o) for o in typing.get_args(tp)):
+        return _build_tagged(typing.get_args(tp), value, where)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -276,6 +265,17 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
     if missing:
         raise ConfigError(f"{prefix + '.' if prefix else ''}{missing[0]}: missing")
     return cls(**kwargs)
+
+
+def _build_tagged(options: tuple[Any, ...], value: Any, where: str) -> Any:
+    """A union of sections tells them apart by their ``family`` key; without one, the first option's."""
+    by_tag = {o.__dataclass_fields__["family"].default: o for o in options}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    tag = value.get("family", next(iter(by_tag)))
+    if tag not in by_tag:
+        raise ConfigError(f"{where}.family: expected one of {' | '.join(map(repr, by_tag))}, got {tag!r}")
+    return _build(by_tag[tag], value, where)
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -341,18 +341,17 @@ def validate(cfg: Config) -> None:
     """Checks that need no data or world size; see ``resolve`` for those that do."""
     m, t = cfg.model, cfg.trainer
     for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "seq_len", "vocab_size"):
-        _positive(getattr(m, name), f"model.{name}")
+        _positive(getattr(m, name, None), f"model.{name}")
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
-        raise ConfigError(f"model.n_kv_heads: {m.n_kv_heads} does not divide model.n_heads={m.n_heads}")
-    if m.flavor == "gpt2" and m.n_kv_heads not in (None, m.n_heads):
-        raise ConfigError("model.n_kv_heads: grouped-query attention needs model.flavor: llama")
-    if m.flavor == "llama" and (m.d_model // m.n_heads) % 2:
-        raise ConfigError("model.d_model: the llama flavor needs an even head size for rotary embeddings")
+    for problem in m.problems():
+        raise ConfigError(f"model.{problem}")
     _positive(m.norm_eps, "model.norm_eps")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
+    for name in ("mlm_probability", "mlm_eval_probability"):
+        if not 0.0 < getattr(cfg.data, name) < 1.0:
+            raise ConfigError(f"data.{name}: must be in (0, 1), got {getattr(cfg.data, name)}")
     _positive(cfg.optim.lr, "optim.lr")
     _positive(cfg.optim.grad_clip, "optim.grad_clip", allow_zero=True)
     _positive(t.max_steps, "trainer.max_steps")

@@ -124,6 +124,16 @@ def dataset(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def mlm_dataset(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus as masked-LM shards with a WordPiece tokenizer (what BERT trains on)."""
+    out = tmp_path_factory.mktemp("prepared-mlm") / "tiny"
+    options = PrepareOptions(inputs=[str(corpus_dir)], output=out, seq_len=64, vocab_size=600, shard_size="50",
+                             val_fraction=0.1, tokenizer_kind="wordpiece", format="mlm", in_process=True)  # fmt: skip
+    prepare(options)
+    return out
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -97,9 +97,8 @@ def validation_loss(model: GPT, dataset: Path, world: int = 2, micro_batch: int 
         stream = ShardStream([StreamSource(split_shards(str(dataset), manifest, "validation"))], manifest.sample_len,
                              manifest.dtype, micro_batch, rank, world, seed=0, shuffle=False)  # fmt: skip
         for i in range(batches):
-            tokens = stream.micro_batch(i)["tokens"]
             with torch.no_grad():
-                losses.append(model(tokens[:, :-1], tokens[:, 1:])[1].item())
+                losses.append(model(**stream.micro_batch(i)["inputs"])[1].item())
     return float(np.mean(losses))
 
 
@@ -154,9 +153,8 @@ def test_export_then_init_from_continues_from_the_same_weights(dataset: Path, tm
         stream = ShardStream([StreamSource(split_shards(str(dataset), manifest, "train"))], manifest.sample_len,
                              manifest.dtype, 4, rank, 2, seed=1234, lanes=DataConfig().lanes)  # fmt: skip
         for i in range(2):
-            tokens = stream.micro_batch(i)["tokens"]
             with torch.no_grad():
-                losses.append(model(tokens[:, :-1], tokens[:, 1:])[1].item())
+                losses.append(model(**stream.micro_batch(i)["inputs"])[1].item())
     for step1 in first_steps:
         assert step1["loss"] == pytest.approx(float(np.mean(losses)), abs=1e-5)
     # A mismatched architecture is refused before any rank starts.
@@ -265,7 +263,7 @@ def read_shard_rows(dataset: Path, manifest) -> list[np.ndarray]:
 
 
 def test_init_from_refuses_what_it_cannot_continue(dataset: Path, tmp_path: Path) -> None:
-    from lmscale.config import ConfigError, ModelConfig
+    from lmscale.config import ConfigError
     from lmscale.export.hf import gpt_config_from_hf
     from lmscale.train.plan import check_init_from_tokenizer
 
@@ -285,6 +283,6 @@ def test_init_from_refuses_what_it_cannot_continue(dataset: Path, tmp_path: Path
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match="model.init_from: .* has another vocabulary than the dataset's"):
-        check_init_from_tokenizer(ModelConfig(init_from=str(other)), dataset / "tokenizer.json")
+        check_init_from_tokenizer(GPTConfig(init_from=str(other)), dataset / "tokenizer.json")
     shutil.copy(dataset / "tokenizer.json", other / "tokenizer.json")
-    check_init_from_tokenizer(ModelConfig(init_from=str(other)), dataset / "tokenizer.json")
+    check_init_from_tokenizer(GPTConfig(init_from=str(other)), dataset / "tokenizer.json")

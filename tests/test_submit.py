@@ -10,7 +10,6 @@ import pytest
 
 from lmscale.config import load_config
 from lmscale.train.footprint import estimate_memory
-from lmscale.train.plan import gpt_config
 
 from .conftest import REPO, run_cli
 
@@ -67,10 +66,10 @@ def test_preflight_names_each_request_that_cannot_work(dataset: Path, tmp_path: 
 def test_the_memory_estimate_matches_a_measured_gpu_peak() -> None:
     # GPT-2 124M, micro-batch 16 x 1024, ZeRO-1 bf16 on one H200: 18.7 GB peak allocated (BENCHMARKS.md).
     cfg = load_config(REPO / "configs" / "gpt2-124m.yaml")
-    estimate = estimate_memory(cfg, gpt_config(cfg.model), world_size=1, micro_batch=16)
+    estimate = estimate_memory(cfg, world_size=1, micro_batch=16)
     assert estimate.parameters == 124_475_904
     assert 0.85 * 18.7e9 < estimate.total < 1.1 * 18.7e9
-    partitioned = estimate_memory(cfg, gpt_config(cfg.model), world_size=8, micro_batch=16)
+    partitioned = estimate_memory(cfg, world_size=8, micro_batch=16)
     assert partitioned.optimizer == pytest.approx(estimate.optimizer / 8)
 
 

@@ -47,7 +47,8 @@ class SplitRecord:
 @dataclass
 class Manifest:
     seq_len: int
-    """Context length a sample trains: each sample stores seq_len + 1 tokens (inputs and shifted targets)."""
+    """Context length a sample trains: a causal sample stores seq_len + 1 tokens (inputs and shifted targets),
+    a masked-LM sample seq_len ([CLS] ... [SEP], padded)."""
     dtype: str
     vocab_size: int
     eot_id: int
@@ -58,10 +59,14 @@ class Manifest:
     stats: dict[str, Any] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    format: str = "causal"
+    """``causal`` (GPT: a stream cut into seq_len + 1 tokens) or ``mlm`` (BERT: RoBERTa-style packed samples)."""
+    special_tokens: dict[str, int] = field(default_factory=dict)
+    """The tokenizer's special tokens and their ids, e.g. ``{"[PAD]": 0, ..., "[MASK]": 4}``."""
 
     @property
     def sample_len(self) -> int:
-        return self.seq_len + 1
+        return self.seq_len + 1 if self.format == "causal" else self.seq_len
 
     @property
     def np_dtype(self) -> np.dtype:

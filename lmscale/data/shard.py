@@ -5,7 +5,10 @@ Two rounds of Ray tasks, both idempotent so Ray may retry them when a worker die
 1. one task per input file tokenizes its documents (appending the end-of-text id) into a token file
    with document boundaries, split assignment and content hashes;
 2. the driver concatenates the documents in input order (dropping exact duplicates if asked), cuts the
-   stream into samples of ``seq_len + 1`` tokens, and one task per shard writes its tar.
+   stream into samples, and one task per shard writes its tar. A causal sample (``--format causal``, GPT) is
+   the next ``seq_len + 1`` tokens of the stream. A masked-LM sample (``--format mlm``, BERT) packs documents
+   RoBERTa-style: ``[CLS]``, up to ``seq_len - 2`` tokens of the stream (documents separated by their
+   ``[SEP]``, a long document continued in the next sample), ``[SEP]``, then ``[PAD]`` to ``seq_len``.
 
 Every task writes to a temporary name and renames, and the layout is decided by the driver from input
 order alone, so the shards are byte-identical whatever the number of workers or retries.
@@ -23,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -31,6 +34,8 @@ from lmscale.data.manifest import MANIFEST, Manifest, ShardRecord, SplitRecord, 
 from lmscale.data.ray_cluster import check_cluster, start_ray
 from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_documents
 from lmscale.data.tokenizer import (
+    BERT_SPECIALS,
+    EOT,
     TokenizerKind,
     end_token_id,
     file_sha256,
@@ -56,6 +61,8 @@ class PrepareOptions:
     tokenizer: str | None = None
     """An existing tokenizer.json; otherwise one is trained on a sample of the input."""
     tokenizer_kind: TokenizerKind = "bpe"
+    format: Literal["causal", "mlm"] = "causal"
+    """causal: GPT samples of seq_len + 1 stream tokens; mlm: BERT samples [CLS] ... [SEP] [PAD]... of seq_len."""
     tokenizer_sample_mb: float = 64.0
     shard_size: str = "64MB"
     """Samples per shard ("10000") or an approximate size ("64MB")."""
@@ -206,22 +213,56 @@ def _stream_tokens(table: DocTable, work_dir: Path, first: int, last: int, dtype
     return out
 
 
+def causal_pieces(table: DocTable, sample_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stream spans [start, end) of causal samples: back to back, the tail that fills no sample dropped."""
+    starts = np.arange(table.tokens // sample_len, dtype=np.int64) * sample_len
+    return starts, starts + sample_len
+
+
+def mlm_pieces(table: DocTable, content_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stream spans [start, end) of masked-LM samples, each up to ``content_len`` tokens: a document's closing
+    [SEP] stays inside a span where another document follows, and is dropped where the span ends on it (the
+    sample's own closing [SEP] stands for it), so no sample holds two [SEP] in a row."""
+    separators = set((table.offset[1:] - 1).tolist())  # stream position of every document's closing [SEP]
+    starts, ends = [], []
+    start, total = 0, table.tokens
+    while start < total:
+        if start in separators:  # the [SEP] the previous span ended before
+            start += 1
+            continue
+        end = min(start + content_len, total)
+        starts.append(start)
+        ends.append(end - 1 if end - 1 in separators else end)
+        start = end
+    return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
+
+
 def write_shard(
     table: DocTable,
     work_dir: str,
     output: str,
     relpath: str,
-    first_sample: int,
-    n_samples: int,
+    starts: np.ndarray,
+    ends: np.ndarray,
     sample_len: int,
     dtype: str,
+    wrap: tuple[int, int, int] | None,
 ) -> ShardRecord:
+    """Write the samples of the stream spans ``starts``/``ends`` as one tar; ``wrap`` (the [CLS], [SEP] and
+    [PAD] ids) turns each span into a masked-LM sample, else a span is a causal sample as it is."""
     import webdataset as wds
 
-    tokens = _stream_tokens(
-        table, Path(work_dir), first_sample * sample_len, (first_sample + n_samples) * sample_len, dtype
-    )
-    samples = tokens.reshape(n_samples, sample_len)
+    first = int(starts[0])
+    span = _stream_tokens(table, Path(work_dir), first, int(ends[-1]), dtype)
+    samples = np.empty((len(starts), sample_len), dtype=dtype)
+    for i, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        piece = span[start - first : end - first]
+        if wrap is None:
+            samples[i] = piece
+        else:
+            cls, sep, pad = wrap
+            samples[i] = pad
+            samples[i, 0], samples[i, 1 : 1 + len(piece)], samples[i, 1 + len(piece)] = cls, piece, sep
     target = Path(output) / relpath
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     stem = target.name.removesuffix(".tar")
@@ -236,10 +277,11 @@ def write_shard(
             np.save(buf, sample, allow_pickle=False)
             writer.write({"__key__": f"{stem}-{i:06d}", "tokens.npy": buf.getvalue()})
     os.replace(tmp, target)
+    real_tokens = int((ends - starts).sum()) + (2 * len(starts) if wrap else 0)
     return ShardRecord(
         file=relpath,
-        samples=n_samples,
-        tokens=n_samples * sample_len,
+        samples=len(starts),
+        tokens=real_tokens,
         sha256=file_sha256(target),
         bytes=target.stat().st_size,
     )
@@ -348,8 +390,11 @@ def _check_output(options: PrepareOptions) -> None:
         if not options.overwrite:
             raise UsageError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
-    if options.seq_len < 2:
-        raise UsageError(f"--seq-len {options.seq_len}: must be at least 2")
+    least = 3 if options.format == "mlm" else 2  # a masked-LM sample holds [CLS], a token and [SEP]
+    if options.seq_len < least:
+        raise UsageError(f"--seq-len {options.seq_len}: must be at least {least} for --format {options.format}")
+    if options.format == "mlm" and not options.tokenizer and options.tokenizer_kind != "wordpiece":
+        raise UsageError("--format mlm: needs a WordPiece tokenizer (add --tokenizer-kind wordpiece)")
     if not 0.0 <= options.val_fraction < 1.0:
         raise UsageError(f"--val-fraction {options.val_fraction}: must be in [0, 1)")
 
@@ -375,11 +420,17 @@ def prepare(options: PrepareOptions) -> Manifest:
         if not sample:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
         tok = train_tokenizer(sample, options.vocab_size, options.tokenizer_kind)
+    specials = BERT_SPECIALS if options.format == "mlm" else [EOT if tok.token_to_id(EOT) is not None else "[SEP]"]
+    special_ids = {token: tok.token_to_id(token) for token in specials}
+    if options.format == "mlm" and None in special_ids.values():
+        missing = " ".join(t for t, i in special_ids.items() if i is None)
+        raise UsageError(f"{options.tokenizer}: --format mlm needs the special tokens {missing} (WordPiece)")
     tokenizer_path = out / "tokenizer.json"
     tok.save(str(tokenizer_path))
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
-    sample_len = options.seq_len + 1
+    sample_len = options.seq_len + 1 if options.format == "causal" else options.seq_len
+    wrap = (special_ids["[CLS]"], special_ids["[SEP]"], special_ids["[PAD]"]) if options.format == "mlm" else None
     per_shard = samples_per_shard(options.shard_size, sample_len, np.dtype(dtype).itemsize)
 
     workers = 1 if options.in_process else options.workers or os.cpu_count() or 1
@@ -410,13 +461,17 @@ def prepare(options: PrepareOptions) -> Manifest:
         dropped: dict[str, int] = {}
         calls = []
         for name, table in tables.items():
-            n_samples = table.tokens // sample_len
-            dropped[name] = table.tokens - n_samples * sample_len
+            if wrap is None:
+                starts, ends = causal_pieces(table, sample_len)
+            else:
+                starts, ends = mlm_pieces(table, sample_len - 2)
+            dropped[name] = table.tokens - int((ends - starts).sum()) if wrap is None else 0
             table_ref = table if ray is None else ray.put(table)
-            for k, first in enumerate(range(0, n_samples, per_shard)):
+            for k, first in enumerate(range(0, len(starts), per_shard)):
                 relpath = f"shards/{name}-{k:06d}.tar"
-                count = min(per_shard, n_samples - first)
-                calls.append((writer, (table_ref, str(work_dir), str(out), relpath, first, count, sample_len, dtype)))
+                span = slice(first, first + per_shard)
+                args = (table_ref, str(work_dir), str(out), relpath, starts[span], ends[span], sample_len, dtype, wrap)
+                calls.append((writer, args))
         phase_started = time.perf_counter()
         with Progress("write shards", total=len(calls), unit="shards") as progress:
             records = _run_tasks(ray, calls, workers, progress)
@@ -462,6 +517,8 @@ def prepare(options: PrepareOptions) -> Manifest:
         splits=splits,
         stats=stats,
         settings=json.loads(json.dumps(settings, default=str)),
+        format=options.format,
+        special_tokens=special_ids,
     )
     shutil.rmtree(work_dir)
     for partial in (out / "shards").glob(".*.tmp*"):
@@ -482,8 +539,8 @@ def summary(manifest: Manifest, output: Path) -> str:
         f"{s['bad_lines']:,}  tail tokens dropped {sum(s['dropped_tail_tokens'].values()):,}"
     )
     lines.append(
-        f"  vocab {manifest.vocab_size:,} ({manifest.tokenizer_kind}), seq_len {manifest.seq_len}, "
-        f"dtype {manifest.dtype}"
+        f"  {manifest.format} samples, vocab {manifest.vocab_size:,} ({manifest.tokenizer_kind}), "
+        f"seq_len {manifest.seq_len}, dtype {manifest.dtype}"
     )
     lines.append(
         f"  {s['tokens']:,} tokens in {s['seconds']:.1f} s ({s['tokens_per_s']:,.0f} tokens/s, {s['workers']} workers)"

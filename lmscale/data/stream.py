@@ -27,7 +27,7 @@ import logging
 import math
 import tarfile
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from lmscale.data.collate import causal_batch
 from lmscale.data.manifest import Manifest, dataset_url, open_dataset_file
 from lmscale.errors import LmscaleError
 
@@ -219,8 +220,9 @@ class StreamSource:
 
 
 class ShardStream(IterableDataset):
-    """Endless micro-batches of one rank: ``{"tokens": LongTensor (micro_batch, seq_len + 1), "keys": [...],
-    "skipped_shards": (...)}``."""
+    """Endless micro-batches of one rank: ``{"inputs": {...}, "keys": [...], "skipped_shards": (...)}``, the
+    inputs made by ``collate(samples, their global positions)`` (default: a causal LM's ``idx`` and ``targets``,
+    lmscale.data.collate)."""
 
     def __init__(
         self,
@@ -236,9 +238,11 @@ class ShardStream(IterableDataset):
         strict: bool = False,
         max_micro_batches: int | None = None,
         lanes: int = 1,
+        collate: Callable[[np.ndarray, Sequence[int]], dict[str, torch.Tensor]] = causal_batch,
     ) -> None:
         super().__init__()
         self.sources = sources
+        self.collate = collate
         # A mixture's keys name their source (its position in data.sources): two datasets may hold shards and
         # samples of the same name, and every logged key must trace back to one file.
         self.key_prefixes = [f"{i}:" for i in range(len(sources))] if len(sources) > 1 else [""]
@@ -306,9 +310,10 @@ class ShardStream(IterableDataset):
         raise LmscaleError(f"every shard of data source {source} is corrupt")
 
     def micro_batch(self, index: int) -> dict[str, Any]:
-        samples = [self.sample(p) for p in self.positions(index)]
-        tokens = torch.from_numpy(np.stack([s[0] for s in samples]).astype(np.int64))
-        return {"tokens": tokens, "keys": [s[1] for s in samples], "skipped_shards": tuple(self.skipped_shards)}
+        positions = self.positions(index)
+        samples = [self.sample(p) for p in positions]
+        inputs = self.collate(np.stack([s[0] for s in samples]), positions)
+        return {"inputs": inputs, "keys": [s[1] for s in samples], "skipped_shards": tuple(self.skipped_shards)}
 
     def __iter__(self) -> Iterator[dict[str, object]]:
         info = get_worker_info()

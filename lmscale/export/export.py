@@ -20,11 +20,9 @@ from lmscale.config import from_dict
 from lmscale.data.tokenizer import EOT, end_token_id, load_tokenizer
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.export.hf import hf_config_dict, to_hf
-from lmscale.models import GPT, GPTConfig
-from lmscale.models.gpt import load_checked
+from lmscale.models import GPT, GPTConfig, build_model, load_checked
 from lmscale.progress import Progress
 from lmscale.train import checkpoint
-from lmscale.train.plan import gpt_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -132,6 +130,8 @@ def export_checkpoint(
     tag = find_checkpoint(run_dir, requested)
     state = checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)
     cfg = from_dict(state["config"])
+    if cfg.model.family != "gpt":
+        raise UsageError(f"{run_dir}: exporting a {cfg.model.family} model is not supported yet (GPT only)")
     tokenizer_file = run_dir / run_layout.TOKENIZER
     if not tokenizer_file.is_file():
         tokenizer_file = Path(cfg.data.resolved_sources()[0].path) / "tokenizer.json"
@@ -145,7 +145,8 @@ def export_checkpoint(
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
             raise LmscaleError(f"{run_dir / 'checkpoints' / tag}: cannot consolidate the ZeRO files ({err})") from None
         progress.advance()
-        model = GPT(gpt_config(cfg.model))
+        model = build_model(cfg.model)
+        assert isinstance(model, GPT)
         try:
             load_checked(model, weights, str(run_dir / run_layout.CHECKPOINTS / tag))
         except ValueError as err:

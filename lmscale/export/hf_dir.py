@@ -13,8 +13,7 @@ from safetensors.torch import load_file
 
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.export.hf import from_hf, gpt_config_from_hf
-from lmscale.models import GPT, GPTConfig
-from lmscale.models.gpt import load_checked
+from lmscale.models import GPT, GPTConfig, load_checked
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 

@@ -22,19 +22,49 @@ from lmscale.models.layers import Attention, GeluMLP, KVCache, RMSNorm, SwiGLUML
 
 @dataclass(frozen=True)
 class GPTConfig:
-    vocab_size: int
-    seq_len: int
+    """The ``model`` section of a GPT run, and the architecture it describes."""
+
+    family: Literal["gpt"] = "gpt"
+    flavor: Literal["gpt2", "llama"] = "gpt2"
+    """gpt2 (learned positions, LayerNorm, GELU) or llama (RoPE, RMSNorm, SwiGLU, GQA)."""
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention (llama); default n_heads."""
     d_ff: int | None = None
-    flavor: Literal["gpt2", "llama"] = "gpt2"
+    """MLP hidden size; default 4*d_model (gpt2) or the Llama 8/3*d_model rounded to 64."""
+    seq_len: int | None = None
+    """Context length (positions); default the dataset's seq_len."""
+    vocab_size: int | None = None
+    """Embedding rows; default the dataset tokenizer's vocabulary."""
     dropout: float = 0.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
+    """Epsilon of LayerNorm (gpt2) or RMSNorm (llama)."""
     init_std: float = 0.02
+    init_from: str | None = None
+    """A Hugging Face-format model directory to start (continued pretraining) from."""
+
+    def problems(self) -> list[str]:
+        """What is wrong with the section, each as ``field: reason``."""
+        found = []
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads:
+            found.append(f"n_kv_heads: {self.n_kv_heads} does not divide n_heads={self.n_heads}")
+        if self.flavor == "gpt2" and self.n_kv_heads not in (None, self.n_heads):
+            found.append("n_kv_heads: grouped-query attention needs flavor: llama")
+        if self.flavor == "llama" and (self.d_model // self.n_heads) % 2:
+            found.append("d_model: the llama flavor needs an even head size for rotary embeddings")
+        return found
+
+    def architecture(self) -> dict[str, object]:
+        """The fields that decide what the weights mean: two models agreeing on them can swap weights."""
+        rotary = {"rope_theta": self.rope_theta} if self.flavor == "llama" else {}
+        return {"flavor": self.flavor, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
+                "d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads,
+                "kv_heads": self.kv_heads, "ff_dim": self.ff_dim, "tie_embeddings": self.tie_embeddings,
+                "norm_eps": self.norm_eps, **rotary}  # fmt: skip
 
     @property
     def kv_heads(self) -> int:
@@ -83,6 +113,7 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig, generator: torch.Generator | None = None) -> None:
         """``generator`` draws the initial weights (default: torch's global RNG)."""
         super().__init__()
+        assert cfg.vocab_size is not None and cfg.seq_len is not None, "the run plan fills in vocab_size and seq_len"
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.flavor == "gpt2" else None
@@ -168,17 +199,10 @@ class GPT(nn.Module):
         """(T, past + T): query i (at position past + i) sees keys up to and including itself."""
         return torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
 
-    def num_params(self, include_embeddings: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if not include_embeddings:
-            n -= self.tok_emb.weight.numel()
-            if self.pos_emb is not None:
-                n -= self.pos_emb.weight.numel()
-        return n
 
-
-def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-    """Training FLOPs (forward + backward) per token, counted exactly over the matrix products.
+def flops_per_token(cfg: GPTConfig, seq_len: int, predicted_fraction: float = 1.0) -> float:
+    """Training FLOPs (forward + backward) per token, counted exactly over the matrix products;
+    ``predicted_fraction`` of the positions run the output head (all of them for a causal LM).
 
     Each weight matrix costs 2 FLOPs per multiply-add in the forward pass and twice that in the backward:
     6 * (matmul weights). Attention adds Q @ K^T and A @ V: 2 * 2 * seq_len * d_model per layer forward,
@@ -189,22 +213,6 @@ def flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
     kv = cfg.kv_heads * cfg.head_dim
     attn_weights = d * d + 2 * d * kv + d * d  # q, k, v, o
     mlp_weights = (3 if cfg.flavor == "llama" else 2) * d * cfg.ff_dim
-    matmul_weights = L * (attn_weights + mlp_weights) + d * cfg.vocab_size  # + lm_head
+    assert cfg.vocab_size is not None
+    matmul_weights = L * (attn_weights + mlp_weights) + d * cfg.vocab_size * predicted_fraction  # + lm_head
     return 6.0 * matmul_weights + 12.0 * L * seq_len * d
-
-
-def load_checked(model: GPT, state: dict[str, torch.Tensor], origin: str) -> None:
-    """Load a full state dict, naming the first key or shape that does not fit (a checkpoint of another model)."""
-    expected = model.state_dict()
-    for key, tensor in expected.items():
-        if key not in state:
-            raise ValueError(f"{origin}: no weight {key!r} (a checkpoint of another model?)")
-        if tuple(state[key].shape) != tuple(tensor.shape):
-            raise ValueError(
-                f"{origin}: {key} has shape {tuple(state[key].shape)}, the model expects {tuple(tensor.shape)} "
-                "(a checkpoint of another model shape)"
-            )
-    unexpected = sorted(set(state) - set(expected))
-    if unexpected:
-        raise ValueError(f"{origin}: unexpected weight {unexpected[0]!r} (a checkpoint of another model?)")
-    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})

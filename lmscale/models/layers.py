@@ -1,4 +1,4 @@
-"""Transformer building blocks shared by the GPT flavors (and later BERT).
+"""Transformer building blocks shared by the model families (GPT flavors, BERT).
 
 References:
 - GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
@@ -118,14 +118,16 @@ class Attention(nn.Module):
 
 
 class GeluMLP(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, bias: bool) -> None:
+    def __init__(self, d_model: int, d_ff: int, bias: bool, approximate: str = "tanh") -> None:
+        """``approximate``: GPT-2 uses the tanh approximation of GELU, BERT the exact one ("none"); matching
+        the original keeps exported logits identical."""
         super().__init__()
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # GPT-2 uses the tanh approximation of GELU; matching it keeps exported logits identical.
-        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.approximate))
 
 
 class SwiGLUMLP(nn.Module):

@@ -13,7 +13,8 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from lmscale.models import GPT
+from lmscale.models import build_model as build_family_model
+from lmscale.models import count_parameters
 from lmscale.train.ds_config import deepspeed_config
 from lmscale.train.plan import RunPlan
 from lmscale.train.spike import SkipStepAdamW, SpikeGuard
@@ -78,8 +79,8 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 def build_model(
     plan: RunPlan, rank: int, load_weights: Callable[[], dict[str, torch.Tensor]] | None = None
-) -> tuple[GPT, int]:
-    """The model with its initial weights, and its parameter count.
+) -> tuple[torch.nn.Module, int]:
+    """The model of the run's family with its initial weights, and its parameter count.
 
     The weights come from ``run.seed`` alone (or from ``load_weights``, a full lmscale state dict), so every
     rank and every ZeRO stage starts from the same values. Under ZeRO-3 the model is constructed inside
@@ -90,17 +91,17 @@ def build_model(
     """
     generator = torch.Generator().manual_seed(plan.cfg.run.seed)
     if plan.cfg.zero.stage != 3:
-        model = GPT(plan.model_config(), generator)
+        model = build_family_model(plan.model_config, generator)
         if load_weights is not None:
             model.load_state_dict(load_weights())
-        return model, model.num_params()
+        return model, count_parameters(model)
 
     ds_config = deepspeed_config(plan, accelerator_name())
     remote = "cpu" if plan.cfg.zero.offload_params == "cpu" else None
     with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote):
-        # Each block is partitioned as soon as it is built, so the initialisation inside GPT() touches empty
+        # Each block is partitioned as soon as it is built, so the initialisation inside the model touches empty
         # local shards: the values are written below.
-        model = GPT(plan.model_config())
+        model = build_family_model(plan.model_config)
     state = load_weights() if load_weights is not None and rank == 0 else None
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
@@ -111,12 +112,11 @@ def build_model(
                     value = torch.empty(param.shape)
                     model.init_parameter(name, value, generator)
                 param.data.copy_(value)
-    count = sum(p.ds_numel for p in model.parameters())
-    return model, count
+    return model, count_parameters(model)
 
 
 def build_engine(
-    plan: RunPlan, model: GPT, load_universal: bool = False
+    plan: RunPlan, model: torch.nn.Module, load_universal: bool = False
 ) -> tuple[Any, dict[str, Any], SpikeGuard | None]:
     """Wrap the model in a DeepSpeed engine (ZeRO stage, precision, clipping and AdamW from the plan). With
     ``trainer.spike_sigma`` the optimizer is lmscale's skip-step AdamW, gated by the returned guard."""

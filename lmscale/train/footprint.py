@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from lmscale.config import Config
-from lmscale.models import GPT, GPTConfig, flops_per_token
+from lmscale.models import ModelConfig, build_model, flops_per_token
 
 GB = 1e9
 RUNTIME_OVERHEAD_BYTES = 1.5 * GB
@@ -51,15 +51,16 @@ class MemoryEstimate:
         return ", ".join(f"{name} {getattr(self, name) / GB:.1f}" for name in parts) + " GB"
 
 
-def count_parameters(model_cfg: GPTConfig) -> int:
+def count_parameters(model_cfg: ModelConfig) -> int:
     """Exact, from the module built on the meta device (no memory, no initialisation)."""
     with torch.device("meta"):
-        model = GPT(model_cfg)
+        model = build_model(model_cfg)
     return sum(p.numel() for p in model.parameters())
 
 
-def estimate_memory(cfg: Config, model_cfg: GPTConfig, world_size: int, micro_batch: int) -> MemoryEstimate:
-    """Peak device bytes of one rank of a ``world_size``-rank job."""
+def estimate_memory(cfg: Config, world_size: int, micro_batch: int) -> MemoryEstimate:
+    """Peak device bytes of one rank of a ``world_size``-rank job (``cfg``: resolved, vocab_size and seq_len set)."""
+    model_cfg = cfg.model
     n = count_parameters(model_cfg)
     stage, bf16 = cfg.zero.stage, cfg.trainer.precision == "bf16"
     element = 2 if bf16 else 4
@@ -68,11 +69,13 @@ def estimate_memory(cfg: Config, model_cfg: GPTConfig, world_size: int, micro_ba
     optimizer = 0.0 if cfg.zero.offload_optimizer != "none" else (12 if bf16 else 8) * n / world_size
     tokens = micro_batch * model_cfg.seq_len
     per_token_layer = (16 * model_cfg.d_model + 4.5 * model_cfg.ff_dim) * element / 2
-    logits = tokens * model_cfg.vocab_size * (element + 4 + 4)
+    logits = tokens * cfg.predicted_fraction * model_cfg.vocab_size * (element + 4 + 4)
     activations = tokens * model_cfg.n_layers * per_token_layer + logits
     return MemoryEstimate(n, weights, gradients, optimizer, activations, RUNTIME_OVERHEAD_BYTES)
 
 
-def step_seconds(model_cfg: GPTConfig, tokens_per_step: int, world_size: int, peak_flops: float, mfu: float) -> float:
-    """Seconds one optimizer step takes at ``mfu`` of ``peak_flops`` on every rank."""
-    return flops_per_token(model_cfg, model_cfg.seq_len) * tokens_per_step / (world_size * peak_flops * mfu)
+def step_seconds(cfg: Config, tokens_per_step: int, world_size: int, peak_flops: float, mfu: float) -> float:
+    """Seconds one optimizer step takes at ``mfu`` of ``peak_flops`` on every rank (``cfg``: resolved)."""
+    m = cfg.model
+    assert m.seq_len is not None
+    return flops_per_token(m, m.seq_len, cfg.predicted_fraction) * tokens_per_step / (world_size * peak_flops * mfu)

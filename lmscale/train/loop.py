@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from lmscale import run_layout
 from lmscale.errors import LmscaleError
+from lmscale.models import family_of
 from lmscale.train import checkpoint, memory
 from lmscale.train.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.train.metrics import MetricsLogger, open_step_log
@@ -56,6 +57,14 @@ def reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 def mean_over_ranks(value: torch.Tensor) -> float:
     return reduce_mean(value).item()
+
+
+def accuracy(hits: torch.Tensor) -> float:
+    """Right predictions over predicted tokens, summed over all ranks, from a (right, predicted) tensor."""
+    total = hits.clone()
+    dist.all_reduce(total)
+    right, predicted = total.tolist()
+    return right / predicted if predicted else float("nan")
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -132,6 +141,7 @@ class Trainer:
                     if int(path.stem.removeprefix("rank_")) >= plan.world_size:
                         open_step_log(path, state.step).close()
         self.device = engine.device
+        self.masked_lm = family_of(self.cfg.model).data_format == "mlm"
 
     def train_step(self) -> dict[str, float]:
         cfg, plan = self.cfg, self.plan
@@ -142,14 +152,14 @@ class Trainer:
         data_wait = 0.0
         keys: list[str] = []
         loss_sum = torch.zeros((), device=self.device)
+        hits = torch.zeros(2, device=self.device)
         for micro in range(plan.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(self.train_batches)
             data_wait += time.perf_counter() - wait_started
             keys.extend(batch["keys"])
             self.skipped_here.update(batch["skipped_shards"])
-            tokens = batch["tokens"].to(self.device, non_blocking=True)
-            _, loss = self.engine(tokens[:, :-1], tokens[:, 1:])
+            loss = self.forward(batch["inputs"], hits)
             self.engine.backward(loss)
             loss_sum += loss.detach()
             if micro == plan.grad_accum_steps - 1:
@@ -169,6 +179,7 @@ class Trainer:
         tokens_per_s = plan.tokens_per_step / step_time
         return {
             "loss": loss_value,
+            **({"mlm_accuracy": accuracy(hits)} if self.masked_lm else {}),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
@@ -207,18 +218,33 @@ class Trainer:
             self.logger.event(step, "skipped_spikes", new=skipped - self.spikes_logged, total=skipped)
             self.spikes_logged = skipped
 
+    def forward(self, inputs: dict[str, torch.Tensor], hits: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's loss; for a masked LM, adds (right predictions, masked tokens) to ``hits``."""
+        on_device = {name: value.to(self.device, non_blocking=True) for name, value in inputs.items()}
+        logits, loss = self.engine(**on_device)
+        if self.masked_lm:
+            with torch.no_grad():
+                targets = on_device["targets"]
+                masked = targets[targets != -100]  # the order of the model's rows of masked positions
+                hits[0] += (logits.argmax(-1) == masked).sum()
+                hits[1] += masked.numel()
+        return loss
+
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict[str, float]:
         self.engine.eval()
         total = torch.zeros((), device=self.device)
+        hits = torch.zeros(2, device=self.device)
         count = 0
         for batch in self.eval_batches:
-            tokens = batch["tokens"].to(self.device)
-            _, loss = self.engine(tokens[:, :-1], tokens[:, 1:])
-            total += loss.float()
+            total += self.forward(batch["inputs"], hits).float()
             count += 1
         self.engine.train()
-        return mean_over_ranks(total / max(count, 1))
+        val_loss = mean_over_ranks(total / max(count, 1))
+        result = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+        if self.masked_lm:
+            result["val_mlm_accuracy"] = accuracy(hits)
+        return result
 
     @contextlib.contextmanager
     def long_collectives(self) -> Iterator[None]:
@@ -345,9 +371,7 @@ class Trainer:
                 self.roll_back(metrics)
                 continue
             if every_eval and step % every_eval == 0:
-                val_loss = self.evaluate()
-                metrics["val_loss"] = val_loss
-                metrics["val_perplexity"] = math.exp(min(val_loss, 50.0))
+                metrics.update(self.evaluate())
             if step % cfg.logging.every_steps == 0 or "val_loss" in metrics or step == cfg.trainer.max_steps:
                 self.report_spikes(step, metrics)
                 self.logger.log(step, metrics)

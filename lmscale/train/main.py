@@ -17,17 +17,20 @@ import signal
 import sys
 import traceback
 import uuid
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from lmscale import run_layout
 from lmscale.config import load_config, pin_run_dir
+from lmscale.data.collate import MaskedLMBatch, causal_batch
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import AgreedError, LmscaleError, one_line
 from lmscale.export.hf_dir import load_hf_model
-from lmscale.models import flops_per_token
+from lmscale.models import family_of, flops_per_token
 from lmscale.train import checkpoint, memory, topology
 from lmscale.train.engine import (
     barrier,
@@ -54,6 +57,15 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def collator(plan: RunPlan, probability: float) -> Callable[[np.ndarray, Sequence[int]], dict[str, torch.Tensor]]:
+    """What turns samples into the model's inputs: the shifted targets of a causal LM, or masks drawn with
+    ``probability`` for a masked LM."""
+    if family_of(plan.cfg.model).data_format == "causal":
+        return causal_batch
+    manifest = plan.manifests[0]
+    return MaskedLMBatch(manifest.special_tokens, manifest.vocab_size, probability, plan.cfg.run.seed)
+
+
 def data_loaders(
     plan: RunPlan, rank: int, start_position: int, pin_memory: bool
 ) -> tuple[DataLoader, DataLoader | None]:
@@ -77,6 +89,7 @@ def data_loaders(
         start_position=start_position,
         shuffle=cfg.data.shuffle,
         lanes=cfg.data.lanes,
+        collate=collator(plan, cfg.data.mlm_probability),
         **common,
     )
     workers = cfg.data.num_workers
@@ -99,6 +112,7 @@ def data_loaders(
         [StreamSource(split_shards(sources[0].path, manifest, "validation"))],
         shuffle=False,
         max_micro_batches=cfg.trainer.eval_batches,
+        collate=collator(plan, cfg.data.mlm_eval_probability),
         **common,
     )
     return train_loader, DataLoader(val, batch_size=None, num_workers=0, pin_memory=pin_memory)
@@ -216,14 +230,14 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
             spike_guard.load_state_dict(saved["spike_guard"])
     train_loader, val_loader = data_loaders(plan, rank, state.samples_seen, pin_memory=rank_device.type == "cuda")
 
-    model_cfg = plan.model_config()
+    model_cfg = plan.model_config
     barrier()  # ranks measure a CPU peak together, as they will share the cores
     peak, peak_source = peak_flops(engine.device, cfg.trainer.precision, cfg.logging.peak_flops)
     run_info = {
         "deepspeed": ds_config,
         "world_size": world_size,
         "parameters": n_params,
-        "flops_per_token": flops_per_token(model_cfg, plan.seq_len),
+        "flops_per_token": flops_per_token(model_cfg, plan.seq_len, cfg.predicted_fraction),
         "peak_flops_per_rank": peak,
         "peak_flops_source": peak_source,
         **launch_info(run_dir),
@@ -238,9 +252,9 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
             replay = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
             sinks.append(WandbSink(cfg, run_dir, state.wandb_id, run_info, replay))
         log.info(
-            "model %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d, peak %.3g FLOP/s per "
-            "rank (%s)", model_cfg.flavor, n_params / 1e6, world_size, plan.global_batch_size, plan.seq_len,
-            cfg.zero.stage, peak or float("nan"), peak_source,
+            "model %s %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d, peak %.3g "
+            "FLOP/s per rank (%s)", model_cfg.family, model_cfg.flavor, n_params / 1e6, world_size,
+            plan.global_batch_size, plan.seq_len, cfg.zero.stage, peak or float("nan"), peak_source,
         )  # fmt: skip
     logger = MetricsLogger(sinks)
     # What this job's start cost rank 0's device beyond what it held before the model existed: under ZeRO-3

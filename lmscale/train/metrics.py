@@ -38,7 +38,9 @@ class ConsoleSink:
 
     FIELDS = (
         ("loss", "{:.4f}"),
+        ("mlm_accuracy", "{:.1%}"),
         ("val_loss", "{:.4f}"),
+        ("val_mlm_accuracy", "{:.1%}"),
         ("lr", "{:.2e}"),
         ("grad_norm", "{:.3f}"),
         ("tokens_per_s", "{:,.0f}"),

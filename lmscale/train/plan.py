@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmscale.config import Config, ConfigError, ModelConfig, grad_accum_steps
+from lmscale.config import Config, ConfigError, grad_accum_steps
 from lmscale.data.manifest import Manifest, is_remote, read_manifest
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.models import GPTConfig
+from lmscale.models import ModelConfig, family_of
 
 
 @dataclass(frozen=True)
@@ -41,28 +41,10 @@ class RunPlan:
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_len
 
-    def model_config(self) -> GPTConfig:
-        return gpt_config(self.cfg.model)
-
-
-def gpt_config(m: ModelConfig) -> GPTConfig:
-    """The architecture of a resolved model section (vocab_size and seq_len filled in)."""
-    assert m.vocab_size is not None and m.seq_len is not None
-    return GPTConfig(
-        vocab_size=m.vocab_size,
-        seq_len=m.seq_len,
-        d_model=m.d_model,
-        n_layers=m.n_layers,
-        n_heads=m.n_heads,
-        n_kv_heads=m.n_kv_heads,
-        d_ff=m.d_ff,
-        flavor=m.flavor,
-        dropout=m.dropout,
-        tie_embeddings=m.tie_embeddings,
-        rope_theta=m.rope_theta,
-        norm_eps=m.norm_eps,
-        init_std=m.init_std,
-    )
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model section, vocab_size and seq_len filled in."""
+        return self.cfg.model
 
 
 def read_manifests(cfg: Config) -> list[Manifest]:
@@ -89,6 +71,14 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
                 f"data.sources: {source.path} has seq_len {manifest.seq_len}, {sources[0].path} {first.seq_len}"
             )
     m = cfg.model
+    wanted = family_of(m).data_format
+    for i, (source, manifest) in enumerate(zip(sources, manifests, strict=True)):
+        if manifest.format != wanted:
+            field = "data.path" if cfg.data.path is not None else f"data.sources[{i}].path"
+            raise ConfigError(
+                f"{field}: {source.path} holds {manifest.format} shards, but model.family {m.family} trains on "
+                f"{wanted} shards (prepare the data with `lmscale prepare --format {wanted}`)"
+            )
     vocab_size = m.vocab_size or first.vocab_size
     if vocab_size < first.vocab_size:
         raise ConfigError(
@@ -119,14 +109,12 @@ def check_init_from(m: ModelConfig) -> None:
         theirs, _ = read_hf_config(Path(m.init_from))
     except UsageError as err:
         raise ConfigError(f"model.init_from: {err}") from None
-    ours = gpt_config(m)
-    rotary = ("rope_theta",) if m.flavor == "llama" else ()
-    for name in ("flavor", "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "kv_heads", "ff_dim",
-                 "tie_embeddings", "norm_eps", *rotary):  # fmt: skip
-        if getattr(ours, name) != getattr(theirs, name):
-            raise ConfigError(
-                f"model.{name}: {getattr(ours, name)} here, {getattr(theirs, name)} in {m.init_from}/config.json"
-            )
+    if theirs.family != m.family:
+        raise ConfigError(f"model.family: {m.family} here, {theirs.family} in {m.init_from}/config.json")
+    ours_arch, theirs_arch = m.architecture(), theirs.architecture()
+    for name, value in ours_arch.items():
+        if value != theirs_arch[name]:
+            raise ConfigError(f"model.{name}: {value} here, {theirs_arch[name]} in {m.init_from}/config.json")
 
 
 ORDER_FIELDS = (("run", "seed"), ("data", "shuffle"), ("data", "lanes"), ("trainer", "micro_batch_size"))

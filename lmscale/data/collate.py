@@ -1,0 +1,52 @@
+"""Micro-batches of packed samples -> a model's inputs: ``{"idx", "targets"}`` and, for masked LM, ``pad_mask``.
+
+Runs in the loader workers, with the global stream position of every sample: masking draws from a generator
+seeded by (run seed, position), so each serving of a sample gets fresh masks, and a resume on any world size
+or number of loader workers masks exactly as the uninterrupted run did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+MASK_STREAM = 3
+"""Tells the masking generators apart from the stream's others (shard order 0, sample order 1, mixture 2)."""
+
+
+def causal_batch(tokens: np.ndarray, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Next-token prediction: each sample's first seq_len tokens, predicting the seq_len after them."""
+    rows = torch.from_numpy(tokens.astype(np.int64))
+    return {"idx": rows[:, :-1], "targets": rows[:, 1:]}
+
+
+class MaskedLMBatch:
+    """BERT's masking: each ordinary token is chosen with ``probability``; a chosen one becomes [MASK] 80% of the
+    time, a random ordinary token 10%, stays itself 10%, and only chosen ones carry a target. Special tokens
+    ([CLS], [SEP], [PAD], ...) are never chosen."""
+
+    def __init__(self, special_tokens: dict[str, int], vocab_size: int, probability: float, seed: int) -> None:
+        self.mask_id, self.pad_id = special_tokens["[MASK]"], special_tokens["[PAD]"]
+        self.special = np.asarray(sorted(special_tokens.values()), dtype=np.int64)
+        self.ordinary = np.setdiff1d(np.arange(vocab_size, dtype=np.int64), self.special)
+        self.probability, self.seed = probability, seed
+
+    def __call__(self, tokens: np.ndarray, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        idx = tokens.astype(np.int64)
+        targets = np.full_like(idx, -100)
+        maskable = ~np.isin(idx, self.special)
+        for row, position in enumerate(positions):
+            rng = np.random.default_rng([self.seed, position, MASK_STREAM])
+            chosen = (rng.random(idx.shape[1]) < self.probability) & maskable[row]
+            how = rng.random(idx.shape[1])
+            random_tokens = self.ordinary[rng.integers(len(self.ordinary), size=idx.shape[1])]
+            targets[row, chosen] = idx[row, chosen]
+            idx[row] = np.where(chosen & (how < 0.8), self.mask_id, idx[row])
+            idx[row] = np.where(chosen & (how >= 0.8) & (how < 0.9), random_tokens, idx[row])
+        return {
+            "idx": torch.from_numpy(idx),
+            "targets": torch.from_numpy(targets),
+            "pad_mask": torch.from_numpy(tokens != self.pad_id),
+        }
