@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 from benchmarks.common import write_corpus
 from lmscale.data.tokenizer import train_tokenizer
 from lmscale.export.export import write_hf_dir
-from lmscale.export.hf_dir import load_hf_model
+from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
 from lmscale.models import GPT, GPTConfig
 
@@ -53,7 +53,7 @@ def main() -> None:
         extra = {"n_kv_heads": 4, "tie_embeddings": False} if args.flavor == "llama" else {}
         cfg = GPTConfig(vocab_size=8192, seq_len=512, d_model=512, n_layers=8, n_heads=8, flavor=args.flavor, **extra)
         (root / "model").mkdir()
-        write_hf_dir(GPT(cfg), 0, root / "tokenizer.json", root / "model", "fp32", "5GB")
+        write_hf_dir(GPT(cfg), root / "tokenizer.json", root / "model", "fp32", "5GB")
         ours, _ = load_hf_model(root / "model")
         ours.to(args.device)
         theirs = AutoModelForCausalLM.from_pretrained(str(root / "model"), dtype=torch.float32).to(args.device).eval()

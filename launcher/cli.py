@@ -193,34 +193,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every shard")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("train", help="train from a YAML config with DeepSpeed, on one node or several")
-    p.add_argument("config")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
-    p.add_argument("--nproc", type=int, help="ranks on this node (default: GPUs, or 1 on CPU)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved and DeepSpeed configs and exit")
-    p.add_argument(
-        "--prepare-only", action="store_true", help="write the run directory, print the per-rank command, and exit"
-    )
-    p.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a checkpoint tag")
-    p.add_argument(
-        "--stop-grace-s", type=float, default=600.0,
-        help="after SIGTERM/SIGUSR1/Ctrl-C, how long the ranks get to save and exit before they are killed (600)",
-    )  # fmt: skip
-    p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; run the same command on each")
-    p.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, --nnodes); node 0 hosts")
-    p.add_argument("--master-addr", help="address of node 0 that every node reaches (needed with --nnodes > 1)")
-    p.add_argument(
-        "--master-port", type=int, help="rendezvous port on node 0 (default: 29500 with --nnodes, else a free one)"
-    )
-    p.add_argument("--hostfile", help="start the ranks on these hosts with DeepSpeed's launcher (`HOST slots=N`)")
-    p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (sets logging.peak_flops)")
-    p.set_defaults(func=cmd_train)
+    for name, finetune, summary in (
+        ("train", False, "train from a YAML config with DeepSpeed, on one node or several"),
+        ("finetune", True, "fine-tune a pretrained BERT for sequence classification (a config with a task section)"),
+    ):
+        p = sub.add_parser(name, help=summary)
+        p.add_argument("config")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+        p.add_argument("--nproc", type=int, help="ranks on this node (default: GPUs, or 1 on CPU)")
+        p.add_argument("--dry-run", action="store_true", help="print the resolved and DeepSpeed configs and exit")
+        p.add_argument(
+            "--prepare-only", action="store_true", help="write the run directory, print the per-rank command, and exit"
+        )
+        p.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a checkpoint tag")
+        p.add_argument(
+            "--stop-grace-s", type=float, default=600.0,
+            help="after SIGTERM/SIGUSR1/Ctrl-C, how long the ranks get to save and exit before they are killed (600)",
+        )  # fmt: skip
+        p.add_argument("--nnodes", type=int, default=1, help="nodes in the job; run the same command on each")
+        p.add_argument("--node-rank", type=int, default=0, help="this node's index in [0, --nnodes); node 0 hosts")
+        p.add_argument("--master-addr", help="address of node 0 that every node reaches (needed with --nnodes > 1)")
+        p.add_argument(
+            "--master-port", type=int, help="rendezvous port on node 0 (default: 29500 with --nnodes, else a free one)"
+        )
+        p.add_argument("--hostfile", help="start the ranks on these hosts with DeepSpeed's launcher (`HOST slots=N`)")
+        p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (sets logging.peak_flops)")
+        p.set_defaults(func=cmd_train, finetune=finetune)
 
     _submit_parsers(sub)
 
     p = sub.add_parser("export", help="a ZeRO checkpoint to a Hugging Face model directory")
     p.add_argument("run_dir", help="runs/<name>")
-    p.add_argument("--checkpoint", default="latest", help="a tag (step_00000040) or latest")
+    p.add_argument(
+        "--checkpoint",
+        default="auto",
+        help="a tag (step_00000040), latest, best (a fine-tuning run's best validation accuracy), or auto: best "
+        "when the run has one, else latest",
+    )
     p.add_argument("--output", required=True, help="directory to write, e.g. exported/<name>")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--max-shard-size", default="5GB", help="split model.safetensors above this size")
@@ -237,12 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=lambda a: _infer("cmd_generate", a))
 
-    p = sub.add_parser("eval", help="loss and perplexity of an exported model or a run's latest checkpoint")
+    p = sub.add_parser(
+        "eval", help="score an exported model or a run's checkpoint: LM loss, masked-LM accuracy, classification"
+    )
     p.add_argument("model", help="an exported model directory or runs/<name>")
-    p.add_argument("--data", nargs="+", required=True, help="a prepared dataset directory, or text files")
+    p.add_argument(
+        "--data", nargs="+", required=True,
+        help="a prepared dataset directory or text files (language models); a .csv or .jsonl of labelled examples "
+        "(a classifier)",
+    )  # fmt: skip
     p.add_argument("--split", default="validation", help="split of a prepared dataset")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-batches", type=int, help="stop after this many batches")
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="share of tokens a masked LM is scored on")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks (masked LM)")
     p.set_defaults(func=lambda a: _infer("cmd_eval", a))
 
     p = sub.add_parser("report", help="plot a run's metrics.jsonl and summarise it")

@@ -7,13 +7,15 @@ import sys
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 
 from lmscale import run_layout
-from lmscale.data.tokenizer import end_token_id, load_tokenizer
+from lmscale.data.collate import MaskedLMBatch
+from lmscale.data.tokenizer import end_token_id, load_tokenizer, special_token_ids
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.export.hf_dir import load_hf_model
+from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
-from lmscale.models import GPT
+from lmscale.models import GPT, BertConfig
 
 
 def _device() -> torch.device:
@@ -23,6 +25,8 @@ def _device() -> torch.device:
 def cmd_generate(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     model, _ = load_hf_model(directory)
+    if not isinstance(model, GPT):
+        raise UsageError(f"{directory}: a {model.cfg.family} model does not generate text (lmscale eval scores it)")
     model.to(_device())
     tok = load_tokenizer(directory / "tokenizer.json")
     eot = end_token_id(tok)
@@ -62,20 +66,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_of_run(run_dir: Path) -> GPT:
-    """The latest checkpoint of a run, consolidated in memory (this path imports DeepSpeed)."""
+def _model_of_run(run_dir: Path) -> torch.nn.Module:
+    """A run's checkpoint (its best for a fine-tuning run, else its latest), consolidated in memory (this path
+    imports DeepSpeed)."""
     from lmscale.config import from_dict
     from lmscale.export.export import find_checkpoint
     from lmscale.models import build_model, load_checked
     from lmscale.train import checkpoint
     from lmscale.train.engine import consolidated_state_dict
 
-    tag = find_checkpoint(run_dir, "latest")
+    tag = find_checkpoint(run_dir, "auto")
     cfg = from_dict(checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)["config"])
-    if cfg.model.family != "gpt":
-        raise UsageError(f"{run_dir}: generation and evaluation of a {cfg.model.family} run are not supported yet")
     model = build_model(cfg.model)
-    assert isinstance(model, GPT)
     try:
         load_checked(model, consolidated_state_dict(str(run_dir / run_layout.CHECKPOINTS), tag), str(run_dir))
     except ValueError as err:
@@ -84,22 +86,48 @@ def _model_of_run(run_dir: Path) -> GPT:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmscale.inference.evaluate import evaluate, is_prepared, prepared_windows, text_windows
+    from lmscale.inference import evaluate as scores
 
     target = Path(args.model)
-    if (target / run_layout.CHECKPOINTS).is_dir():
-        model = _model_of_run(target)
-        tok = load_tokenizer(target / "tokenizer.json")
-    else:
-        model, _ = load_hf_model(target)
-        tok = load_tokenizer(target / "tokenizer.json")
+    model = _model_of_run(target) if (target / run_layout.CHECKPOINTS).is_dir() else load_hf_model(target)[0]
+    tokenizer_file = target / "tokenizer.json"
+    tok = load_tokenizer(tokenizer_file)
     model.to(_device())
-    if len(args.data) == 1 and is_prepared(args.data[0]):
-        windows, seq_len = prepared_windows(Path(args.data[0]), args.split, tok)
-        if seq_len > model.cfg.seq_len:
-            raise UsageError(f"--data: samples of {seq_len} tokens exceed the model's {model.cfg.seq_len} positions")
+    cfg = model.cfg
+    if isinstance(cfg, BertConfig) and cfg.num_labels:
+        return eval_classifier(args, model, tokenizer_file, tok)
+    prepared = len(args.data) == 1 and scores.is_prepared(args.data[0])
+    if prepared:
+        windows, seq_len = scores.prepared_windows(Path(args.data[0]), args.split, tok, cfg.data_format)
+        if seq_len > cfg.seq_len:
+            raise UsageError(f"--data: samples of {seq_len} tokens exceed the model's {cfg.seq_len} positions")
+    elif isinstance(cfg, BertConfig):
+        windows = scores.mlm_windows(args.data, tok, cfg.seq_len)
     else:
-        windows = text_windows(args.data, tok, model.cfg.seq_len)
-    result = evaluate(model, windows, args.batch_size, args.max_batches)
+        windows = scores.text_windows(args.data, tok, cfg.seq_len)
+    if isinstance(cfg, BertConfig):
+        if not 0 < args.mlm_probability < 1:
+            raise UsageError(f"--mlm-probability {args.mlm_probability}: must be in (0, 1)")
+        collate = MaskedLMBatch(special_token_ids(tok), tok.get_vocab_size(), args.mlm_probability, args.seed)
+        result = scores.evaluate_mlm(model, windows, collate, args.batch_size, args.max_batches)
+        print(f"loss {result.loss:.4f}  mlm_accuracy {result.accuracy:.4f}  perplexity {result.perplexity:.2f}  "
+              f"({result.tokens:,} masked tokens, {args.mlm_probability:g} masked)")  # fmt: skip
+        return 0
+    result = scores.evaluate(model, windows, args.batch_size, args.max_batches)
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens)")
+    return 0
+
+
+def eval_classifier(args: argparse.Namespace, model: torch.nn.Module, tokenizer_file: Path, tok: Tokenizer) -> int:
+    """Accuracy and macro-F1 of a classifier on one file of labelled examples (the columns it was tuned on)."""
+    from lmscale.data.labelled import Fields, encode_examples, read_examples
+    from lmscale.inference.evaluate import evaluate_classifier
+
+    if len(args.data) != 1:
+        raise UsageError("--data: a classifier is scored on one .csv or .jsonl file of labelled examples")
+    examples = read_examples(args.data[0], Fields(), "--data")
+    rows = encode_examples(examples, tokenizer_file, model.cfg.labels, model.cfg.seq_len)
+    result = evaluate_classifier(model, rows, special_token_ids(tok)["[PAD]"], args.batch_size)
+    print(f"accuracy {result.accuracy:.4f}  macro_f1 {result.macro_f1:.4f}  loss {result.loss:.4f}  "
+          f"({result.examples:,} examples)")  # fmt: skip
     return 0

@@ -48,11 +48,22 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve_config(config: str, overrides: list[str]) -> Config:
+def resolve_config(config: str, overrides: list[str], finetune: bool = False, write_task: bool = True) -> Config:
     """The validated config with local paths made absolute, so that ranks started from any directory (srun,
-    another node) find them."""
+    another node) find them. ``finetune``: a config with a task section, whose data this process prepares
+    (``write_task``) or waits for."""
     cfg = load_config(config, overrides)
     cfg = pin_run_dir(cfg, cfg.run.path.absolute())
+    if finetune != (cfg.task is not None):
+        raise UsageError(
+            f"{config}: a fine-tuning config (with a task section) runs with `lmscale finetune`"
+            if cfg.task is not None
+            else f"{config}: `lmscale finetune` needs a task section (task.train: labelled examples)"
+        )
+    if cfg.task is not None:
+        from launcher.finetune import resolve_task
+
+        cfg = resolve_task(cfg, write_task)
     if cfg.data.path is not None and not is_remote(cfg.data.path):
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).absolute())))
     sources = [
@@ -68,9 +79,11 @@ def kept_config(plan: RunPlan) -> Config:
     return dataclasses.replace(plan.cfg, trainer=trainer)
 
 
-def resolve(config: str, overrides: list[str], world_size: int, accelerator: str) -> tuple[Config, RunPlan, dict]:
+def resolve(
+    args: argparse.Namespace, overrides: list[str], world_size: int, accelerator: str
+) -> tuple[Config, RunPlan, dict]:
     """The config as the run directory keeps it, its plan for ``world_size`` ranks, and the DeepSpeed config."""
-    plan = plan_run(resolve_config(config, overrides), world_size)
+    plan = plan_run(resolve_config(args.config, overrides, args.finetune, args.node_rank == 0), world_size)
     return kept_config(plan), plan, deepspeed_config(plan, accelerator)
 
 
@@ -184,7 +197,7 @@ def train(args: argparse.Namespace, early: StopRequest | None = None) -> int:
     overrides = [*args.set, *([f"logging.peak_flops={args.peak_flops}"] if args.peak_flops else [])]
     # A config prepared on a login node without GPUs is still for the GPU nodes that will run it.
     accelerator = "cpu" if not gpus and not args.prepare_only else "cuda"
-    cfg, plan, ds_config = resolve(args.config, overrides, world_size, accelerator)
+    cfg, plan, ds_config = resolve(args, overrides, world_size, accelerator)
     if args.dry_run:
         print("# resolved lmscale config")
         print(cfg.to_yaml())

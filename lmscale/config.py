@@ -17,7 +17,7 @@ from typing import Any, Literal
 import yaml
 
 from lmscale.errors import UsageError
-from lmscale.models import GPTConfig, ModelConfig, family_of
+from lmscale.models import GPTConfig, ModelConfig
 
 
 class ConfigError(UsageError):
@@ -175,6 +175,24 @@ class LoggingConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Fine-tuning for sequence classification (``lmscale finetune``): labelled examples in CSV or JSONL."""
+
+    train: str | None = None
+    """Training examples: a .csv (with a header) or .jsonl file, one example per row."""
+    validation: str | None = None
+    """Validation examples, scored (accuracy, macro-F1) every trainer.eval_every_steps; the best checkpoint by
+    validation accuracy is kept."""
+    text_field: str = "text"
+    text_pair_field: str = "text_pair"
+    """A second text (sentence pairs), used when every row has it."""
+    label_field: str = "label"
+    """Class of the example: a string or an integer, kept as the class name."""
+    max_length: int | None = None
+    """Tokens per example, [CLS] and [SEP] included; longer examples are truncated. Default: model.seq_len."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +204,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    task: TaskConfig | None = None
+    """Fine-tuning only: the labelled data; ``lmscale finetune`` turns it into the run's data.path."""
 
     @property
     def total_steps(self) -> int:
@@ -194,7 +214,7 @@ class Config:
     @property
     def predicted_fraction(self) -> float:
         """Share of positions the output head predicts: the masked ones of a masked LM, all of a causal one."""
-        return self.data.mlm_probability if family_of(self.model).data_format == "mlm" else 1.0
+        return self.data.mlm_probability if self.model.data_format == "mlm" else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -392,6 +412,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")
     for i, source in enumerate(cfg.data.sources):
         _positive(source.weight, f"data.sources[{i}].weight")
+    if cfg.task is not None:
+        _positive(cfg.task.max_length, "task.max_length")
+        if cfg.task.train is None:
+            raise ConfigError("task.train: missing (a .csv or .jsonl file of labelled examples)")
+        if cfg.data.path is None and not cfg.data.sources:
+            return  # `lmscale finetune` prepares the task's data and sets data.path
     cfg.data.resolved_sources()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import shutil
 import subprocess
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lmscale.data.demo_corpus import write_demo_corpus
+from lmscale.data.demo_corpus import stdlib_docstrings, write_demo_corpus
 from lmscale.data.shard import PrepareOptions, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -132,6 +134,28 @@ def mlm_dataset(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
                              val_fraction=0.1, tokenizer_kind="wordpiece", format="mlm", in_process=True)  # fmt: skip
     prepare(options)
     return out
+
+
+CONCURRENCY = ("asyncio", "concurrent", "multiprocessing", "threading", "queue", "selectors", "subprocess", "socket")
+TEXT_FORMATS = ("email", "html", "xml", "json", "csv", "configparser", "tomllib", "plistlib", "mailbox", "string",
+                "base64", "quopri", "textwrap")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def classification_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Tell two kinds of document apart: docstrings of the standard library's concurrency modules and of its
+    text-format modules, 280 of each to train on (CSV) and 50 of each to validate on (JSONL)."""
+    out = tmp_path_factory.mktemp("task")
+    kinds = {"concurrency": stdlib_docstrings(10**8, CONCURRENCY), "formats": stdlib_docstrings(10**8, TEXT_FORMATS)}
+    train = [(doc, label) for i in range(280) for label, docs in kinds.items() for doc in [docs[i]]]
+    validation = [(doc, label) for i in range(280, 330) for label, docs in kinds.items() for doc in [docs[i]]]
+    with open(out / "train.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text", "label"])
+        writer.writerows(train)
+    with open(out / "validation.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": doc, "label": label}) + "\n" for doc, label in validation)
+    return out / "train.csv", out / "validation.jsonl"
 
 
 def run_cli(

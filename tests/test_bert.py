@@ -39,8 +39,8 @@ def test_the_config_section_selects_the_family_and_names_bad_fields() -> None:
         model_section({"family": "t5"})
     with pytest.raises(ConfigError, match=r"^model\.n_kv_heads: unknown key"):
         model_section({"family": "bert", "n_kv_heads": 2})
-    with pytest.raises(ConfigError, match=r"^model\.num_labels: must be 0 \(masked LM\) or at least 2"):
-        model_section({"family": "bert", "num_labels": 1})
+    with pytest.raises(ConfigError, match=r"^model\.labels: none \(masked LM\) or at least 2 distinct classes"):
+        model_section({"family": "bert", "labels": ["a", "a"]})
 
 
 @pytest.mark.parametrize("flavor", ["post_ln", "pre_ln"])
@@ -78,13 +78,15 @@ def test_the_masked_lm_loss_covers_the_masked_positions_only() -> None:
 
 
 def test_the_classifier_reads_the_cls_token() -> None:
-    model = tiny(num_labels=3)
+    model = tiny(labels=["a", "b", "c"])
     idx = torch.randint(5, 97, (4, 16))
     logits, loss = model(idx, torch.tensor([0, 1, 2, 1]))
     assert logits.shape == (4, 3) and loss is not None and not hasattr(model, "mlm_bias")
 
 
-@pytest.mark.parametrize("extra", [{}, {"flavor": "pre_ln"}, {"num_labels": 4}], ids=["mlm", "pre_ln", "classifier"])
+@pytest.mark.parametrize(
+    "extra", [{}, {"flavor": "pre_ln"}, {"labels": list("abcd")}], ids=["mlm", "pre_ln", "classifier"]
+)
 def test_flops_per_token_equals_what_pytorch_counts_in_a_training_step(extra: dict) -> None:
     """As for GPT: PyTorch's FLOP counter over a real step equals the MFU formula, here with the MLM head run on
     the masked positions only (counted by their share) or the classifier once per sequence."""
@@ -173,3 +175,103 @@ def test_mlm_samples_cover_every_token_of_the_document_stream() -> None:
 def test_prepare_refuses_mlm_without_a_wordpiece_tokenizer(corpus_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match=r"^--format mlm: needs a WordPiece tokenizer"):
         prepare(PrepareOptions(inputs=[str(corpus_dir)], output=tmp_path / "x", format="mlm", in_process=True))
+
+
+@pytest.mark.parametrize("labels", [[], ["fiction", "reference", "code"]], ids=["masked_lm", "classifier"])
+def test_both_heads_export_to_transformers_and_load_back(labels: list[str], mlm_dataset: Path, tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoTokenizer, pipeline
+
+    from lmscale.export.export import check_parity, write_hf_dir
+    from lmscale.hf.directory import load_hf_model
+
+    torch.manual_seed(0)
+    model = build_model(BertConfig(vocab_size=600, seq_len=64, d_model=64, n_layers=2, n_heads=4, labels=labels))
+    with torch.no_grad():
+        for p in model.parameters():  # weights far from their initial values, so a wrong key or norm shows
+            p.add_(torch.randn_like(p) * 0.3)
+    out = tmp_path / "export"
+    architecture = write_hf_dir(model, mlm_dataset / "tokenizer.json", out, "fp32", "5GB")
+    assert architecture == ("BertForSequenceClassification" if labels else "BertForMaskedLM")
+    diff, tol = check_parity(model, out, "fp32")
+    assert diff <= tol, (diff, tol)
+    config = AutoConfig.from_pretrained(out)
+    assert config.model_type == "bert" and config.pad_token_id == PAD
+    tok = AutoTokenizer.from_pretrained(out)
+    assert (tok.cls_token, tok.sep_token, tok.pad_token, tok.mask_token, tok.unk_token) == (
+        "[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]"
+    )  # fmt: skip
+    ids = tok("the first line", "and the second")
+    assert ids["input_ids"][0] == CLS and ids["input_ids"].count(SEP) == 2 and ids["token_type_ids"][-1] == 1
+    reloaded, _ = load_hf_model(out)
+    batch = {"idx": torch.tensor([ids["input_ids"]]), "token_type_ids": torch.tensor([ids["token_type_ids"]])}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch)[0], model.eval()(**batch)[0])
+    if labels:
+        assert config.id2label == dict(enumerate(labels)) and config.label2id == {n: i for i, n in enumerate(labels)}
+        (prediction,) = pipeline("text-classification", model=str(out))("a sentence to classify")
+        assert prediction["label"] in labels and 0.0 < prediction["score"] <= 1.0
+    else:
+        filled = pipeline("fill-mask", model=str(out), top_k=3)("the [MASK] of the function")
+        assert len(filled) == 3 and all(f["sequence"].endswith(" of the function") for f in filled)
+
+
+def test_a_pre_ln_bert_is_refused_by_export_in_one_line(mlm_dataset: Path, tmp_path: Path) -> None:
+    from lmscale.errors import LmscaleError
+    from lmscale.export.export import write_hf_dir
+
+    model = build_model(BertConfig(vocab_size=600, seq_len=64, d_model=64, n_layers=2, n_heads=4, flavor="pre_ln"))
+    with pytest.raises(LmscaleError, match=r"^model\.flavor pre_ln: transformers has no BERT class"):
+        write_hf_dir(model, mlm_dataset / "tokenizer.json", tmp_path / "x", "fp32", "5GB")
+
+
+def test_labelled_files_are_read_and_their_faults_named_in_one_line(tmp_path: Path) -> None:
+    from lmscale.data.labelled import Fields, encode_examples, label_names, read_examples
+
+    fields = Fields()
+    good = tmp_path / "good.csv"
+    good.write_text('text,label\n"a first, quoted\ntext",2\nsecond,10\nthird,2\n')
+    examples = read_examples(good, fields, "task.train")
+    assert examples.texts[0] == "a first, quoted\ntext" and examples.labels == ["2", "10", "2"]
+    assert examples.lines == [3, 4, 5] and examples.pairs is None
+    assert label_names(examples.labels) == ["2", "10"]  # numeric labels by value, not as strings
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"text": "a", "text_pair": "b", "label": "yes"}\n\n{"text": "c", "text_pair": "d", "label": 1}\n')
+    assert read_examples(pairs, fields, "task.train").pairs == ["b", "d"]
+    cases = {
+        "missing.csv": (None, r"^task\.train: .*missing\.csv: file not found$"),
+        "empty.csv": ("text,label\n", r"^task\.train: .*empty\.csv: no examples$"),
+        "blank.jsonl": ("\n\n", r"^task\.train: .*blank\.jsonl: no examples$"),
+        "columns.csv": ("body,label\nx,1\n", r"^.*columns\.csv: no column 'text' \(its columns: body, label\)$"),
+        "nolabel.jsonl": ('{"text": "x", "label": 1}\n{"text": "y"}\n', r"^.*nolabel\.jsonl:2: no 'label'$"),
+        "broken.jsonl": ('{"text": "x", "label": 1}\n{"text": \n', r"^.*broken\.jsonl:2: not valid JSON$"),
+        "data.txt": ("x\n", r"^.*data\.txt: expected a \.csv or \.jsonl file$"),
+    }
+    for name, (content, message) in cases.items():
+        if content is not None:
+            (tmp_path / name).write_text(content)
+        with pytest.raises(UsageError, match=message):
+            read_examples(tmp_path / name, fields, "task.train")
+    unknown = tmp_path / "validation.jsonl"
+    unknown.write_text('{"text": "x", "label": 2}\n{"text": "y", "label": 3}\n')
+    with pytest.raises(
+        UsageError, match=r"validation\.jsonl:2: label '3' is not one of the training labels \(2, 10\)$"
+    ):
+        encode_examples(read_examples(unknown, fields, "task.validation"), Path("unused"), ["2", "10"], 16)
+
+
+def test_classification_rows_hold_the_label_the_pair_and_its_token_types(mlm_dataset: Path, tmp_path: Path) -> None:
+    from lmscale.data.collate import ClassificationBatch
+    from lmscale.data.labelled import Fields, read_examples, write_task_dataset
+
+    train = tmp_path / "train.jsonl"
+    train.write_text('{"text": "return the value", "text_pair": "of the object", "label": "b"}\n'
+                     '{"text": "a much longer first text than the others", "text_pair": "x", "label": "a"}\n')  # fmt: skip
+    manifest = write_task_dataset(tmp_path / "task", mlm_dataset / "tokenizer.json",
+                                  read_examples(train, Fields(), "task.train"), None, 8)  # fmt: skip
+    assert manifest.format == "classification" and manifest.labels == ["a", "b"] and manifest.sample_len == 17
+    rows = read_shard(split_shards(str(tmp_path / "task"), manifest, "train")[0], 17, manifest.np_dtype)[0]
+    batch = ClassificationBatch(PAD, 8, examples=1)(rows, [0, 1])
+    assert batch["targets"].tolist() == [1, -100]  # the second position is past the scored examples
+    ids, types = batch["idx"][0].tolist(), batch["token_type_ids"][0].tolist()
+    assert ids[0] == CLS and ids.count(SEP) == 2 and batch["pad_mask"][0].all()  # truncated to 8 tokens exactly
+    assert types == [0] * (ids.index(SEP) + 1) + [1] * (7 - ids.index(SEP))

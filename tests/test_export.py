@@ -14,8 +14,8 @@ from lmscale.data.manifest import read_manifest
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import LmscaleError
 from lmscale.export.export import check_parity, write_hf_dir
-from lmscale.export.hf import from_hf, to_hf
-from lmscale.export.hf_dir import load_hf_model
+from lmscale.hf.convert import from_hf, to_hf
+from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
 from lmscale.models import GPT, GPTConfig
 from lmscale.train.checkpoint_manifest import digest
@@ -56,7 +56,7 @@ def test_converter_matches_transformers_and_round_trips(flavor: str, dataset: Pa
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
     out = tmp_path / "hf"
     out.mkdir()
-    architecture = write_hf_dir(model, 0, dataset / "tokenizer.json", out, "fp32", "5GB")
+    architecture = write_hf_dir(model, dataset / "tokenizer.json", out, "fp32", "5GB")
     assert architecture == {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM"}[flavor]
     assert_matches_transformers(model, out)
     diff, tol = check_parity(model, out, "fp32")
@@ -72,7 +72,7 @@ def test_sharded_bf16_export_loads(dataset: Path, tmp_path: Path) -> None:
     model = tiny_model("llama")
     out = tmp_path / "hf"
     out.mkdir()
-    write_hf_dir(model, 0, dataset / "tokenizer.json", out, "bf16", "100KB")
+    write_hf_dir(model, dataset / "tokenizer.json", out, "bf16", "100KB")
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     diff, tol = check_parity(model, out, "bf16")  # against lmscale's weights rounded to bf16: a tight check
     assert diff < 1e-4 and diff < tol
@@ -238,7 +238,7 @@ def test_eval_reports_the_models_loss_on_a_dataset_and_on_text(dataset: Path, co
     model = tiny_model("gpt2")
     out = tmp_path / "hf"
     out.mkdir()
-    write_hf_dir(model, 0, dataset / "tokenizer.json", out, "fp32", "5GB")
+    write_hf_dir(model, dataset / "tokenizer.json", out, "fp32", "5GB")
     manifest = read_manifest(dataset)
     rows = np.concatenate([s for s in (read_shard_rows(dataset, manifest))])
     with torch.no_grad():
@@ -264,7 +264,7 @@ def read_shard_rows(dataset: Path, manifest) -> list[np.ndarray]:
 
 def test_init_from_refuses_what_it_cannot_continue(dataset: Path, tmp_path: Path) -> None:
     from lmscale.config import ConfigError
-    from lmscale.export.hf import gpt_config_from_hf
+    from lmscale.hf.gpt import gpt_config_from_hf
     from lmscale.train.plan import check_init_from_tokenizer
 
     llama = {"model_type": "llama", "vocab_size": 512, "max_position_embeddings": 64, "hidden_size": 64,

@@ -1,4 +1,5 @@
-"""Micro-batches of packed samples -> a model's inputs: ``{"idx", "targets"}`` and, for masked LM, ``pad_mask``.
+"""Micro-batches of samples -> a model's inputs: ``{"idx", "targets"}`` and, for an encoder, ``pad_mask`` (and
+``token_type_ids`` for a classifier).
 
 Runs in the loader workers, with the global stream position of every sample: masking draws from a generator
 seeded by (run seed, position), so each serving of a sample gets fresh masks, and a resume on any world size
@@ -49,4 +50,28 @@ class MaskedLMBatch:
             "idx": torch.from_numpy(idx),
             "targets": torch.from_numpy(targets),
             "pad_mask": torch.from_numpy(tokens != self.pad_id),
+        }
+
+
+class ClassificationBatch:
+    """Rows of ``lmscale.data.labelled`` (label id, token ids, token types) -> a classifier's inputs, cut to the
+    batch's longest example. Positions at or past ``examples`` (the end of a validation pass that fills its
+    last micro-batches with repeats) get the target -100, so they count towards no score."""
+
+    def __init__(self, pad_id: int, seq_len: int, examples: int | None = None) -> None:
+        self.pad_id, self.seq_len, self.examples = pad_id, seq_len, examples
+
+    def __call__(self, tokens: np.ndarray, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = tokens.astype(np.int64)
+        idx, types = rows[:, 1 : 1 + self.seq_len], rows[:, 1 + self.seq_len :]
+        targets = rows[:, 0].copy()
+        if self.examples is not None:
+            targets[np.asarray(positions) >= self.examples] = -100
+        pad_mask = idx != self.pad_id
+        longest = int(pad_mask.sum(axis=1).max())
+        return {
+            "idx": torch.from_numpy(np.ascontiguousarray(idx[:, :longest])),
+            "token_type_ids": torch.from_numpy(np.ascontiguousarray(types[:, :longest])),
+            "pad_mask": torch.from_numpy(np.ascontiguousarray(pad_mask[:, :longest])),
+            "targets": torch.from_numpy(targets),
         }

@@ -10,13 +10,16 @@ import sysconfig
 from pathlib import Path
 
 
-def stdlib_docstrings(max_bytes: int) -> list[str]:
-    """Module, class and function docstrings of the standard library, in a fixed (sorted) file order."""
+def stdlib_docstrings(max_bytes: int, modules: tuple[str, ...] = ()) -> list[str]:
+    """Module, class and function docstrings of the standard library, in a fixed (sorted) file order; only of
+    the top-level ``modules`` (packages or modules, e.g. ``("asyncio", "threading")``) when given."""
     root = Path(sysconfig.get_paths()["stdlib"])
     documents: list[str] = []
     size = 0
     for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
         if "test" in path.parts[-2:] or path.name.startswith("test"):
+            continue
+        if modules and path.relative_to(root).parts[0].removesuffix(".py") not in modules:
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))

@@ -60,12 +60,17 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     format: str = "causal"
-    """``causal`` (GPT: a stream cut into seq_len + 1 tokens) or ``mlm`` (BERT: RoBERTa-style packed samples)."""
+    """``causal`` (GPT: a stream cut into seq_len + 1 tokens), ``mlm`` (BERT: RoBERTa-style packed samples) or
+    ``classification`` (labelled examples for fine-tuning, ``lmscale.data.labelled``)."""
     special_tokens: dict[str, int] = field(default_factory=dict)
     """The tokenizer's special tokens and their ids, e.g. ``{"[PAD]": 0, ..., "[MASK]": 4}``."""
+    labels: list[str] = field(default_factory=list)
+    """Classification: the class names, in label-id order."""
 
     @property
     def sample_len(self) -> int:
+        if self.format == "classification":
+            return 1 + 2 * self.seq_len  # label id, token ids, token types
         return self.seq_len + 1 if self.format == "causal" else self.seq_len
 
     @property

@@ -35,11 +35,11 @@ from lmscale.data.ray_cluster import check_cluster, start_ray
 from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_documents
 from lmscale.data.tokenizer import (
     BERT_SPECIALS,
-    EOT,
     TokenizerKind,
     end_token_id,
     file_sha256,
     load_tokenizer,
+    special_token_ids,
     tokenizer_kind,
     train_tokenizer,
 )
@@ -237,6 +237,23 @@ def mlm_pieces(table: DocTable, content_len: int) -> tuple[np.ndarray, np.ndarra
     return np.asarray(starts, dtype=np.int64), np.asarray(ends, dtype=np.int64)
 
 
+def pack_samples(
+    stream: np.ndarray, starts: np.ndarray, ends: np.ndarray, sample_len: int, wrap: tuple[int, int, int] | None
+) -> np.ndarray:
+    """The samples of the spans [start, end) of ``stream``: as they are (causal), or each between ``[CLS]`` and
+    ``[SEP]`` and padded with ``[PAD]`` when ``wrap`` gives those ids (masked LM)."""
+    samples = np.empty((len(starts), sample_len), dtype=stream.dtype)
+    for i, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        piece = stream[start:end]
+        if wrap is None:
+            samples[i] = piece
+        else:
+            cls, sep, pad = wrap
+            samples[i] = pad
+            samples[i, 0], samples[i, 1 : 1 + len(piece)], samples[i, 1 + len(piece)] = cls, piece, sep
+    return samples
+
+
 def write_shard(
     table: DocTable,
     work_dir: str,
@@ -250,20 +267,19 @@ def write_shard(
 ) -> ShardRecord:
     """Write the samples of the stream spans ``starts``/``ends`` as one tar; ``wrap`` (the [CLS], [SEP] and
     [PAD] ids) turns each span into a masked-LM sample, else a span is a causal sample as it is."""
-    import webdataset as wds
-
     first = int(starts[0])
     span = _stream_tokens(table, Path(work_dir), first, int(ends[-1]), dtype)
-    samples = np.empty((len(starts), sample_len), dtype=dtype)
-    for i, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
-        piece = span[start - first : end - first]
-        if wrap is None:
-            samples[i] = piece
-        else:
-            cls, sep, pad = wrap
-            samples[i] = pad
-            samples[i, 0], samples[i, 1 : 1 + len(piece)], samples[i, 1 + len(piece)] = cls, piece, sep
-    target = Path(output) / relpath
+    samples = pack_samples(span, starts - first, ends - first, sample_len, wrap)
+    real_tokens = int((ends - starts).sum()) + (2 * len(starts) if wrap else 0)
+    return write_sample_tar(samples, Path(output), relpath, real_tokens)
+
+
+def write_sample_tar(samples: np.ndarray, output: Path, relpath: str, tokens: int) -> ShardRecord:
+    """One shard: sample ``i`` of ``samples`` as ``<stem>-<i>.tokens.npy``, written to a temporary name and
+    renamed, so a shard either exists whole or not at all."""
+    import webdataset as wds
+
+    target = output / relpath
     tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     stem = target.name.removesuffix(".tar")
     # A fixed mtime and owner make the archive a pure function of its samples; an integer mtime keeps the
@@ -277,13 +293,8 @@ def write_shard(
             np.save(buf, sample, allow_pickle=False)
             writer.write({"__key__": f"{stem}-{i:06d}", "tokens.npy": buf.getvalue()})
     os.replace(tmp, target)
-    real_tokens = int((ends - starts).sum()) + (2 * len(starts) if wrap else 0)
     return ShardRecord(
-        file=relpath,
-        samples=len(starts),
-        tokens=real_tokens,
-        sha256=file_sha256(target),
-        bytes=target.stat().st_size,
+        file=relpath, samples=len(samples), tokens=tokens, sha256=file_sha256(target), bytes=target.stat().st_size
     )
 
 
@@ -420,11 +431,10 @@ def prepare(options: PrepareOptions) -> Manifest:
         if not sample:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
         tok = train_tokenizer(sample, options.vocab_size, options.tokenizer_kind)
-    specials = BERT_SPECIALS if options.format == "mlm" else [EOT if tok.token_to_id(EOT) is not None else "[SEP]"]
-    special_ids = {token: tok.token_to_id(token) for token in specials}
-    if options.format == "mlm" and None in special_ids.values():
-        missing = " ".join(t for t, i in special_ids.items() if i is None)
-        raise UsageError(f"{options.tokenizer}: --format mlm needs the special tokens {missing} (WordPiece)")
+    special_ids = special_token_ids(tok)
+    missing = [token for token in BERT_SPECIALS if token not in special_ids]
+    if options.format == "mlm" and missing:
+        raise UsageError(f"{options.tokenizer}: --format mlm needs the special tokens {' '.join(missing)} (WordPiece)")
     tokenizer_path = out / "tokenizer.json"
     tok.save(str(tokenizer_path))
     vocab_size = tok.get_vocab_size()

@@ -37,6 +37,16 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: TokenizerKind =
         tok.decoder = decoders.WordPiece()
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=BERT_SPECIALS, show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer)
+    return with_bert_template(tok) if kind == "wordpiece" else tok
+
+
+def with_bert_template(tok: Tokenizer) -> Tokenizer:
+    """``encode(text)`` gives ``[CLS] text [SEP]`` and ``encode(a, b)`` ``[CLS] a [SEP] b [SEP]`` with token types
+    0 and 1, as BERT's own tokenizers do (pipelines and fine-tuning rely on it; packing adds the tokens itself)."""
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
     return tok
 
 
@@ -57,6 +67,11 @@ def end_token_id(tok: Tokenizer) -> int:
         if token_id is not None:
             return token_id
     raise LmscaleError(f"tokenizer has neither {EOT} nor [SEP]: add an end-of-text special token")
+
+
+def special_token_ids(tok: Tokenizer) -> dict[str, int]:
+    """The special tokens lmscale knows (GPT's end-of-text, BERT's five) that ``tok`` has, with their ids."""
+    return {token: i for token in [EOT, *BERT_SPECIALS] if (i := tok.token_to_id(token)) is not None}
 
 
 def tokenizer_kind(tok: Tokenizer) -> TokenizerKind:

@@ -1,8 +1,9 @@
 """``lmscale export``: a ZeRO checkpoint (any stage, any world size) -> a Hugging Face model directory.
 
-consolidate (DeepSpeed's zero_to_fp32) -> lmscale GPT -> key table -> ``transformers`` model ->
-``save_pretrained`` (safetensors, sharded above ``max_shard_size``) + tokenizer + generation config ->
-reload with ``AutoModelForCausalLM`` and compare logits with the lmscale model -> publish by rename.
+consolidate (DeepSpeed's zero_to_fp32) -> lmscale model -> the family's key table -> ``transformers`` model
+(GPT-2, Llama, BertForMaskedLM or BertForSequenceClassification) -> ``save_pretrained`` (safetensors, sharded
+above ``max_shard_size``) + tokenizer (+ generation config for a GPT) -> reload with the matching auto class
+and compare logits with the lmscale model -> publish by rename.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from lmscale import run_layout
 from lmscale.config import from_dict
-from lmscale.data.tokenizer import EOT, end_token_id, load_tokenizer
+from lmscale.data.tokenizer import EOT, end_token_id, load_tokenizer, special_token_ids, with_bert_template
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.export.hf import hf_config_dict, to_hf
-from lmscale.models import GPT, GPTConfig, build_model, load_checked
+from lmscale.hf.bert import check_exportable
+from lmscale.hf.convert import auto_class, hf_config_dict, tied_keys, to_hf
+from lmscale.models import BertConfig, GPTConfig, ModelConfig, build_model, load_checked
 from lmscale.progress import Progress
 from lmscale.train import checkpoint
 
@@ -37,10 +41,20 @@ class ExportResult:
 
 
 def find_checkpoint(run_dir: Path, requested: str) -> str:
+    """The verified tag ``requested`` names: a tag, ``latest``, ``best`` (a fine-tuning run's best validation
+    accuracy) or ``auto`` (best if the run has one, else latest)."""
     ckpt_dir = run_dir / run_layout.CHECKPOINTS
     if not run_dir.is_dir():
         raise UsageError(f"{run_dir}: run directory does not exist")
-    tag = checkpoint.latest_tag(ckpt_dir) if requested == "latest" else checkpoint.named_tag(ckpt_dir, requested)
+    best = checkpoint.best_tag(ckpt_dir)
+    if requested == "best" and best is None:
+        raise UsageError(f"--checkpoint best: {run_dir} has no best checkpoint (only fine-tuning runs keep one)")
+    if requested in ("best", "auto") and best is not None:
+        tag: str | None = best
+    elif requested in ("latest", "auto"):
+        tag = checkpoint.latest_tag(ckpt_dir)
+    else:
+        tag = checkpoint.named_tag(ckpt_dir, requested)
     if tag is None:
         raise LmscaleError(f"{run_dir}: no complete checkpoint to export")
     if problem := checkpoint.check_tag(ckpt_dir, tag):
@@ -54,71 +68,99 @@ def tolerance(reference: torch.Tensor) -> float:
     return 1e-3 * max(1.0, reference.abs().max().item())
 
 
-def parity_batch(cfg: GPTConfig) -> torch.Tensor:
+def parity_batch(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inputs both models run in the parity check: random tokens; for an encoder, the second row
+    padded at the end, so the check covers the padding mask."""
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, cfg.vocab_size, (2, min(cfg.seq_len, 64)), generator=generator)
+    assert cfg.vocab_size is not None and cfg.seq_len is not None
+    idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.seq_len, 64)), generator=generator)
+    if isinstance(cfg, GPTConfig):
+        return {"idx": idx}
+    pad_mask = torch.ones_like(idx, dtype=torch.bool)
+    pad_mask[1, idx.shape[1] // 2 :] = False
+    return {"idx": idx, "pad_mask": pad_mask}
 
 
-def save_tokenizer(tokenizer_file: Path, output: Path, seq_len: int) -> None:
+def save_tokenizer(tokenizer_file: Path, output: Path, cfg: ModelConfig) -> None:
+    """The run's tokenizer as ``AutoTokenizer`` loads it, with its own special tokens: end-of-text for a GPT,
+    BERT's [CLS] [SEP] [PAD] [UNK] [MASK] (and its [CLS] ... [SEP] template) for an encoder."""
     from transformers import PreTrainedTokenizerFast
 
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(tokenizer_file), bos_token=EOT, eos_token=EOT, unk_token=EOT, pad_token=EOT,
-        model_max_length=seq_len,
-    )  # fmt: skip
+    if isinstance(cfg, GPTConfig):
+        special = {name: EOT for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_max_length=cfg.seq_len, **special)
+    else:
+        special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+                   "mask_token": "[MASK]"}  # fmt: skip
+        backend = with_bert_template(load_tokenizer(tokenizer_file))
+        # Token types tell the two texts of a pair apart: the model must be given them.
+        inputs = ["input_ids", "token_type_ids", "attention_mask"]
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend, model_max_length=cfg.seq_len, model_input_names=inputs, **special
+        )
     tok.save_pretrained(str(output))
     # Name the class every transformers version knows (v5 writes its new backend's name).
     config_path = output / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config["tokenizer_class"] = "PreTrainedTokenizerFast"
     config_path.write_text(json.dumps(config, indent=2) + "\n")
-    special = {name: EOT for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (output / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
 
 
-def write_hf_dir(model: GPT, eot_id: int, tokenizer_file: Path, output: Path, dtype: str, max_shard_size: str) -> str:
+def transformers_class(cfg: ModelConfig) -> Any:
+    import transformers
+
+    return getattr(transformers, auto_class(cfg))
+
+
+def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: str, max_shard_size: str) -> str:
     """Write ``model`` as a Hugging Face directory; returns the transformers class name."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     cfg = model.cfg
-    config_dict = hf_config_dict(cfg, eot_id)
+    special_tokens = special_token_ids(load_tokenizer(tokenizer_file))
+    config_dict = hf_config_dict(cfg, special_tokens)
     architecture = config_dict.pop("architectures")[0]
     hf_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    hf_model = AutoModelForCausalLM.from_config(hf_config)
+    hf_model = transformers_class(cfg).from_config(hf_config)
     state = to_hf({k: v.detach().float() for k, v in model.state_dict().items()}, cfg)
     missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
+    missing = [k for k in missing if k not in tied_keys(cfg)]
     if missing or unexpected:
         raise LmscaleError(f"conversion to {architecture} left weights unmatched: {(missing + unexpected)[:3]}")
     hf_model.to(DTYPES[dtype]).save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
-    GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(str(output))
-    save_tokenizer(tokenizer_file, output, cfg.seq_len)
+    if isinstance(cfg, GPTConfig):
+        eot_id = end_token_id(load_tokenizer(tokenizer_file))
+        GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(str(output))
+    save_tokenizer(tokenizer_file, output, cfg)
     return architecture
 
 
-def check_parity(model: GPT, output: Path, dtype: str) -> tuple[float, float]:
+def check_parity(model: nn.Module, output: Path, dtype: str) -> tuple[float, float]:
     """Max |logits difference| between the lmscale model and the reloaded export, and the tolerance.
 
     The check is of the conversion, not of the precision: the lmscale side uses its weights rounded to the
     export ``dtype`` as the files hold them, and both sides compute in fp32 (bf16 arithmetic would add
     rounding noise that grows with the weights and hide a small conversion error, or fail a correct one).
     """
-    from transformers import AutoModelForCausalLM
-
-    exported = AutoModelForCausalLM.from_pretrained(str(output), dtype=torch.float32).eval()
-    rounded = GPT(model.cfg)
+    cfg = model.cfg
+    exported = transformers_class(cfg).from_pretrained(str(output), dtype=torch.float32).eval()
+    rounded = build_model(cfg)
     rounded.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
-    batch = parity_batch(model.cfg)
+    batch = parity_batch(cfg)
+    hf_inputs = {"input_ids": batch["idx"]}
+    if "pad_mask" in batch:
+        hf_inputs["attention_mask"] = batch["pad_mask"].long()
     with torch.no_grad():
-        reference = rounded.eval()(batch)[0]
-        theirs = exported(batch).logits
+        reference = rounded.eval()(**batch)[0]
+        theirs = exported(**hf_inputs).logits
     return (theirs - reference).abs().max().item(), tolerance(reference)
 
 
 def export_checkpoint(
     run_dir: Path,
     output: Path,
-    requested: str = "latest",
+    requested: str = "auto",
     dtype: str = "fp32",
     overwrite: bool = False,
     max_shard_size: str = "5GB",
@@ -130,12 +172,11 @@ def export_checkpoint(
     tag = find_checkpoint(run_dir, requested)
     state = checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)
     cfg = from_dict(state["config"])
-    if cfg.model.family != "gpt":
-        raise UsageError(f"{run_dir}: exporting a {cfg.model.family} model is not supported yet (GPT only)")
+    if isinstance(cfg.model, BertConfig):
+        check_exportable(cfg.model)
     tokenizer_file = run_dir / run_layout.TOKENIZER
     if not tokenizer_file.is_file():
         tokenizer_file = Path(cfg.data.resolved_sources()[0].path) / "tokenizer.json"
-    eot_id = end_token_id(load_tokenizer(tokenizer_file))
 
     tmp = output.with_name(f".{output.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -146,14 +187,13 @@ def export_checkpoint(
             raise LmscaleError(f"{run_dir / 'checkpoints' / tag}: cannot consolidate the ZeRO files ({err})") from None
         progress.advance()
         model = build_model(cfg.model)
-        assert isinstance(model, GPT)
         try:
             load_checked(model, weights, str(run_dir / run_layout.CHECKPOINTS / tag))
         except ValueError as err:
             raise LmscaleError(str(err)) from None
         progress.advance()
         tmp.mkdir(parents=True)
-        architecture = write_hf_dir(model, eot_id, tokenizer_file, tmp, dtype, max_shard_size)
+        architecture = write_hf_dir(model, tokenizer_file, tmp, dtype, max_shard_size)
         progress.advance()
         diff, tol = check_parity(model, tmp, dtype)
         progress.advance()

@@ -1,4 +1,5 @@
-"""Loss and perplexity of a model on a prepared dataset split or on raw text files, without DeepSpeed."""
+"""Scores of a model without DeepSpeed: loss and perplexity of a causal LM, masked-LM loss and accuracy of a BERT
+(on a prepared dataset split or on raw text files), accuracy and macro-F1 of a classifier on labelled examples."""
 
 from __future__ import annotations
 
@@ -9,15 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from lmscale.data.collate import ClassificationBatch, MaskedLMBatch
 from lmscale.data.manifest import MANIFEST, read_manifest
+from lmscale.data.shard import DocTable, mlm_pieces, pack_samples
 from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_documents
 from lmscale.data.stream import read_shard, split_shards
-from lmscale.data.tokenizer import end_token_id
+from lmscale.data.tokenizer import end_token_id, special_token_ids
 from lmscale.errors import LmscaleError
-from lmscale.models import GPT
+from lmscale.models import GPT, Bert
 from lmscale.progress import Progress
+from lmscale.scores import accuracy_and_macro_f1, confusion_counts
 
 
 @dataclass(frozen=True)
@@ -25,11 +30,26 @@ class EvalResult:
     loss: float
     perplexity: float
     tokens: int
+    """Tokens predicted (a masked LM's masked ones)."""
+    accuracy: float | None = None
+    """A masked LM's share of masked tokens predicted right."""
 
 
-def prepared_windows(directory: Path, split: str, tokenizer: Tokenizer) -> tuple[list[np.ndarray], int]:
-    """The split's samples; refuses a dataset tokenized with another vocabulary."""
+@dataclass(frozen=True)
+class ClassifierResult:
+    loss: float
+    accuracy: float
+    macro_f1: float
+    examples: int
+
+
+def prepared_windows(
+    directory: Path, split: str, tokenizer: Tokenizer, data_format: str
+) -> tuple[list[np.ndarray], int]:
+    """The split's samples; refuses a dataset of another format or tokenized with another vocabulary."""
     manifest = read_manifest(directory)
+    if manifest.format != data_format:
+        raise LmscaleError(f"{directory}: holds {manifest.format} samples, the model scores {data_format} ones")
     if manifest.vocab_size != tokenizer.get_vocab_size():
         raise LmscaleError(
             f"{directory}: tokenized with a {manifest.vocab_size}-token vocabulary, the model's tokenizer has "
@@ -54,6 +74,24 @@ def text_windows(inputs: list[str], tokenizer: Tokenizer, seq_len: int) -> list[
     return list(np.asarray(stream[: n * (seq_len + 1)], dtype=np.int64).reshape(n, seq_len + 1))
 
 
+def mlm_windows(inputs: list[str], tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
+    """Documents of text files packed into masked-LM samples as ``lmscale prepare --format mlm`` packs them."""
+    special = special_token_ids(tokenizer)
+    documents = [
+        [*tokenizer.encode(doc, add_special_tokens=False).ids, special["[SEP]"]]
+        for path in expand_inputs(inputs)
+        for doc in read_documents(path, ReadOptions(), ReadStats())
+    ]
+    if not documents:
+        raise LmscaleError(f"{' '.join(inputs)}: no text to evaluate")
+    ends = np.cumsum([len(d) for d in documents])
+    table = DocTable(np.zeros(len(ends), dtype=np.int64), ends - ends, ends, np.concatenate([[0], ends]))
+    starts, stops = mlm_pieces(table, seq_len - 2)
+    stream = np.concatenate([np.asarray(d, dtype=np.int64) for d in documents])
+    wrap = (special["[CLS]"], special["[SEP]"], special["[PAD]"])
+    return list(pack_samples(stream, starts, stops, seq_len, wrap))
+
+
 def batches(windows: list[np.ndarray], batch_size: int) -> Iterator[torch.Tensor]:
     for i in range(0, len(windows), batch_size):
         yield torch.from_numpy(np.stack(windows[i : i + batch_size]).astype(np.int64))
@@ -61,6 +99,7 @@ def batches(windows: list[np.ndarray], batch_size: int) -> Iterator[torch.Tensor
 
 @torch.no_grad()
 def evaluate(model: GPT, windows: list[np.ndarray], batch_size: int = 8, max_batches: int | None = None) -> EvalResult:
+    """A causal LM's mean next-token loss over the windows (each seq_len + 1 tokens)."""
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
     count = min(-(-len(windows) // batch_size), max_batches or 10**12)
@@ -76,6 +115,50 @@ def evaluate(model: GPT, windows: list[np.ndarray], batch_size: int = 8, max_bat
             progress.advance(loss=f"{total_loss / total_tokens:.4f}")
     mean = total_loss / total_tokens
     return EvalResult(mean, math.exp(mean), total_tokens)
+
+
+@torch.no_grad()
+def evaluate_mlm(
+    model: Bert, windows: list[np.ndarray], collate: MaskedLMBatch, batch_size: int = 8, max_batches: int | None = None
+) -> EvalResult:
+    """A masked LM's mean loss and accuracy over the masked tokens, masked by ``collate`` (seeded per window)."""
+    device = next(model.parameters()).device
+    total_loss, right, masked = 0.0, 0, 0
+    count = min(-(-len(windows) // batch_size), max_batches or 10**12)
+    with Progress("eval", total=count, unit="batches") as progress:
+        for i in range(count):
+            rows = np.stack(windows[i * batch_size : (i + 1) * batch_size])
+            batch = {
+                k: v.to(device) for k, v in collate(rows, range(i * batch_size, i * batch_size + len(rows))).items()
+            }
+            logits, loss = model(**batch)
+            targets = batch["targets"][batch["targets"] != -100]
+            total_loss += float(loss) * len(targets)
+            right += int((logits.argmax(-1) == targets).sum())
+            masked += len(targets)
+            progress.advance(loss=f"{total_loss / max(masked, 1):.4f}")
+    if masked == 0:
+        raise LmscaleError("no token was masked: evaluate on more text")
+    mean = total_loss / masked
+    return EvalResult(mean, math.exp(mean), masked, right / masked)
+
+
+@torch.no_grad()
+def evaluate_classifier(model: Bert, rows: np.ndarray, pad_id: int, batch_size: int = 32) -> ClassifierResult:
+    """A classifier's loss, accuracy and macro-F1 over encoded examples (``lmscale.data.labelled`` rows)."""
+    device = next(model.parameters()).device
+    classes = model.cfg.num_labels
+    collate = ClassificationBatch(pad_id, (rows.shape[1] - 1) // 2)
+    confusion = torch.zeros(classes, classes)
+    total_loss = 0.0
+    for start in range(0, len(rows), batch_size):
+        batch = {k: v.to(device) for k, v in collate(rows[start : start + batch_size], range(batch_size)).items()}
+        targets = batch.pop("targets")
+        logits, _ = model(**batch)
+        total_loss += float(F.cross_entropy(logits.float(), targets, reduction="sum"))
+        confusion += confusion_counts(targets, logits.argmax(-1), classes).cpu()
+    accuracy, macro_f1 = accuracy_and_macro_f1(confusion)
+    return ClassifierResult(total_loss / len(rows), accuracy, macro_f1, len(rows))
 
 
 def is_prepared(path: str) -> bool:

@@ -1,12 +1,12 @@
 """Model families behind one registry: the run's ``model`` section names a family (``gpt``, ``bert``), whose
 config dataclass is the single source of its fields; everything that builds, counts or converts a model
-looks the family up here instead of assuming one."""
+looks the family up here instead of assuming one. Each config says which shards it trains on
+(``data_format``: ``causal``, ``mlm`` or ``classification``, as ``manifest.json`` records them)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -17,7 +17,6 @@ from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.models.gpt import flops_per_token as gpt_flops
 
 ModelConfig = GPTConfig | BertConfig
-DataFormat = Literal["causal", "mlm"]
 
 
 @dataclass(frozen=True)
@@ -28,13 +27,11 @@ class Family:
     """``module(cfg, generator)``: the model with initial weights drawn from ``generator``."""
     flops_per_token: Callable[..., float]
     """``flops_per_token(cfg, seq_len, predicted_fraction)``: training FLOPs per token, for MFU."""
-    data_format: DataFormat
-    """The shards it trains on (``manifest.json``'s ``format``)."""
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, "causal"),
-    "bert": Family("bert", BertConfig, Bert, bert_flops, "mlm"),
+    "gpt": Family("gpt", GPTConfig, GPT, gpt_flops),
+    "bert": Family("bert", BertConfig, Bert, bert_flops),
 }
 
 
@@ -73,6 +70,6 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], origin: str) 
 
 
 __all__ = [
-    "FAMILIES", "GPT", "Bert", "BertConfig", "DataFormat", "Family", "GPTConfig", "ModelConfig", "build_model",
+    "FAMILIES", "GPT", "Bert", "BertConfig", "Family", "GPTConfig", "ModelConfig", "build_model",
     "count_parameters", "family_of", "flops_per_token", "load_checked",
 ]  # fmt: skip

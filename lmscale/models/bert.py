@@ -16,7 +16,7 @@ Architecture only: no DeepSpeed, data, logging or checkpoint code lives here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -47,14 +47,24 @@ class BertConfig:
     dropout: float = 0.1
     norm_eps: float = 1e-12
     init_std: float = 0.02
-    num_labels: int = 0
-    """Classes of the sequence-classification head; 0 for masked-LM pretraining (set by ``lmscale finetune``)."""
+    labels: list[str] = field(default_factory=list)
+    """Class names of the sequence-classification head in label-id order; empty for masked-LM pretraining
+    (``lmscale finetune`` fills them in from the task's training data)."""
     init_from: str | None = None
     """A Hugging Face-format model directory (or an lmscale run directory, for fine-tuning) to start from."""
 
     @property
     def ff_dim(self) -> int:
         return self.d_ff if self.d_ff is not None else 4 * self.d_model
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    @property
+    def data_format(self) -> str:
+        """Pretraining reads masked-LM shards, fine-tuning labelled examples."""
+        return "classification" if self.labels else "mlm"
 
     @property
     def head_dim(self) -> int:
@@ -65,14 +75,15 @@ class BertConfig:
         found = []
         if self.type_vocab_size < 1:
             found.append(f"type_vocab_size: must be > 0, got {self.type_vocab_size}")
-        if self.num_labels < 0 or self.num_labels == 1:
-            found.append(f"num_labels: must be 0 (masked LM) or at least 2 classes, got {self.num_labels}")
+        if len(self.labels) == 1 or len(set(self.labels)) != len(self.labels):
+            found.append(f"labels: none (masked LM) or at least 2 distinct classes, got {self.labels}")
         if self.seq_len is not None and self.seq_len < 3:
             found.append(f"seq_len: must hold [CLS], a token and [SEP], got {self.seq_len}")
         return found
 
     def architecture(self) -> dict[str, object]:
-        """The fields that decide what the weights mean: two models agreeing on them can swap weights."""
+        """The fields that decide what the encoder's weights mean: two models agreeing on them can swap them
+        (the task head aside)."""
         return {"flavor": self.flavor, "vocab_size": self.vocab_size, "seq_len": self.seq_len,
                 "d_model": self.d_model, "n_layers": self.n_layers, "n_heads": self.n_heads, "ff_dim": self.ff_dim,
                 "type_vocab_size": self.type_vocab_size, "norm_eps": self.norm_eps}  # fmt: skip

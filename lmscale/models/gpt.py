@@ -47,6 +47,10 @@ class GPTConfig:
     init_from: str | None = None
     """A Hugging Face-format model directory to start (continued pretraining) from."""
 
+    @property
+    def data_format(self) -> str:
+        return "causal"
+
     def problems(self) -> list[str]:
         """What is wrong with the section, each as ``field: reason``."""
         found = []

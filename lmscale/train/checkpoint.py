@@ -57,6 +57,8 @@ from lmscale.train.failpoints import reach
 
 STATE_FILE = "lmscale_state.json"
 LATEST = "latest"
+BEST = "best"
+"""Fine-tuning: the tag with the best validation accuracy, which rotation keeps."""
 UNIVERSAL = "universal"
 """Sub-directory of a tag holding DeepSpeed's universal (world-size independent) form of the checkpoint."""
 PARTIAL = ".partial"
@@ -297,11 +299,24 @@ def publish(ckpt_dir: Path, partial: Path, tag: str) -> None:
 
 
 def rotate(ckpt_dir: Path, saved: str, keep_last: int, keep_every_steps: int) -> None:
-    """Keep the ``keep_last`` newest tags up to the one just saved, and milestones every ``keep_every_steps``."""
+    """Keep the ``keep_last`` newest tags up to the one just saved, milestones every ``keep_every_steps``, and
+    the best one."""
     older = [tag for tag in complete_tags(ckpt_dir) if tag <= saved]
+    best = best_tag(ckpt_dir)
     for tag in older[:-keep_last]:
-        if not (keep_every_steps and int(tag.removeprefix("step_")) % keep_every_steps == 0):
+        if tag != best and not (keep_every_steps and int(tag.removeprefix("step_")) % keep_every_steps == 0):
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
+
+
+def mark_best(ckpt_dir: Path, tag: str) -> None:
+    write_durably(ckpt_dir / BEST, tag)
+
+
+def best_tag(ckpt_dir: Path) -> str | None:
+    """The tag ``best`` names, if it is complete."""
+    path = ckpt_dir / BEST
+    tag = path.read_text().strip() if path.is_file() else None
+    return tag if tag in complete_tags(ckpt_dir) else None
 
 
 def check_tag(ckpt_dir: Path, tag: str, part: int = 0, parts: int = 1) -> str | None:

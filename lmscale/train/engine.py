@@ -82,18 +82,18 @@ def build_model(
 ) -> tuple[torch.nn.Module, int]:
     """The model of the run's family with its initial weights, and its parameter count.
 
-    The weights come from ``run.seed`` alone (or from ``load_weights``, a full lmscale state dict), so every
-    rank and every ZeRO stage starts from the same values. Under ZeRO-3 the model is constructed inside
-    ``deepspeed.zero.Init``: each module's parameters are partitioned over the ranks as soon as the module
-    exists, so no rank ever holds the whole model. Initial values are then written one parameter at a time
-    into a gathered copy on rank 0 (drawn on the CPU from the seed, as in the other stages), and
-    ``load_weights`` is called on rank 0 only.
+    The weights come from ``run.seed`` alone (or from ``load_weights``, an lmscale state dict of some or all
+    parameters, the others seeded), so every rank and every ZeRO stage starts from the same values. Under
+    ZeRO-3 the model is constructed inside ``deepspeed.zero.Init``: each module's parameters are partitioned
+    over the ranks as soon as the module exists, so no rank ever holds the whole model. Initial values are then
+    written one parameter at a time into a gathered copy on rank 0 (drawn on the CPU from the seed, as in the
+    other stages), and ``load_weights`` is called on rank 0 only.
     """
     generator = torch.Generator().manual_seed(plan.cfg.run.seed)
     if plan.cfg.zero.stage != 3:
         model = build_family_model(plan.model_config, generator)
         if load_weights is not None:
-            model.load_state_dict(load_weights())
+            model.load_state_dict(load_weights(), strict=False)
         return model, count_parameters(model)
 
     ds_config = deepspeed_config(plan, accelerator_name())
@@ -106,7 +106,7 @@ def build_model(
     for name, param in model.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             if rank == 0:
-                if state is not None:
+                if state is not None and name in state:
                     value = state[name]
                 else:
                     value = torch.empty(param.shape)

@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from lmscale import run_layout
 from lmscale.errors import LmscaleError
-from lmscale.models import family_of
+from lmscale.scores import accuracy_and_macro_f1, confusion_counts
 from lmscale.train import checkpoint, memory
 from lmscale.train.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.train.metrics import MetricsLogger, open_step_log
@@ -42,6 +43,8 @@ class TrainState:
     resumes: int = 0
     skipped_shards: list[str] = field(default_factory=list)
     """Corrupt shards skipped so far in the run, by every rank."""
+    best_val_accuracy: float | None = None
+    """Fine-tuning: the best validation accuracy so far, whose checkpoint ``checkpoints/best`` names."""
 
 
 # The loop's collectives keep their tensors on the engine's device: NCCL has no CPU tensors, and a GPU run
@@ -57,6 +60,10 @@ def reduce_mean(value: torch.Tensor) -> torch.Tensor:
 
 def mean_over_ranks(value: torch.Tensor) -> float:
     return reduce_mean(value).item()
+
+
+ACCURACY = {"mlm": "mlm_accuracy", "classification": "accuracy"}
+"""The metric of a training step's right predictions, by task."""
 
 
 def accuracy(hits: torch.Tensor) -> float:
@@ -141,7 +148,8 @@ class Trainer:
                     if int(path.stem.removeprefix("rank_")) >= plan.world_size:
                         open_step_log(path, state.step).close()
         self.device = engine.device
-        self.masked_lm = family_of(self.cfg.model).data_format == "mlm"
+        self.task = self.cfg.model.data_format
+        """causal, mlm or classification: what a forward pass predicts and what validation scores."""
 
     def train_step(self) -> dict[str, float]:
         cfg, plan = self.cfg, self.plan
@@ -179,7 +187,7 @@ class Trainer:
         tokens_per_s = plan.tokens_per_step / step_time
         return {
             "loss": loss_value,
-            **({"mlm_accuracy": accuracy(hits)} if self.masked_lm else {}),
+            **({ACCURACY[self.task]: accuracy(hits)} if self.task in ACCURACY else {}),
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
@@ -219,32 +227,57 @@ class Trainer:
             self.spikes_logged = skipped
 
     def forward(self, inputs: dict[str, torch.Tensor], hits: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's loss; for a masked LM, adds (right predictions, masked tokens) to ``hits``."""
+        """The micro-batch's loss; for a masked LM or a classifier, adds (right predictions, predictions) to
+        ``hits``."""
         on_device = {name: value.to(self.device, non_blocking=True) for name, value in inputs.items()}
         logits, loss = self.engine(**on_device)
-        if self.masked_lm:
+        if self.task in ACCURACY:
             with torch.no_grad():
                 targets = on_device["targets"]
-                masked = targets[targets != -100]  # the order of the model's rows of masked positions
-                hits[0] += (logits.argmax(-1) == masked).sum()
-                hits[1] += masked.numel()
+                # A masked LM's logits are the masked positions' rows, in this order.
+                scored = targets[targets != -100]
+                hits[0] += (logits.argmax(-1) == scored).sum()
+                hits[1] += scored.numel()
         return loss
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
+        try:
+            return self.evaluate_classifier() if self.task == "classification" else self.evaluate_lm()
+        finally:
+            self.engine.train()
+
+    def evaluate_lm(self) -> dict[str, float]:
         total = torch.zeros((), device=self.device)
         hits = torch.zeros(2, device=self.device)
         count = 0
         for batch in self.eval_batches:
             total += self.forward(batch["inputs"], hits).float()
             count += 1
-        self.engine.train()
         val_loss = mean_over_ranks(total / max(count, 1))
         result = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
-        if self.masked_lm:
+        if self.task == "mlm":
             result["val_mlm_accuracy"] = accuracy(hits)
         return result
+
+    def evaluate_classifier(self) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 over every validation example, from the ranks' summed confusion matrix."""
+        classes = self.cfg.model.num_labels
+        confusion = torch.zeros(classes, classes, device=self.device)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in self.eval_batches:
+            inputs = {name: value.to(self.device) for name, value in batch["inputs"].items()}
+            targets = inputs.pop("targets")
+            logits, _ = self.engine(**inputs)
+            scored = targets != -100
+            loss_sum += F.cross_entropy(logits[scored].float(), targets[scored], reduction="sum")
+            confusion += confusion_counts(targets[scored], logits[scored].argmax(-1), classes)
+        dist.all_reduce(confusion)
+        dist.all_reduce(loss_sum)
+        val_accuracy, val_macro_f1 = accuracy_and_macro_f1(confusion)
+        return {"val_loss": loss_sum.item() / confusion.sum().item(), "val_accuracy": val_accuracy,
+                "val_macro_f1": val_macro_f1}  # fmt: skip
 
     @contextlib.contextmanager
     def long_collectives(self) -> Iterator[None]:
@@ -258,11 +291,21 @@ class Trainer:
             if self.short_timeouts:
                 set_collective_timeout(t.step_timeout_minutes)
 
-    def save(self) -> None:
-        with self.long_collectives():
-            self._save()
+    def new_best(self, metrics: dict[str, Any]) -> bool:
+        """Fine-tuning: this step's validation accuracy beats every earlier one (its checkpoint is kept)."""
+        value = metrics.get("val_accuracy")
+        if value is None or not math.isfinite(value):
+            return False
+        if self.state.best_val_accuracy is not None and value <= self.state.best_val_accuracy:
+            return False
+        self.state.best_val_accuracy = value
+        return True
 
-    def _save(self) -> None:
+    def save(self, best: bool = False) -> None:
+        with self.long_collectives():
+            self._save(best)
+
+    def _save(self, best: bool) -> None:
         state = {
             "step": self.state.step,
             "samples_seen": self.state.samples_seen,
@@ -271,6 +314,7 @@ class Trainer:
             "wandb_id": self.state.wandb_id,
             "resumes": self.state.resumes,
             "skipped_shards": sorted(self.skipped_all),
+            "best_val_accuracy": self.state.best_val_accuracy,
             **({"spike_guard": self.spike_guard.state_dict()} if self.spike_guard is not None else {}),
             "config": self.cfg.to_dict(),
             "saved_at": time.time(),
@@ -280,7 +324,9 @@ class Trainer:
             self.engine, self.ckpt_dir, self.state.step, state, self.rank, keep.keep_last, keep.keep_every_steps
         )
         self.walked_back = 0
-        self.logger.event(self.state.step, "checkpoint", tag=tag)
+        if best and self.rank == 0:
+            checkpoint.mark_best(self.ckpt_dir, tag)
+        self.logger.event(self.state.step, "checkpoint", tag=tag, **({"best": True} if best else {}))
 
     def roll_back(self, metrics: dict[str, Any]) -> None:
         """A step whose loss or gradient norm is not finite has poisoned the weights: restore a checkpoint's
@@ -376,8 +422,9 @@ class Trainer:
                 self.report_spikes(step, metrics)
                 self.logger.log(step, metrics)
             stopping = self.stop_requested()
-            if (every_ckpt and step % every_ckpt == 0) or stopping:
-                self.save()
+            best = self.new_best(metrics)
+            if (every_ckpt and step % every_ckpt == 0) or stopping or best:
+                self.save(best)
                 saved_step = step
             if stopping:
                 return self.stopped(step, stopping)

@@ -26,11 +26,10 @@ from torch.utils.data import DataLoader
 
 from lmscale import run_layout
 from lmscale.config import load_config, pin_run_dir
-from lmscale.data.collate import MaskedLMBatch, causal_batch
+from lmscale.data.collate import ClassificationBatch, MaskedLMBatch, causal_batch
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import AgreedError, LmscaleError, one_line
-from lmscale.export.hf_dir import load_hf_model
-from lmscale.models import family_of, flops_per_token
+from lmscale.models import flops_per_token
 from lmscale.train import checkpoint, memory, topology
 from lmscale.train.engine import (
     barrier,
@@ -41,6 +40,7 @@ from lmscale.train.engine import (
     shutdown_distributed,
 )
 from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure
+from lmscale.train.init_from import initial_weights
 from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
 from lmscale.train.peak import peak_flops
@@ -57,12 +57,18 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def collator(plan: RunPlan, probability: float) -> Callable[[np.ndarray, Sequence[int]], dict[str, torch.Tensor]]:
-    """What turns samples into the model's inputs: the shifted targets of a causal LM, or masks drawn with
-    ``probability`` for a masked LM."""
-    if family_of(plan.cfg.model).data_format == "causal":
-        return causal_batch
+Collate = Callable[[np.ndarray, Sequence[int]], dict[str, torch.Tensor]]
+
+
+def collator(plan: RunPlan, probability: float, examples: int | None = None) -> Collate:
+    """What turns samples into the model's inputs: the shifted targets of a causal LM, masks drawn with
+    ``probability`` for a masked LM, or a classifier's examples (only the first ``examples`` positions
+    scored, when given)."""
     manifest = plan.manifests[0]
+    if plan.cfg.model.data_format == "causal":
+        return causal_batch
+    if plan.cfg.model.data_format == "classification":
+        return ClassificationBatch(manifest.special_tokens["[PAD]"], manifest.seq_len, examples)
     return MaskedLMBatch(manifest.special_tokens, manifest.vocab_size, probability, plan.cfg.run.seed)
 
 
@@ -108,11 +114,16 @@ def data_loaders(
         if cfg.trainer.eval_every_steps:
             log.warning("%s has no validation samples: validation loss is not computed", sources[0].path)
         return train_loader, None
+    batches, examples = cfg.trainer.eval_batches, None
+    if cfg.model.data_format == "classification":
+        # Every validation example once: the last micro-batches are filled up with positions that score nothing.
+        examples = val_record.samples
+        batches = -(-examples // (plan.micro_batch_size * plan.world_size))
     val = ShardStream(
         [StreamSource(split_shards(sources[0].path, manifest, "validation"))],
         shuffle=False,
-        max_micro_batches=cfg.trainer.eval_batches,
-        collate=collator(plan, cfg.data.mlm_eval_probability),
+        max_micro_batches=batches,
+        collate=collator(plan, cfg.data.mlm_eval_probability, examples),
         **common,
     )
     return train_loader, DataLoader(val, batch_size=None, num_workers=0, pin_memory=pin_memory)
@@ -207,8 +218,8 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
         # fp32 training means TF32 tensor-core matmuls (the rate MFU is measured against), as in every GPU stack.
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     init_from = cfg.model.init_from
-    # Continued pretraining starts from a Hugging Face-format model (a checkpoint resume supersedes it).
-    load_weights = (lambda: load_hf_model(init_from)[0].state_dict()) if init_from and tag is None else None
+    # Continued pretraining and fine-tuning start from a pretrained model (a checkpoint resume supersedes it).
+    load_weights = (lambda: initial_weights(init_from, cfg.model)) if init_from and tag is None else None
     rank_device = device()
     baseline_gb = memory.in_use_gb(rank_device)
     model, n_params = build_model(plan, rank, load_weights)
@@ -225,6 +236,7 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
             tokens_seen=saved["tokens_seen"],
             resumes=saved.get("resumes", 0) + 1,
             skipped_shards=saved.get("skipped_shards", []),
+            best_val_accuracy=saved.get("best_val_accuracy"),
         )
         if spike_guard is not None and "spike_guard" in saved:
             spike_guard.load_state_dict(saved["spike_guard"])

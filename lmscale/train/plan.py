@@ -6,10 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmscale import run_layout
 from lmscale.config import Config, ConfigError, grad_accum_steps
 from lmscale.data.manifest import Manifest, is_remote, read_manifest
-from lmscale.errors import LmscaleError, UsageError
-from lmscale.models import ModelConfig, family_of
+from lmscale.errors import LmscaleError
+from lmscale.models import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -71,14 +72,17 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
                 f"data.sources: {source.path} has seq_len {manifest.seq_len}, {sources[0].path} {first.seq_len}"
             )
     m = cfg.model
-    wanted = family_of(m).data_format
+    wanted = m.data_format
     for i, (source, manifest) in enumerate(zip(sources, manifests, strict=True)):
+        field = "data.path" if cfg.data.path is not None else f"data.sources[{i}].path"
         if manifest.format != wanted:
-            field = "data.path" if cfg.data.path is not None else f"data.sources[{i}].path"
+            how = FORMAT_SOURCES.get(wanted, f"lmscale prepare --format {wanted}")
             raise ConfigError(
                 f"{field}: {source.path} holds {manifest.format} shards, but model.family {m.family} trains on "
-                f"{wanted} shards (prepare the data with `lmscale prepare --format {wanted}`)"
+                f"{wanted} shards ({how})"
             )
+        if wanted == "classification" and manifest.labels != m.labels:
+            raise ConfigError(f"model.labels: {m.labels} here, {manifest.labels} in {source.path}")
     vocab_size = m.vocab_size or first.vocab_size
     if vocab_size < first.vocab_size:
         raise ConfigError(
@@ -101,20 +105,25 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
 
 
 def check_init_from(m: ModelConfig) -> None:
-    """model.init_from must hold exactly the architecture the model section describes."""
-    from lmscale.export.hf_dir import read_hf_config
+    """model.init_from must hold the architecture the model section describes (its task head aside)."""
+    from lmscale.train.init_from import pretrained
 
     assert m.init_from is not None
-    try:
-        theirs, _ = read_hf_config(Path(m.init_from))
-    except UsageError as err:
-        raise ConfigError(f"model.init_from: {err}") from None
-    if theirs.family != m.family:
-        raise ConfigError(f"model.family: {m.family} here, {theirs.family} in {m.init_from}/config.json")
-    ours_arch, theirs_arch = m.architecture(), theirs.architecture()
+    theirs = pretrained(m.init_from)
+    where = theirs.path / ("config.json" if theirs.tag is None else run_layout.CONFIG)
+    if theirs.model.family != m.family:
+        raise ConfigError(f"model.family: {m.family} here, {theirs.model.family} in {where}")
+    ours_arch, theirs_arch = m.architecture(), theirs.model.architecture()
     for name, value in ours_arch.items():
         if value != theirs_arch[name]:
-            raise ConfigError(f"model.{name}: {value} here, {theirs_arch[name]} in {m.init_from}/config.json")
+            raise ConfigError(f"model.{name}: {value} here, {theirs_arch[name]} in {where}")
+
+
+FORMAT_SOURCES = {
+    "causal": "prepare the data with `lmscale prepare --format causal`",
+    "mlm": "prepare the data with `lmscale prepare --format mlm`",
+    "classification": "fine-tune with `lmscale finetune` and a task section",
+}
 
 
 ORDER_FIELDS = (("run", "seed"), ("data", "shuffle"), ("data", "lanes"), ("trainer", "micro_batch_size"))
@@ -146,7 +155,7 @@ def check_init_from_tokenizer(m: ModelConfig, dataset_tokenizer: Path) -> None:
     """Token ids mean nothing across vocabularies: the model must have been trained with the data's tokenizer."""
     from lmscale.data.tokenizer import load_tokenizer
 
-    theirs_path = Path(str(m.init_from)) / "tokenizer.json"
+    theirs_path = Path(str(m.init_from)) / run_layout.TOKENIZER  # an exported directory's and a run's alike
     if not theirs_path.is_file():
         return  # weights without a tokenizer: nothing to compare against
     if load_tokenizer(theirs_path).get_vocab() != load_tokenizer(dataset_tokenizer).get_vocab():

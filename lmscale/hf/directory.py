@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.export.hf import from_hf, gpt_config_from_hf
-from lmscale.models import GPT, GPTConfig, load_checked
+from lmscale.hf.convert import config_from_hf, from_hf
+from lmscale.models import ModelConfig, build_model, load_checked
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 
@@ -33,21 +33,21 @@ def read_hf_state(directory: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_hf_config(directory: Path) -> tuple[GPTConfig, dict]:
+def read_hf_config(directory: Path) -> tuple[ModelConfig, dict]:
     path = directory / "config.json"
     if not directory.is_dir():
         raise UsageError(f"{directory}: model directory does not exist")
     if not path.is_file():
         raise UsageError(f"{path}: missing (not a Hugging Face-format model directory)")
     config = json.loads(path.read_text())
-    return gpt_config_from_hf(config), config
+    return config_from_hf(config), config
 
 
-def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[GPT, dict]:
-    """An lmscale GPT with the weights of an exported (or any GPT-2/Llama HF-format) directory."""
+def load_hf_model(directory: str | Path, dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, dict]:
+    """An lmscale model with the weights of an exported (or any GPT-2, Llama or BERT HF-format) directory."""
     directory = Path(directory)
     cfg, config = read_hf_config(directory)
-    model = GPT(cfg)
+    model = build_model(cfg)
     try:
         load_checked(model, from_hf(read_hf_state(directory), cfg), str(directory))
     except KeyError as err:

@@ -1,4 +1,4 @@
-"""lmscale <-> Hugging Face state dicts and configs: pure functions over literal key tables.
+"""lmscale GPT <-> Hugging Face state dicts and configs: pure functions over literal key tables.
 
 GPT-2 (``GPT2LMHeadModel``) stores its linear layers as ``Conv1D`` with weights (in, out), the transpose
 of ``nn.Linear``, and fuses q, k, v into one ``c_attn``. Llama (``LlamaForCausalLM``) uses the same

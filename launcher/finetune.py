@@ -1,0 +1,123 @@
+"""``lmscale finetune``: a BERT sequence classifier from a pretrained encoder and labelled examples.
+
+The config's ``task`` section names CSV or JSONL files; they become a prepared dataset of format
+``classification`` in ``RUN_DIR/task`` (``lmscale.data.labelled``), tokenized with the pretrained model's
+tokenizer, and ``data.path`` points there. The model section takes the pretrained model's architecture and the
+training file's labels (``model.dropout`` and ``model.init_std`` stay the config's). From there on the run is
+an ordinary training run: the same ranks, ZeRO stages, checkpoints, exact resume, W&B and export, with
+validation accuracy and macro-F1 every ``trainer.eval_every_steps`` and the best checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from pathlib import Path
+
+from lmscale.config import Config, ConfigError
+from lmscale.data.labelled import Fields, read_examples, write_task_dataset
+from lmscale.data.manifest import MANIFEST, read_manifest
+from lmscale.data.tokenizer import file_sha256
+from lmscale.errors import LmscaleError, UsageError
+from lmscale.models import BertConfig
+from lmscale.train.init_from import pretrained
+
+TASK_DIR = "task"
+WAIT_FOR_NODE_0_SECONDS = 600
+
+
+def resolve_task(cfg: Config, write: bool) -> Config:
+    """``cfg`` with its task's data prepared (by this process when ``write``, else by node 0, waited for) and
+    the model section resolved against the pretrained model."""
+    task = cfg.task
+    assert task is not None and task.train is not None
+    if cfg.model.family != "bert":
+        raise ConfigError("model.family: `lmscale finetune` trains a BERT classifier (family: bert)")
+    if not cfg.model.init_from:
+        raise ConfigError("model.init_from: missing (an exported BERT directory or a BERT pretraining run directory)")
+    source = pretrained(Path(cfg.model.init_from).absolute())
+    if not isinstance(source.model, BertConfig):
+        raise ConfigError(f"model.init_from: {source.path} holds a {source.model.family} model, not a BERT")
+    if not source.tokenizer.is_file():
+        raise ConfigError(f"model.init_from: {source.tokenizer}: missing (the tokenizer the model was trained with)")
+    check_architecture(cfg.model, source.model, source.path)
+    assert source.model.seq_len is not None
+    seq_len = task.max_length or source.model.seq_len
+    if seq_len > source.model.seq_len:
+        raise ConfigError(f"task.max_length: {seq_len} exceeds the pretrained model's {source.model.seq_len} positions")
+    files = {
+        "train": Path(task.train).absolute(),
+        "validation": Path(task.validation).absolute() if task.validation else None,
+    }
+    task_dir = cfg.run.path / TASK_DIR
+    fields = Fields(task.text_field, task.text_pair_field, task.label_field)
+    if not (task_dir / MANIFEST).is_file():
+        if write:
+            prepare_task(task_dir, files, fields, source.tokenizer, seq_len)
+        else:
+            wait_for(task_dir / MANIFEST)
+    manifest = read_manifest(task_dir)
+    check_same_task(manifest.settings, files, fields, seq_len, task_dir)
+    model = dataclasses.replace(
+        source.model, labels=manifest.labels, dropout=cfg.model.dropout, init_std=cfg.model.init_std,
+        init_from=str(source.path),
+    )  # fmt: skip
+    resolved_task = dataclasses.replace(
+        task, train=str(files["train"]), validation=str(files["validation"]) if files["validation"] else None,
+        max_length=seq_len,
+    )  # fmt: skip
+    data = dataclasses.replace(cfg.data, path=str(task_dir), sources=[])
+    return dataclasses.replace(cfg, model=model, data=data, task=resolved_task)
+
+
+def check_architecture(ours: object, theirs: BertConfig, where: Path) -> None:
+    """The architecture comes from the pretrained model: a field the config sets to something else is an error."""
+    assert isinstance(ours, BertConfig)
+    defaults, given, pretrained_arch = BertConfig().architecture(), ours.architecture(), theirs.architecture()
+    for name, value in given.items():
+        if value != defaults[name] and value != pretrained_arch[name]:
+            raise ConfigError(f"model.{name}: {value} here, {pretrained_arch[name]} in the pretrained model {where}")
+
+
+def prepare_task(task_dir: Path, files: dict[str, Path | None], fields: Fields, tokenizer: Path, seq_len: int) -> None:
+    """Write the task's dataset under a temporary name and rename it into place: it exists whole or not at all."""
+    train_file, validation_file = files["train"], files["validation"]
+    assert train_file is not None
+    train = read_examples(train_file, fields, "task.train")
+    validation = read_examples(validation_file, fields, "task.validation") if validation_file else None
+    tmp = task_dir.with_name(f".{task_dir.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        manifest = write_task_dataset(tmp, tokenizer, train, validation, seq_len)
+        manifest.settings.update(fields=dataclasses.asdict(fields), max_length=seq_len)
+        manifest.write(tmp)
+        os.replace(tmp, task_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_same_task(
+    settings: dict, files: dict[str, Path | None], fields: Fields, seq_len: int, task_dir: Path
+) -> None:
+    """A resumed run must fine-tune on the data its first start prepared."""
+    for name, path in files.items():
+        recorded = settings["sources"].get(name)
+        now = {"file": str(path), "sha256": file_sha256(path)} if path is not None else None
+        if recorded != now:
+            raise UsageError(
+                f"task.{name}: {path} is not the file this run's data was prepared from ({task_dir}: "
+                f"{recorded['file'] if recorded else 'none'}, changed or another file); start another run.name"
+            )
+    if settings["fields"] != dataclasses.asdict(fields) or settings["max_length"] != seq_len:
+        raise UsageError(f"task: its fields or max_length differ from those {task_dir} was prepared with")
+
+
+def wait_for(path: Path) -> None:
+    """Another node prepares the data: wait until its manifest appears on the shared filesystem."""
+    deadline = time.monotonic() + WAIT_FOR_NODE_0_SECONDS
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise LmscaleError(f"{path}: node 0 did not prepare the task's data in {WAIT_FOR_NODE_0_SECONDS} s")
+        time.sleep(1)
