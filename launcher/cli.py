@@ -83,7 +83,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else run_dir / "report.png"
     summary = write_report(run_dir, output)
     for name, value in summary.rows():
-        print(f"{name:<15} {value}")
+        print(f"{name:<16} {value}")
     print(f"wrote {output}")
     return 0
 

@@ -13,6 +13,8 @@ from typing import Any
 from lmscale import run_layout
 from lmscale.errors import UsageError
 
+ACCURACY_NAMES = {"val_accuracy": "best val acc", "val_mlm_accuracy": "best val MLM acc"}
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -25,17 +27,24 @@ class Summary:
     mean_mfu: float | None
     train_time_s: float
     resumes: int
+    best_val_accuracy: tuple[str, float, int] | None = None
+    """An encoder's (metric, best value, step): val_mlm_accuracy of a masked LM, val_accuracy of a classifier."""
 
     def rows(self) -> list[tuple[str, str]]:
         def fmt(value: float | None, spec: str) -> str:
             return "n/a" if value is None else format(value, spec)
 
         best = f"{fmt(self.best_val_loss, '.4f')} (step {self.best_val_step})" if self.best_val_loss else "n/a"
+        accuracy = []
+        if self.best_val_accuracy is not None:
+            key, value, step = self.best_val_accuracy
+            accuracy.append((ACCURACY_NAMES[key], f"{value:.4f} (step {step})"))
         return [
             ("steps", f"{self.steps:,}"),
             ("tokens seen", f"{self.tokens_seen:,}"),
             ("final loss", fmt(self.final_loss, ".4f")),
             ("best val loss", best),
+            *accuracy,
             ("mean tokens/s", fmt(self.mean_tokens_per_s, ",.0f")),
             ("mean MFU", fmt(self.mean_mfu, ".2%")),
             ("training time", f"{self.train_time_s / 60:.1f} min"),
@@ -78,7 +87,18 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         mean_mfu=sum(mfu) / len(mfu) if mfu else None,
         train_time_s=time_s,
         resumes=sum(1 for r in records if r.get("event") == "resume"),
+        best_val_accuracy=best_accuracy(steps),
     )
+
+
+def best_accuracy(steps: list[dict[str, Any]]) -> tuple[str, float, int] | None:
+    for key in ACCURACY_NAMES:
+        scored = [r for r in steps if r.get(key) is not None]
+        if scored:
+            # The earliest step reaching the best value: the one a fine-tuning run keeps as its best checkpoint.
+            top = max(scored, key=lambda r: (r[key], -r["step"]))
+            return key, top[key], top["step"]
+    return None
 
 
 def plot(records: list[dict[str, Any]], title: str) -> bytes:

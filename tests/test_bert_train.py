@@ -143,6 +143,8 @@ def test_a_pretrained_run_fine_tunes_into_a_classifier_well_above_chance(
     best = [r for r in records if r.get("event") == "checkpoint" and r.get("best")]
     assert best[-1]["step"] == min(s for s in scores if scores[s]["val_accuracy"] == scores[best_step]["val_accuracy"])
     assert (run_dir / "checkpoints" / "best").read_text() == f"step_{best[-1]['step']:08d}"
+    report = run_cli("report", str(run_dir))
+    assert f"best val acc     {scores[best_step]['val_accuracy']:.4f} (step {best[-1]['step']})" in report.stdout
 
     out = tmp_path / "exported"
     exported = run_cli("export", str(run_dir), "--output", str(out))

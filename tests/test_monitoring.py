@@ -72,7 +72,7 @@ def test_report_renders_png_and_html(tmp_path: Path) -> None:
     run = synthetic_run(tmp_path)
     result = run_cli("report", str(run), "--output", str(tmp_path / "r.png"))
     assert result.returncode == 0, result.stderr
-    assert "best val loss   5.2000 (step 30)" in result.stdout and "resumes         1" in result.stdout
+    assert "best val loss    5.2000 (step 30)" in result.stdout and "resumes          1" in result.stdout
     image = np.asarray(Image.open(tmp_path / "r.png").convert("L"))
     assert image.shape == (700, 1100)
     assert image.min() < 100 and (image < 250).mean() > 0.02  # curves and text drawn, not a blank canvas
