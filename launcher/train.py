@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psutil
 from torch.distributed import TCPStore
@@ -257,16 +258,25 @@ def join_prepared_run(cfg: Config, store: TCPStore, spec: NodeSpec) -> Path:
                 "filesystem every node mounts?"
             )
         time.sleep(1)
-    theirs = load_config(run_dir / run_layout.CONFIG).to_dict()
-    ours = cfg.to_dict()
-    for section, values in ours.items():
-        for key, value in values.items():
-            if theirs.get(section, {}).get(key) != value:
-                raise UsageError(
-                    f"{section}.{key}: {value!r} on node {spec.node_rank}, {theirs.get(section, {}).get(key)!r} "
-                    f"in node 0's {run_dir / run_layout.CONFIG}: start every node with the same config and --set values"
-                )
+    theirs = config_fields(load_config(run_dir / run_layout.CONFIG).to_dict())
+    for name, value in config_fields(cfg.to_dict()).items():
+        if theirs.get(name) != value:
+            raise UsageError(
+                f"{name}: {value!r} on node {spec.node_rank}, {theirs.get(name)!r} in node 0's "
+                f"{run_dir / run_layout.CONFIG}: start every node with the same config and --set values"
+            )
     return run_dir
+
+
+def config_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """``section.key`` -> value; a section a config leaves out (None, as pretraining does ``task``) is one entry."""
+    fields: dict[str, Any] = {}
+    for section, values in config.items():
+        if isinstance(values, dict):
+            fields.update({f"{section}.{key}": value for key, value in values.items()})
+        else:
+            fields[section] = values
+    return fields
 
 
 def deepspeed_hostfile_launch(args: argparse.Namespace, run_dir: Path, env: dict[str, str]) -> int:
