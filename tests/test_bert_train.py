@@ -31,8 +31,8 @@ def step_records(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in metrics_records(run_dir) if "loss" in r}
 
 
-def pretrain(dataset: Path, run_dir: Path, stage: int) -> list[str]:
-    args = bert_args(dataset, run_dir, f"zero.stage={stage}")
+def pretrain(dataset: Path, run_dir: Path, stage: int, *overrides: str) -> list[str]:
+    args = bert_args(dataset, run_dir, f"zero.stage={stage}", *overrides)
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     return args
@@ -46,17 +46,10 @@ def bert_run(mlm_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     return run_dir
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_bert_pretrains_under_zero_and_a_resume_masks_and_drops_out_alike(
-    stage: int, mlm_dataset: Path, bert_run: Path, tmp_path: Path
+def test_bert_pretrains_under_zero_2_and_a_resume_masks_and_drops_out_alike(
+    mlm_dataset: Path, bert_run: Path, tmp_path: Path
 ) -> None:
-    run_dir = tmp_path / "run"
-    if stage == 2:
-        shutil.copytree(bert_run, run_dir)
-        args = bert_args(mlm_dataset, run_dir, "zero.stage=2")
-    else:
-        args = pretrain(mlm_dataset, run_dir, stage)
-    steps = step_records(run_dir)
+    steps = step_records(bert_run)
     assert sorted(steps) == list(range(1, 21))
     first, last = [steps[s]["loss"] for s in (1, 2, 3)], [steps[s]["loss"] for s in (18, 19, 20)]
     assert sum(last) / 3 < sum(first) / 3 - 0.5, (first, last)  # starts near ln(600) = 6.4
@@ -65,11 +58,22 @@ def test_bert_pretrains_under_zero_and_a_resume_masks_and_drops_out_alike(
     assert 0.0 < steps[20]["val_mlm_accuracy"] < 1.0 and steps[20]["val_loss"] < steps[10]["val_loss"]
     # Masks come from the sample's stream position and dropout from each rank's saved state: steps 11-20
     # trained again from the step-10 checkpoint repeat the uninterrupted run bit for bit.
-    again = run_cli(*args, "--resume", "step_00000010")
+    run_dir = tmp_path / "run"
+    shutil.copytree(bert_run, run_dir)
+    again = run_cli(*bert_args(mlm_dataset, run_dir, "zero.stage=2"), "--resume", "step_00000010")
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = step_records(run_dir)
     assert [resumed[s]["loss"] for s in range(11, 21)] == [steps[s]["loss"] for s in range(11, 21)]
     assert [resumed[s]["mlm_accuracy"] for s in range(11, 21)] == [steps[s]["mlm_accuracy"] for s in range(11, 21)]
+
+
+def test_bert_pretrains_under_zero_3(mlm_dataset: Path, tmp_path: Path) -> None:
+    """ZeRO-3 partitions the tied embedding and decoder: the loss falls as under ZeRO-2 (exact resume under
+    ZeRO-3 is checked by the GPT tests, on the same path)."""
+    run_dir = tmp_path / "run"
+    pretrain(mlm_dataset, run_dir, 3, "trainer.max_steps=12", "checkpoint.every_steps=0", "trainer.eval_every_steps=0")
+    steps = step_records(run_dir)
+    assert sorted(steps) == list(range(1, 13)) and steps[12]["loss"] < steps[1]["loss"] - 0.4, steps
 
 
 def test_a_model_family_refuses_shards_of_the_other_format(dataset: Path, mlm_dataset: Path, tmp_path: Path) -> None:
