@@ -49,13 +49,15 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve_config(config: str, overrides: list[str], finetune: bool = False, write_task: bool = True) -> Config:
+def resolve_config(
+    config: str, overrides: list[str], finetune: bool | None = None, write_task: bool = True
+) -> Config:
     """The validated config with local paths made absolute, so that ranks started from any directory (srun,
-    another node) find them. ``finetune``: a config with a task section, whose data this process prepares
-    (``write_task``) or waits for."""
+    another node) find them. A fine-tuning config (with a task section) gets its data prepared by this process
+    (``write_task``) or waits for it; ``finetune`` says which kind the command takes (None: either)."""
     cfg = load_config(config, overrides)
     cfg = pin_run_dir(cfg, cfg.run.path.absolute())
-    if finetune != (cfg.task is not None):
+    if finetune is not None and finetune != (cfg.task is not None):
         raise UsageError(
             f"{config}: a fine-tuning config (with a task section) runs with `lmscale finetune`"
             if cfg.task is not None

@@ -116,7 +116,7 @@ def test_a_pretrained_bert_exports_to_a_fill_mask_pipeline_and_scores_on_held_ou
 
 FINETUNE = [
     "trainer.max_steps=80", "schedule.total_steps=80", "schedule.warmup_steps=6", "trainer.eval_every_steps=20",
-    "optim.lr=2e-3", "trainer.micro_batch_size=16", "task.max_length=64", "logging.every_steps=5",
+    "optim.lr=2e-3", "trainer.micro_batch_size=16", "logging.every_steps=5",
     "logging.wandb.mode=disabled",
 ]  # fmt: skip
 
@@ -164,6 +164,13 @@ def test_a_pretrained_run_fine_tunes_into_a_classifier_well_above_chance(
     scored = run_cli("eval", str(out), "--data", str(classification_task[1]))
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert scored.stdout.startswith(f"accuracy {agreement:.4f}  macro_f1 ")
+
+    # A cluster job fine-tunes the same way: submit prepares the task's data into the run directory first.
+    queued = tmp_path / "queued"
+    args = finetune_args(queued, bert_run, classification_task)[2:]  # its --nproc and --set values
+    submitted = run_cli("submit", "configs/bert-tiny-cls.yaml", "--backend", "slurm", *args, "--dry-run")
+    assert submitted.returncode == 0, submitted.stderr[-2000:]
+    assert "#   all checks pass" in submitted.stdout and (queued / "task" / "manifest.json").is_file()
 
 
 def test_fine_tuning_refuses_what_it_cannot_train_in_one_line(
