@@ -28,7 +28,10 @@ TINY_OVERRIDES = [
     "logging.wandb.mode=disabled",
     "schedule.warmup_steps=2",
     "optim.lr=3e-3",
+    "logging.peak_flops=1e11",
 ]
+"""A small, fast run. The peak FLOP/s for MFU is given, not measured (a second of matmuls at every start):
+tests/test_cli_e2e.py keeps the measurement."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -16,7 +16,7 @@ BERT_TINY = [
     "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "trainer.micro_batch_size=8",
     "trainer.grad_accum_steps=2", "trainer.eval_batches=2", "trainer.eval_every_steps=10", "trainer.max_steps=20",
     "schedule.total_steps=20", "schedule.warmup_steps=4", "optim.lr=3e-3", "checkpoint.every_steps=10",
-    "logging.every_steps=1", "logging.wandb.mode=disabled",
+    "logging.every_steps=1", "logging.wandb.mode=disabled", "logging.peak_flops=1e11",
 ]  # fmt: skip
 
 
@@ -117,7 +117,7 @@ def test_a_pretrained_bert_exports_to_a_fill_mask_pipeline_and_scores_on_held_ou
 FINETUNE = [
     "trainer.max_steps=80", "schedule.total_steps=80", "schedule.warmup_steps=6", "trainer.eval_every_steps=20",
     "optim.lr=2e-3", "trainer.micro_batch_size=16", "logging.every_steps=5",
-    "logging.wandb.mode=disabled",
+    "logging.wandb.mode=disabled", "logging.peak_flops=1e11",
 ]  # fmt: skip
 
 

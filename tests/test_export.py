@@ -89,6 +89,14 @@ def train(run_dir: Path, dataset: Path, *overrides: str) -> None:
     assert result.returncode == 0, result.stderr[-4000:]
 
 
+@pytest.fixture(scope="module")
+def three_steps(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 3-step ZeRO-2 run on 2 ranks whose only checkpoint is step 3: what the export tests start from."""
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    train(run_dir, dataset, "trainer.max_steps=3")
+    return run_dir
+
+
 def validation_loss(model: GPT, dataset: Path, world: int = 2, micro_batch: int = 4, batches: int = 2) -> float:
     """The validation loss as the trainer computes it: each rank's first micro-batches, averaged."""
     manifest = read_manifest(dataset)
@@ -103,8 +111,10 @@ def validation_loss(model: GPT, dataset: Path, world: int = 2, micro_batch: int 
 
 
 @pytest.mark.slow
-# Every stage's consolidation and both flavors' key tables, each flavor with ZeRO-3 (built inside zero.Init).
-@pytest.mark.parametrize(("flavor", "stage"), [("gpt2", 1), ("gpt2", 3), ("llama", 3)])
+# Both flavors' key tables, each with ZeRO-3 (built inside zero.Init).
+# ZeRO-1 consolidation is the GPU check's (tests/test_gpu_check.py exports its ZeRO-1 run); ZeRO-2's the
+# three_steps run's below.
+@pytest.mark.parametrize(("flavor", "stage"), [("gpt2", 3), ("llama", 3)])
 def test_train_export_load_with_transformers(flavor: str, stage: int, dataset: Path, tmp_path: Path) -> None:
     extra = ["model.flavor=llama", "model.n_kv_heads=2", "model.tie_embeddings=false"] if flavor == "llama" else []
     run_dir, out = tmp_path / "run", tmp_path / "exported"
@@ -133,10 +143,11 @@ def test_train_export_load_with_transformers(flavor: str, stage: int, dataset: P
 
 
 @pytest.mark.slow
-def test_export_then_init_from_continues_from_the_same_weights(dataset: Path, tmp_path: Path) -> None:
-    first, out, second = tmp_path / "first", tmp_path / "exported", tmp_path / "second"
-    train(first, dataset, "trainer.max_steps=3")
-    assert run_cli("export", str(first), "--output", str(out)).returncode == 0
+def test_export_then_init_from_continues_from_the_same_weights(
+    dataset: Path, three_steps: Path, tmp_path: Path
+) -> None:
+    out, second = tmp_path / "exported", tmp_path / "second"
+    assert run_cli("export", str(three_steps), "--output", str(out)).returncode == 0
     # ZeRO-3 reads the weights on rank 0 and writes them into the partitioned model one parameter at a time.
     for stage in (2, 3):
         train(second / str(stage), dataset, "trainer.max_steps=1", f"model.init_from={out}", f"zero.stage={stage}")
@@ -175,23 +186,23 @@ def test_export_then_init_from_continues_from_the_same_weights(dataset: Path, tm
 
 
 @pytest.mark.slow
-def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
+def test_export_bad_inputs(dataset: Path, three_steps: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
     result = run_cli("export", str(empty), "--output", str(tmp_path / "x"))
     assert result.returncode == 1 and "no complete checkpoint to export" in result.stderr
-    train(run_dir, dataset, "trainer.max_steps=2")
+    shutil.copytree(three_steps, run_dir)
     # A damaged tag: a file of its manifest is gone.
     half = run_dir / "checkpoints" / "step_00000009"
-    shutil.copytree(run_dir / "checkpoints" / "step_00000002", half)
+    shutil.copytree(run_dir / "checkpoints" / "step_00000003", half)
     (half / "lmscale_state.json").unlink()
     result = run_cli("export", str(run_dir), "--checkpoint", "step_00000009", "--output", str(tmp_path / "x"))
     assert result.returncode == 1
     assert f"checkpoint step_00000009 fails verification: {half}/lmscale_state.json: missing" in result.stderr
-    # latest (step 2) is exported.
+    # latest (step 3) is exported.
     ok = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
-    assert ok.returncode == 0 and "step_00000002" in ok.stdout
+    assert ok.returncode == 0 and "step_00000003" in ok.stdout
     # eval takes the run directory too (consolidating its latest checkpoint) and scores like the export.
     from_run = run_cli("eval", str(run_dir), "--data", str(dataset))
     from_export = run_cli("eval", str(tmp_path / "ok"), "--data", str(dataset))
@@ -200,7 +211,7 @@ def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
     again = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
     assert again.returncode == 2 and "output exists (pass --overwrite" in again.stderr
     # A checkpoint whose recorded config describes another model shape.
-    state_file = run_dir / "checkpoints" / "step_00000002" / "lmscale_state.json"
+    state_file = run_dir / "checkpoints" / "step_00000003" / "lmscale_state.json"
     state = json.loads(state_file.read_text())
     state["config"]["model"]["d_model"] = 128
     state_file.write_text(json.dumps(state))
@@ -214,11 +225,10 @@ def test_export_bad_inputs(dataset: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_export_fails_when_the_exported_logits_differ(dataset: Path, tmp_path: Path, monkeypatch) -> None:
+def test_export_fails_when_the_exported_logits_differ(three_steps: Path, tmp_path: Path, monkeypatch) -> None:
     import lmscale.export.export as export
 
-    run_dir, out = tmp_path / "run", tmp_path / "exported"
-    train(run_dir, dataset, "trainer.max_steps=1")
+    run_dir, out = three_steps, tmp_path / "exported"
 
     def missed_transpose(state: dict, cfg: GPTConfig) -> dict:
         hf = to_hf(state, cfg)
