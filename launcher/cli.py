@@ -53,8 +53,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     # it before their first step, instead of killing this process with the job half started.
     early = None if args.dry_run or args.prepare_only or args.hostfile else LauncherStopRequest()
     from launcher.train import train
+    from lmscale.train.exit_codes import exit_process
 
-    return train(args, early)
+    # Its ranks have exited: nothing is left to finish but the interpreter's slow teardown of torch.
+    exit_process(train(args, early))
 
 
 def _submit(name: str, args: argparse.Namespace) -> int:

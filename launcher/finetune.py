@@ -21,7 +21,7 @@ from lmscale.data.labelled import Fields, read_examples, write_task_dataset
 from lmscale.data.manifest import MANIFEST, read_manifest
 from lmscale.data.tokenizer import file_sha256
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.models import BertConfig
+from lmscale.models import BertConfig, ModelConfig
 from lmscale.train.init_from import pretrained
 
 TASK_DIR = "task"
@@ -72,9 +72,8 @@ def resolve_task(cfg: Config, write: bool) -> Config:
     return dataclasses.replace(cfg, model=model, data=data, task=resolved_task)
 
 
-def check_architecture(ours: object, theirs: BertConfig, where: Path) -> None:
+def check_architecture(ours: ModelConfig, theirs: BertConfig, where: Path) -> None:
     """The architecture comes from the pretrained model: a field the config sets to something else is an error."""
-    assert isinstance(ours, BertConfig)
     defaults, given, pretrained_arch = BertConfig().architecture(), ours.architecture(), theirs.architecture()
     for name, value in given.items():
         if value != defaults[name] and value != pretrained_arch[name]:

@@ -49,9 +49,7 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def resolve_config(
-    config: str, overrides: list[str], finetune: bool | None = None, write_task: bool = True
-) -> Config:
+def resolve_config(config: str, overrides: list[str], finetune: bool | None = None, write_task: bool = True) -> Config:
     """The validated config with local paths made absolute, so that ranks started from any directory (srun,
     another node) find them. A fine-tuning config (with a task section) gets its data prepared by this process
     (``write_task``) or waits for it; ``finetune`` says which kind the command takes (None: either)."""

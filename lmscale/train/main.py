@@ -39,7 +39,7 @@ from lmscale.train.engine import (
     init_distributed,
     shutdown_distributed,
 )
-from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure
+from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure, exit_process
 from lmscale.train.init_from import initial_weights
 from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
@@ -352,4 +352,4 @@ def report_crash(err: Exception, log_path: Path, rank: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
