@@ -15,10 +15,12 @@ def tiny(flavor: str, **kw: object) -> GPT:
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])
 def test_shapes_and_loss(flavor: str) -> None:
     model = tiny(flavor)
-    idx = torch.randint(0, 97, (3, 20))
-    logits, loss = model(idx, torch.randint(0, 97, (3, 20)))
-    assert logits.shape == (3, 20, 97)
-    assert loss is not None and abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+    idx, targets = torch.randint(0, 97, (3, 20)), torch.randint(0, 97, (3, 20))
+    logits, none = model(idx)
+    assert logits.shape == (3, 20, 97) and none is None
+    nothing, loss = model(idx, targets)
+    assert nothing is None and loss is not None and abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.view(-1, 97), targets.view(-1)))
 
 
 @pytest.mark.parametrize("flavor", ["gpt2", "llama"])

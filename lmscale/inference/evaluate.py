@@ -131,10 +131,10 @@ def evaluate_mlm(
             batch = {
                 k: v.to(device) for k, v in collate(rows, range(i * batch_size, i * batch_size + len(rows))).items()
             }
-            logits, loss = model(**batch)
+            predictions, loss = model(**batch)
             targets = batch["targets"][batch["targets"] != -100]
             total_loss += float(loss) * len(targets)
-            right += int((logits.argmax(-1) == targets).sum())
+            right += int((predictions == targets).sum())
             masked += len(targets)
             progress.advance(loss=f"{total_loss / max(masked, 1):.4f}")
     if masked == 0:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmscale.models.layers import Attention, GeluMLP
+from lmscale.models.loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -167,9 +168,12 @@ class Bert(nn.Module):
             x = block(x, mask)
         return self.final_norm(x) if self.final_norm is not None else x
 
+    def mlm_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The MLM head's transform, before the vocabulary projection."""
+        return self.mlm_norm(F.gelu(self.mlm_transform(hidden)))
+
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        h = self.mlm_norm(F.gelu(self.mlm_transform(hidden)))
-        return F.linear(h, self.tok_emb.weight, self.mlm_bias)
+        return F.linear(self.mlm_hidden(hidden), self.tok_emb.weight, self.mlm_bias)
 
     def forward(
         self,
@@ -178,21 +182,25 @@ class Bert(nn.Module):
         pad_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Masked LM: logits (B, T, vocab); with ``targets`` (B, T), -100 where not masked, the logits of the
-        masked positions only, (N, vocab) in row-major order, and their mean cross-entropy.
-        Classifier: logits (B, num_labels); with ``targets`` (B,) the mean cross-entropy."""
+        """Without ``targets``: the logits, (B, T, vocab) of the masked LM or (B, num_labels) of the classifier,
+        and None. With ``targets`` ((B, T), -100 where not masked, or (B,) labels): the predicted ids of the
+        scored positions in row-major order (N,), and their mean cross-entropy. The masked LM's vocabulary
+        projection runs on the masked positions only, in chunks (``lmscale.models.loss``)."""
         x = self.encode(idx, pad_mask, token_type_ids)
         if self.cfg.num_labels:
             logits = self.classifier(self.cls_dropout(torch.tanh(self.pooler(x[:, 0]))))
-            loss = F.cross_entropy(logits.float(), targets) if targets is not None else None
-            return logits, loss
+            if targets is None:
+                return logits, None
+            return logits.argmax(-1)[targets != -100], F.cross_entropy(logits.float(), targets)
         if targets is None:
             return self.mlm_logits(x), None
         masked = targets != -100
-        logits = self.mlm_logits(x[masked])  # (N, vocab)
-        if logits.shape[0] == 0:  # nothing masked in this micro-batch: a zero loss, zero gradients everywhere
-            return logits, logits.sum() * 0.0
-        return logits, F.cross_entropy(logits.float(), targets[masked])
+        # Nothing masked in a micro-batch gives a zero loss and zero gradients everywhere.
+        loss, predictions = linear_cross_entropy(
+            self.mlm_hidden(x[masked]), self.tok_emb.weight, targets[masked], self.mlm_bias, predictions=True
+        )
+        assert predictions is not None
+        return predictions, loss
 
 
 def flops_per_token(cfg: BertConfig, seq_len: int, predicted_fraction: float = 1.0) -> float:

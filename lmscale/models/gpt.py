@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmscale.models.layers import Attention, GeluMLP, KVCache, RMSNorm, SwiGLUMLP, rotary_tables
+from lmscale.models.loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -161,8 +161,10 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         pad_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab) for token ids ``idx`` (B, T); with ``targets`` also the mean cross-entropy.
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Logits (B, T, vocab) for token ids ``idx`` (B, T), and None; with ``targets`` (B, T) instead None and
+        the mean cross-entropy, computed in chunks of tokens so that the whole fp32 logits never exist
+        (``lmscale.models.loss``).
 
         Targets equal to -100 are ignored. With a ``cache``, ``idx`` continues the cached positions.
         ``pad_mask`` (B, past + T), True for real tokens, serves left-padded batches of prompts: each row's
@@ -192,11 +194,11 @@ class GPT(nn.Module):
         x = self.emb_dropout(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, cache, layer, mask)
-        logits = self.lm_head(self.final_norm(x))  # (B, T, vocab)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        x = self.final_norm(x)
+        if targets is None:
+            return self.lm_head(x), None  # (B, T, vocab)
+        loss, _ = linear_cross_entropy(x, self.lm_head.weight, targets)
+        return None, loss
 
     @staticmethod
     def _causal_mask(T: int, past: int, device: torch.device) -> torch.Tensor:

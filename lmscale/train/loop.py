@@ -230,13 +230,13 @@ class Trainer:
         """The micro-batch's loss; for a masked LM or a classifier, adds (right predictions, predictions) to
         ``hits``."""
         on_device = {name: value.to(self.device, non_blocking=True) for name, value in inputs.items()}
-        logits, loss = self.engine(**on_device)
+        # With targets a model returns the predicted ids of the scored positions, in row-major order.
+        predictions, loss = self.engine(**on_device)
         if self.task in ACCURACY:
             with torch.no_grad():
                 targets = on_device["targets"]
-                # A masked LM's logits are the masked positions' rows, in this order.
                 scored = targets[targets != -100]
-                hits[0] += (logits.argmax(-1) == scored).sum()
+                hits[0] += (predictions == scored).sum()
                 hits[1] += scored.numel()
         return loss
 
