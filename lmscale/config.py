@@ -123,6 +123,12 @@ class TrainerConfig:
     global_batch_size: int | None = None
     """Sequences per optimizer step over all ranks; must equal micro_batch_size * grad_accum_steps * world."""
     precision: Literal["fp32", "bf16"] = "fp32"
+    activation_checkpointing: Literal["none", "full"] | int = "none"
+    """Recompute blocks' activations in the backward pass instead of keeping them: none, full (every block),
+    or N (every N-th block, from the first). Costs one more forward of those blocks; losses are unchanged."""
+    compile: bool = False
+    """Compile each block with torch.compile before the engine is built (the time it takes is in the start
+    event). Losses match the eager run up to floating-point reassociation; checkpoints are interchangeable."""
     eval_every_steps: int = 100
     """Validation loss every N steps (0 disables)."""
     eval_batches: int = 10
@@ -384,6 +390,14 @@ def validate(cfg: Config) -> None:
     _positive(t.collective_timeout_minutes, "trainer.collective_timeout_minutes")
     _positive(t.step_timeout_minutes, "trainer.step_timeout_minutes")
     _positive(t.spike_sigma, "trainer.spike_sigma")
+    if isinstance(t.activation_checkpointing, int):
+        _positive(t.activation_checkpointing, "trainer.activation_checkpointing")
+    if t.compile and cfg.zero.stage == 3:
+        raise ConfigError(
+            "trainer.compile: not with zero.stage 3, which gathers each layer's weights in module hooks that "
+            "torch.compile cannot trace: every block breaks into small graphs around them, no faster than eager "
+            "(measured); use zero.stage 1 or 2"
+        )
     if t.spike_window < 20:
         raise ConfigError(
             f"trainer.spike_window: must be >= 20 (the history a spike is judged against), got {t.spike_window}"

@@ -40,6 +40,9 @@ def test_defaults_yaml_and_overrides_layer(tmp_path: Path) -> None:
         ("data: {path: d}\n", "schedule.total_steps=5", "schedule.total_steps: 5 is shorter"),
         ("data: {path: d}\nzero: {stage: 2, offload_params: cpu}\n", None, "zero.offload_params"),
         ("data: {path: d}\n", "trainer", "--set trainer: expected key=value"),
+        ("data: {path: d}\n", "trainer.activation_checkpointing=0", "trainer.activation_checkpointing: must be > 0"),
+        ("data: {path: d}\n", "trainer.activation_checkpointing=half", "trainer.activation_checkpointing: expected"),
+        ("data: {path: d}\nzero: {stage: 3}\n", "trainer.compile=true", "trainer.compile: not with zero.stage 3"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path: Path, text: str, override: str | None, message: str) -> None:

@@ -19,6 +19,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +42,7 @@ from lmscale.train.engine import (
 )
 from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure, exit_process
 from lmscale.train.init_from import initial_weights
+from lmscale.train.levers import apply_activation_checkpointing, compile_blocks
 from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
 from lmscale.train.peak import peak_flops
@@ -48,6 +50,8 @@ from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
 from lmscale.train.signals import STOP_SIGNALS, StopRequest
 
 log = logging.getLogger("lmscale")
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def ignore_stop_signals(worker_id: int) -> None:
@@ -72,13 +76,10 @@ def collator(plan: RunPlan, probability: float, examples: int | None = None) -> 
     return MaskedLMBatch(manifest.special_tokens, manifest.vocab_size, probability, plan.cfg.run.seed)
 
 
-def data_loaders(
-    plan: RunPlan, rank: int, start_position: int, pin_memory: bool
-) -> tuple[DataLoader, DataLoader | None]:
-    cfg = plan.cfg
-    sources = cfg.data.resolved_sources()
-    manifest = plan.manifests[0]
-    common = dict(
+def stream_options(plan: RunPlan, rank: int) -> dict[str, Any]:
+    """What the training and validation streams of ``rank`` share."""
+    cfg, manifest = plan.cfg, plan.manifests[0]
+    return dict(
         sample_len=manifest.sample_len,
         dtype=manifest.dtype,
         micro_batch_size=plan.micro_batch_size,
@@ -87,17 +88,30 @@ def data_loaders(
         seed=cfg.run.seed,
         strict=cfg.data.strict,
     )
-    train = ShardStream(
+
+
+def training_stream(plan: RunPlan, rank: int, start_position: int) -> ShardStream:
+    cfg = plan.cfg
+    return ShardStream(
         [
             StreamSource(split_shards(s.path, m, "train"), s.weight)
-            for s, m in zip(sources, plan.manifests, strict=True)
+            for s, m in zip(cfg.data.resolved_sources(), plan.manifests, strict=True)
         ],
         start_position=start_position,
         shuffle=cfg.data.shuffle,
         lanes=cfg.data.lanes,
         collate=collator(plan, cfg.data.mlm_probability),
-        **common,
+        **stream_options(plan, rank),
     )
+
+
+def data_loaders(
+    plan: RunPlan, rank: int, start_position: int, pin_memory: bool
+) -> tuple[DataLoader, DataLoader | None]:
+    cfg = plan.cfg
+    sources = cfg.data.resolved_sources()
+    manifest = plan.manifests[0]
+    train = training_stream(plan, rank, start_position)
     workers = cfg.data.num_workers
     train_loader = DataLoader(
         train,
@@ -124,7 +138,7 @@ def data_loaders(
         shuffle=False,
         max_micro_batches=batches,
         collate=collator(plan, cfg.data.mlm_eval_probability, examples),
-        **common,
+        **stream_options(plan, rank),
     )
     return train_loader, DataLoader(val, batch_size=None, num_workers=0, pin_memory=pin_memory)
 
@@ -224,6 +238,11 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     baseline_gb = memory.in_use_gb(rank_device)
     model, n_params = build_model(plan, rank, load_weights)
     model_build_gb = memory.peak_gb(rank_device) - baseline_gb
+    recomputed = apply_activation_checkpointing(model, cfg.trainer.activation_checkpointing)
+    compile_seconds = None
+    if cfg.trainer.compile:
+        example = training_stream(plan, rank, 0).micro_batch(0)["inputs"]
+        compile_seconds = compile_blocks(model, example, rank_device, PRECISIONS[cfg.trainer.precision])
     engine, ds_config, spike_guard = build_engine(plan, model, load_universal=elastic)
     engine_build_gb = memory.peak_gb(rank_device) - baseline_gb
 
@@ -274,7 +293,8 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     logger.event(
         state.step, "start", world_size=world_size, nodes=top.nnodes, started_by=top.source,
         model_build_gb=round(model_build_gb, 4), engine_build_gb=round(engine_build_gb, 4),
-        full_model_fp32_gb=round(n_params * 4 / 1e9, 4),
+        full_model_fp32_gb=round(n_params * 4 / 1e9, 4), recomputed_blocks=len(recomputed),
+        compile_seconds=round(compile_seconds, 2) if compile_seconds is not None else None,
     )  # fmt: skip
     if removed:
         logger.event(state.step, "removed_partial_saves", names=removed)
