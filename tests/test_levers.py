@@ -1,6 +1,7 @@
 """Activation checkpointing and compiled blocks: the same losses as a plain run, checkpoints that resume across
 the settings, and the parameter names untouched."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,57 @@ def test_compiled_blocks_train_as_eager_ones_and_checkpoints_resume_across_the_t
     first, second = start_events(compiled_first)
     assert first["compile_seconds"] > 0 and second["compile_seconds"] is None
     assert [e["compile_seconds"] is None for e in start_events(eager_first)] == [True, False]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_that_it_will_be_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmscale.train import peak
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(peak, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    warning = peak.slow_precision(cpu, "bf16")
+    assert warning is not None and "without native bf16" in warning and "no native bf16" in warning
+    assert peak.slow_precision(cpu, "fp32") is None
+    for native in ("amx_bf16", "avx512_bf16"):
+        monkeypatch.setattr(peak, "cpu_flags", lambda native=native: {"avx2", native})
+        assert peak.slow_precision(cpu, "bf16") is None and native in peak.cpu_description()
+    assert peak.slow_precision(torch.device("meta"), "bf16") is None  # an accelerator is not a CPU
+
+
+def test_bf16_runs_accumulate_gradients_in_fp32() -> None:
+    from lmscale.config import from_dict
+    from lmscale.train.ds_config import deepspeed_config
+    from lmscale.train.plan import RunPlan
+
+    for precision, accumulation in (("bf16", {"grad_accum_dtype": "fp32"}), ("fp32", None)):
+        cfg = from_dict({"data": {"path": "d"}, "trainer": {"precision": precision, "grad_accum_steps": 4}})
+        ds = deepspeed_config(RunPlan(cfg, 2, []), "cuda")
+        assert ds.get("data_types") == accumulation and ds["bf16"]["enabled"] == (precision == "bf16")
+
+
+@pytest.mark.slow
+def test_a_bf16_zero1_run_on_cpu_ranks_accumulates_in_fp32_resumes_exactly_and_exports(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """bf16 weights, fp32 gradient accumulation over 2 micro-batches (DeepSpeed's BF16_Optimizer, whose files its
+    own zero_to_fp32 cannot read): a resumed run repeats the uninterrupted one bit for bit, and the export of its
+    fp32 master weights loads in transformers with the same logits as lmscale's model."""
+    from lmscale.train.engine import written_by_bf16_optimizer
+
+    common = ["zero.stage=1", "trainer.precision=bf16", "model.dropout=0.1"]
+    full, part, out = tmp_path / "full", tmp_path / "part", tmp_path / "exported"
+    result = run_cli(*train_args(dataset, full, 2, *common, "trainer.max_steps=6"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(full, part)  # resume from its step-3 checkpoint
+    shutil.rmtree(part / "checkpoints" / "step_00000006")
+    (part / "checkpoints" / "latest").write_text("step_00000003")
+    result = run_cli(*train_args(dataset, part, 2, *common, "trainer.max_steps=6"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(part) == losses(full) and sorted(losses(full)) == list(range(1, 7))
+    assert losses(full)[6] < losses(full)[1]
+    assert written_by_bf16_optimizer(full / "checkpoints" / "step_00000006")
+    result = run_cli("export", str(full), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "logits check: max |diff|" in result.stdout
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(out).dtype == torch.float32

@@ -55,6 +55,10 @@ def deepspeed_config(plan: RunPlan, accelerator: str, load_universal: bool = Fal
         **optimizer,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.trainer.precision == "bf16"},
+        # bf16 gradients summed over many micro-batches lose the small ones: accumulate them in fp32, as
+        # Megatron and torchtitan do (ZeRO-1 then runs DeepSpeed's BF16_Optimizer, stages 2-3 keep fp32
+        # gradient partitions).
+        **({"data_types": {"grad_accum_dtype": "fp32"}} if cfg.trainer.precision == "bf16" else {}),
         "fp16": {"enabled": False},
         "steps_per_print": 10**9,  # lmscale does its own logging
         "wall_clock_breakdown": False,

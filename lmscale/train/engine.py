@@ -7,6 +7,7 @@ import datetime
 import io
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import deepspeed
@@ -143,6 +144,47 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a checkpoint of any ZeRO stage and world size, via DeepSpeed's own utility."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    tag_dir = Path(ckpt_dir) / tag
+    if written_by_bf16_optimizer(tag_dir):
+        return bf16_optimizer_state_dict(tag_dir)
     # It prints its progress to stdout, which is the result channel of `lmscale eval` and `export`.
     with contextlib.redirect_stdout(io.StringIO()):
         return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+
+
+BF16_OPTIMIZER_FILES = "bf16_zero_pp_rank_"
+"""What DeepSpeed names every rank's optimizer file in a bf16 run, whichever optimizer wrote it."""
+
+
+def written_by_bf16_optimizer(tag_dir: Path) -> bool:
+    """ZeRO's optimizers record their stage in the file; DeepSpeed's BF16_Optimizer does not."""
+    first = tag_dir / f"{BF16_OPTIMIZER_FILES}0_mp_rank_00_optim_states.pt"
+    if not first.is_file():
+        return False
+    saved = torch.load(first, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+    return "zero_stage" not in saved
+
+
+def bf16_optimizer_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a checkpoint written by DeepSpeed's BF16_Optimizer (ZeRO-1 with bf16 weights and
+    fp32 gradient accumulation), whose files DeepSpeed's zero_to_fp32 does not read: each rank's file holds
+    its flat fp32 partition per parameter group and where each parameter's fragment lies in it."""
+    model_states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    files = sorted(
+        tag_dir.glob(f"{BF16_OPTIMIZER_FILES}*_optim_states.pt"),
+        key=lambda path: int(path.name.removeprefix(BF16_OPTIMIZER_FILES).split("_")[0]),
+    )
+    fragments: dict[str, list[torch.Tensor]] = {}
+    for path in files:  # in rank order: a parameter split across ranks continues in the next rank's partition
+        saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+        for partition, places in zip(saved["single_partition_of_fp32_groups"], saved["param_slice_mappings"]):
+            for name, place in places.items():
+                fragments.setdefault(name, []).append(partition.narrow(0, place.start, place.numel))
+    module = model_states["module"]
+    state = {name: module[name].float() for name in model_states["buffer_names"] if name in module}
+    for shapes in model_states["param_shapes"]:
+        for name, shape in shapes.items():
+            state[name] = torch.cat(fragments[name]).view(shape).clone()
+    for alias, source in model_states["shared_params"].items():
+        state[alias] = state[source]
+    return state

@@ -45,7 +45,7 @@ from lmscale.train.init_from import initial_weights
 from lmscale.train.levers import apply_activation_checkpointing, compile_blocks
 from lmscale.train.loop import Trainer, TrainState
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
-from lmscale.train.peak import peak_flops
+from lmscale.train.peak import peak_flops, slow_precision
 from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
 from lmscale.train.signals import STOP_SIGNALS, StopRequest
 
@@ -235,6 +235,8 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     # Continued pretraining and fine-tuning start from a pretrained model (a checkpoint resume supersedes it).
     load_weights = (lambda: initial_weights(init_from, cfg.model)) if init_from and tag is None else None
     rank_device = device()
+    if rank == 0 and (slow := slow_precision(rank_device, cfg.trainer.precision)):
+        log.warning(slow)
     baseline_gb = memory.in_use_gb(rank_device)
     model, n_params = build_model(plan, rank, load_weights)
     model_build_gb = memory.peak_gb(rank_device) - baseline_gb
