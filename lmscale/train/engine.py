@@ -177,7 +177,8 @@ def bf16_optimizer_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     fragments: dict[str, list[torch.Tensor]] = {}
     for path in files:  # in rank order: a parameter split across ranks continues in the next rank's partition
         saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
-        for partition, places in zip(saved["single_partition_of_fp32_groups"], saved["param_slice_mappings"]):
+        groups = zip(saved["single_partition_of_fp32_groups"], saved["param_slice_mappings"], strict=True)
+        for partition, places in groups:
             for name, place in places.items():
                 fragments.setdefault(name, []).append(partition.narrow(0, place.start, place.numel))
     module = model_states["module"]
