@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmscale.config import Config, grad_accum_steps
 from lmscale.errors import LmscaleError
-from lmscale.train.footprint import GB, estimate_memory, step_seconds
+from lmscale.train.footprint import GB, MemoryEstimate, estimate_memory, step_seconds
 from lmscale.train.peak import gpu_peak_flops
 
 GPU_MEMORY_GB: list[tuple[str, float]] = [
@@ -117,9 +117,20 @@ def check_run_dir(run_dir: Path) -> str | None:
     return None
 
 
-def check_memory(cfg: Config, res: Resources) -> str | None:
+def memory_estimate(cfg: Config, res: Resources, seq_len: int | None = None) -> MemoryEstimate | None:
+    """A rank's estimated peak on the job's devices (GPUs, or CPU ranks without them) for samples of
+    ``seq_len`` tokens (default the model's positions); None while the model's shape is not resolved."""
+    if cfg.model.vocab_size is None or cfg.model.seq_len is None:
+        return None
+    device = "cuda" if res.gpus_per_node else "cpu"
+    return estimate_memory(cfg, res.world_size, cfg.trainer.micro_batch_size, device, seq_len)
+
+
+def check_memory(cfg: Config, res: Resources, seq_len: int | None = None) -> str | None:
     """A rank's estimated peak against one GPU's memory, or on CPU nodes the node's ranks against --mem."""
-    estimate = estimate_memory(cfg, res.world_size, cfg.trainer.micro_batch_size)
+    estimate = memory_estimate(cfg, res, seq_len)
+    if estimate is None:
+        return None
     what = (
         f"a rank needs about {estimate.total / GB:.1f} GB ({estimate.describe()}; {estimate.parameters / 1e6:.1f}M "
         f"parameters, ZeRO-{cfg.zero.stage}, {cfg.trainer.precision}, micro-batch {cfg.trainer.micro_batch_size})"

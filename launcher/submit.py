@@ -24,6 +24,7 @@ from launcher.train import kept_config, launch_record, resolve_config, write_run
 from lmscale.config import Config, ConfigError, grad_accum_steps
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.train.ds_config import deepspeed_config
+from lmscale.train.footprint import GB
 from lmscale.train.plan import RunPlan, plan_run, read_manifests
 
 DEFAULT_SIGNAL_LEAD_SECONDS = 300
@@ -103,7 +104,10 @@ def preflight_failures(cfg: Config, plan: RunPlan | None, data_problem: str | No
         resolved = plan.cfg if plan else cfg
         sequences = plan.global_batch_size if plan else resolved.trainer.global_batch_size or res.world_size
         seq_len = plan.seq_len if plan and plan.manifests else model.seq_len
-        checks = [preflight.check_memory(resolved, res), preflight.check_time(resolved, res, sequences * seq_len)]
+        checks = [
+            preflight.check_memory(resolved, res, seq_len),
+            preflight.check_time(resolved, res, sequences * seq_len),
+        ]
         failures += [c for c in checks if c]
     return failures
 
@@ -132,6 +136,9 @@ def submit(args: argparse.Namespace) -> int:
         print(f"# preflight ({res.nodes} nodes x {res.nproc} ranks, {res.gpus_per_node} GPUs per node)")
         for line in failures or ["all checks pass"]:
             print(f"#   {line}")
+        seq_len = plan.seq_len if plan and plan.manifests else None
+        if (estimate := preflight.memory_estimate(plan.cfg if plan else cfg, res, seq_len)) is not None:
+            print(f"# estimated peak memory per rank: {estimate.total / GB:.2f} GB ({estimate.describe()})")
         if plan is not None:
             print(f"# DeepSpeed config for the job's {accelerator} ranks (world size {res.world_size})")
             print(json.dumps(deepspeed_config(plan, accelerator), indent=2))

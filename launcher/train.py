@@ -37,6 +37,7 @@ from lmscale.data.manifest import is_remote
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.train import checkpoint
 from lmscale.train.ds_config import deepspeed_config
+from lmscale.train.footprint import GB, estimate_memory
 from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning, plan_run
 from lmscale.train.signals import StopRequest
 
@@ -204,6 +205,9 @@ def train(args: argparse.Namespace, early: StopRequest | None = None) -> int:
         print(cfg.to_yaml())
         print(f"# generated DeepSpeed config (world size {world_size})")
         print(json.dumps(ds_config, indent=2))
+        estimate = estimate_memory(cfg, world_size, cfg.trainer.micro_batch_size, accelerator, plan.seq_len)
+        print(f"# estimated peak memory per {accelerator} rank: {estimate.total / GB:.2f} GB")
+        print(f"#   {estimate.describe()}")
         return 0
     route = "hostfile" if args.hostfile else "prepare-only" if args.prepare_only else "nodes"
     if args.node_rank == 0:

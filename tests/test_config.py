@@ -78,6 +78,7 @@ def test_every_shipped_config_dry_runs(config: str, dataset: Path, mlm_dataset: 
     result = run_cli("train", f"configs/{config}", "--dry-run", "--nproc", "2", "--set", f"data.path={data}")
     assert result.returncode == 0, result.stderr
     assert "train_micro_batch_size_per_gpu" in result.stdout and "zero_optimization" in result.stdout
+    assert "# estimated peak memory per cpu rank:" in result.stdout and "activations" in result.stdout
 
 
 def test_cli_config_error_is_one_line_exit_2(tmp_path: Path) -> None:

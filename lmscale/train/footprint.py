@@ -1,21 +1,30 @@
-"""What a run will need before it runs: device memory per rank and time per step, estimated from the config.
+"""What a run will need before it runs: memory per rank and time per step, estimated from the config.
 
-Used by ``lmscale submit``'s preflight to refuse a job that cannot fit its GPUs or reach a checkpoint in its
-time limit, before it waits in a queue. The memory model follows the ZeRO paper (Rajbhandari et al. 2020)
-for the model states and Korthikanti et al. 2022 for the activations:
+Printed by ``lmscale train --dry-run``, checked by ``lmscale submit``'s preflight (a job that cannot fit its
+GPUs is refused before it waits in a queue) and recorded in every job's ``start`` event beside what the rank
+measures. The model follows the ZeRO paper (Rajbhandari et al. 2020) for the model states and Korthikanti et
+al. 2022 for the activations, with DeepSpeed's own buffers:
 
 - weights: 2 bytes a parameter in bf16 (4 in fp32), partitioned by ZeRO-3;
-- gradients: the same size, partitioned from ZeRO-2 on;
-- optimizer: AdamW's two moments (8 bytes) plus an fp32 master copy under bf16 (4), partitioned from ZeRO-1
-  on, and on the host instead when ``zero.offload_optimizer`` is set;
-- activations of one micro-batch, without recomputation: about ``16 d + 4.5 ff`` bytes a token a layer in
-  bf16 (Korthikanti's 34 d for ff = 4 d; attention scores are never materialised by SDPA), twice in fp32,
-  plus the logits with their fp32 loss and gradient;
-- a fixed allowance for the CUDA context, NCCL and DeepSpeed's communication buckets.
+- gradients, accumulated in fp32 (bf16 runs too): whole under ZeRO-1, partitioned from ZeRO-2 on, plus
+  DeepSpeed's reduce bucket;
+- optimizer: AdamW's two moments and DeepSpeed's fp32 master copy (8 + 4 bytes), partitioned from ZeRO-1 on,
+  and on the host instead when ``zero.offload_optimizer`` is set;
+- activations of one micro-batch: what each block keeps for its backward pass, from its tensor shapes
+  (attention scores are never materialised by SDPA); a recomputed block keeps only its input, and the
+  backward pass holds one block's activations again while it recomputes them;
+- the loss: the chunked output projection (``lmscale.models.loss``) holds the final hidden states' gradient,
+  an fp32 accumulator of the head's weight gradient and one chunk's logits;
+- ZeRO-3 gathers parameters for each module's forward and backward, up to DeepSpeed's default of 1e9 live
+  parameters, and prefetches its default bucket of 5e7 ahead;
+- the optimizer step's workspace on CPU ranks (torch's foreach AdamW makes partition-sized temporaries, and
+  ZeRO-1/2 gather the updated weights through a copy over gloo); fused AdamW and NCCL need none on GPUs;
+- a fixed allowance for the runtime: the CUDA context, NCCL and allocator slack on a GPU, the interpreter
+  with torch and DeepSpeed on a CPU rank.
 
-It matched a measured peak within 10% (GPT-2 124M, micro-batch 16 x 1024, ZeRO-1 bf16: 17.5 GB estimated,
-18.7 GB measured on an H200, BENCHMARKS.md); it is meant to catch a request that is off by a factor, not
-to tune the micro-batch.
+The peak is the model states plus the larger of the forward/backward working set and the optimizer step's.
+It is meant to catch a request that is off by a factor, not to tune the micro-batch: measured against it,
+see BENCHMARKS.md and ``tests/test_levers.py``.
 """
 
 from __future__ import annotations
@@ -26,29 +35,61 @@ import torch
 
 from lmscale.config import Config
 from lmscale.models import ModelConfig, build_model, flops_per_token
+from lmscale.models.loss import default_chunk_tokens
+from lmscale.train.levers import recomputed_blocks
 
 GB = 1e9
-RUNTIME_OVERHEAD_BYTES = 1.5 * GB
-"""CUDA context, NCCL buffers, DeepSpeed's reduce buckets and allocator slack."""
+RUNTIME_BYTES = {"cuda": 1.5 * GB, "cpu": 0.3 * GB}
+"""The runtime's own memory: on a GPU the CUDA context, NCCL buffers and allocator slack; on a CPU rank the
+interpreter with torch and DeepSpeed imported (0.27 GB measured before the model exists)."""
+REDUCE_BUCKET_ELEMENTS = int(5e7)
+"""``zero_optimization.reduce_bucket_size`` (``lmscale.train.ds_config``)."""
+MAX_LIVE_PARAMETERS = int(1e9)
+"""DeepSpeed's ``stage3_max_live_parameters`` default: how many gathered parameters ZeRO-3 keeps at once."""
+PREFETCH_BUCKET_ELEMENTS = int(5e7)
+"""DeepSpeed's ``stage3_prefetch_bucket_size`` default: parameters ZeRO-3 gathers ahead of the module that
+needs them."""
+PARTS = ("weights", "gradients", "optimizer", "activations", "loss", "gathered", "workspace", "runtime")
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
+    """Bytes per rank on the device it trains on."""
+
     parameters: int
     weights: float
     gradients: float
     optimizer: float
     activations: float
-    overhead: float
-    """Bytes per rank on the device."""
+    """Of one micro-batch, with the run's activation checkpointing."""
+    activations_without_recompute: float
+    loss: float
+    gathered: float
+    """ZeRO-3: parameters gathered for compute."""
+    workspace: float
+    """Temporaries of the optimizer step."""
+    runtime: float
+
+    @property
+    def model_states(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.runtime
 
     @property
     def total(self) -> float:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+        """The peak: the states plus the larger of the forward/backward working set and the optimizer step's."""
+        return self.model_states + max(self.activations + self.loss + self.gathered, self.workspace)
 
     def describe(self) -> str:
-        parts = ("weights", "gradients", "optimizer", "activations", "overhead")
-        return ", ".join(f"{name} {getattr(self, name) / GB:.1f}" for name in parts) + " GB"
+        parts = ", ".join(f"{name} {getattr(self, name) / GB:.2f}" for name in PARTS)
+        recompute = ""
+        if self.activations != self.activations_without_recompute:
+            recompute = f" (activations {self.activations_without_recompute / GB:.2f} without recomputation)"
+        return f"{parts} GB{recompute}"
+
+    def as_gb(self) -> dict[str, float]:
+        """The parts and the total in GB, for the ``start`` event."""
+        parts = {name: getattr(self, name) for name in (*PARTS, "activations_without_recompute", "total")}
+        return {name: round(value / GB, 4) for name, value in parts.items()}
 
 
 def count_parameters(model_cfg: ModelConfig) -> int:
@@ -58,20 +99,55 @@ def count_parameters(model_cfg: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def estimate_memory(cfg: Config, world_size: int, micro_batch: int) -> MemoryEstimate:
-    """Peak device bytes of one rank of a ``world_size``-rank job (``cfg``: resolved, vocab_size and seq_len set)."""
-    model_cfg = cfg.model
-    n = count_parameters(model_cfg)
-    stage, bf16 = cfg.zero.stage, cfg.trainer.precision == "bf16"
-    element = 2 if bf16 else 4
+def block_activation_bytes(model_cfg: ModelConfig, element: int) -> float:
+    """Bytes one block keeps per token for its backward pass: the two norms' inputs and outputs, q, k and v,
+    the attention output (SDPA keeps its log-sum-exp, not the scores), the residual sum, and the MLP's
+    hidden activations (GELU: its input and output; SwiGLU: gate, up, their activation and product); plus
+    the dropout masks (a byte per element) when dropout is on."""
+    d, ff = model_cfg.d_model, model_cfg.ff_dim
+    kv = getattr(model_cfg, "kv_heads", model_cfg.n_heads) * (d // model_cfg.n_heads)
+    swiglu = getattr(model_cfg, "flavor", "") == "llama"
+    elements = 6 * d + 2 * kv + (4 if swiglu else 2) * ff
+    masks = 3 * d if model_cfg.dropout > 0 else 0  # attention, residual x2
+    return elements * element + masks
+
+
+def estimate_memory(
+    cfg: Config, world_size: int, micro_batch: int, device: str = "cuda", seq_len: int | None = None
+) -> MemoryEstimate:
+    """Peak bytes of one rank of a ``world_size``-rank job on ``device`` ("cuda" or "cpu") training on samples
+    of ``seq_len`` tokens (default: the model's positions); ``cfg`` resolved (vocab_size and seq_len set)."""
+    m = cfg.model
+    assert m.vocab_size is not None and m.seq_len is not None
+    n = count_parameters(m)
+    stage, element = cfg.zero.stage, 2 if cfg.trainer.precision == "bf16" else 4
+    on_gpu = device != "cpu"
     weights = element * n / (world_size if stage >= 3 else 1)
-    gradients = element * n / (world_size if stage >= 2 else 1)
-    optimizer = 0.0 if cfg.zero.offload_optimizer != "none" else (12 if bf16 else 8) * n / world_size
-    tokens = micro_batch * model_cfg.seq_len
-    per_token_layer = (16 * model_cfg.d_model + 4.5 * model_cfg.ff_dim) * element / 2
-    logits = tokens * cfg.predicted_fraction * model_cfg.vocab_size * (element + 4 + 4)
-    activations = tokens * model_cfg.n_layers * per_token_layer + logits
-    return MemoryEstimate(n, weights, gradients, optimizer, activations, RUNTIME_OVERHEAD_BYTES)
+    buckets = REDUCE_BUCKET_ELEMENTS * element * (2 if on_gpu else 1)  # double-buffered where comm overlaps
+    gradients = 4 * n / (world_size if stage >= 2 else 1) + buckets
+    partition = 4 * n / world_size  # one fp32 value per parameter of this rank's share
+    optimizer = 0.0 if cfg.zero.offload_optimizer != "none" else 3 * partition
+
+    tokens = micro_batch * (seq_len or m.seq_len)
+    per_block = block_activation_bytes(m, element) * tokens
+    recomputed = len(recomputed_blocks(cfg.trainer.activation_checkpointing, m.n_layers))
+    edges = 3 * tokens * m.d_model * element  # embeddings, the final norm's input and output
+    without = m.n_layers * per_block + edges
+    kept = (m.n_layers - recomputed) * per_block + recomputed * tokens * m.d_model * element
+    activations = kept + (per_block if recomputed else 0) + edges
+
+    scored = tokens * cfg.predicted_fraction
+    chunk = min(scored, default_chunk_tokens(m.vocab_size))
+    loss = scored * m.d_model * element + 4 * m.vocab_size * m.d_model + chunk * m.vocab_size * (2 * element + 4)
+    gathered = (min(n, MAX_LIVE_PARAMETERS) + PREFETCH_BUCKET_ELEMENTS) * element if stage == 3 else 0.0
+    workspace = 0.0
+    if not on_gpu:
+        workspace = 2 * partition + (n * element if stage < 3 else 0.0)
+    return MemoryEstimate(
+        parameters=n, weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
+        activations_without_recompute=without, loss=loss, gathered=gathered, workspace=workspace,
+        runtime=RUNTIME_BYTES["cpu" if not on_gpu else "cuda"],
+    )  # fmt: skip
 
 
 def step_seconds(cfg: Config, tokens_per_step: int, world_size: int, peak_flops: float, mfu: float) -> float:

@@ -41,6 +41,7 @@ from lmscale.train.engine import (
     shutdown_distributed,
 )
 from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure, exit_process
+from lmscale.train.footprint import estimate_memory
 from lmscale.train.init_from import initial_weights
 from lmscale.train.levers import apply_activation_checkpointing, compile_blocks
 from lmscale.train.loop import Trainer, TrainState
@@ -275,6 +276,7 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
         "peak_flops_source": peak_source,
         **launch_info(run_dir),
     }
+    estimate = estimate_memory(cfg, world_size, plan.micro_batch_size, rank_device.type, plan.seq_len)
     sinks: list[Sink] = []
     if rank == 0:
         state.wandb_id = wandb_run_id(run_dir, saved.get("wandb_id"))
@@ -294,8 +296,10 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     # a fraction of the full model, under stages 1-2 all of it.
     logger.event(
         state.step, "start", world_size=world_size, nodes=top.nnodes, started_by=top.source,
-        model_build_gb=round(model_build_gb, 4), engine_build_gb=round(engine_build_gb, 4),
+        runtime_gb=round(baseline_gb, 4), model_build_gb=round(model_build_gb, 4),
+        engine_build_gb=round(engine_build_gb, 4),
         full_model_fp32_gb=round(n_params * 4 / 1e9, 4), recomputed_blocks=len(recomputed),
+        memory_estimate_gb=estimate.as_gb(),
         compile_seconds=round(compile_seconds, 2) if compile_seconds is not None else None,
     )  # fmt: skip
     if removed:

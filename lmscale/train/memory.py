@@ -24,5 +24,6 @@ def peak_gb(device: torch.device) -> float:
 
 
 def metric_gb(device: torch.device) -> float:
-    """The ``memory_gb`` of the step metrics: peak GPU memory allocated, or the CPU rank's resident set now."""
-    return peak_gb(device) if device.type == "cuda" else in_use_gb(device)
+    """The ``memory_gb`` of the step metrics: the most this rank has held so far (peak GPU memory allocated, or
+    the CPU process's peak resident set), the figure an activation-memory lever lowers."""
+    return peak_gb(device)
