@@ -49,7 +49,7 @@ MAX_LIVE_PARAMETERS = int(1e9)
 PREFETCH_BUCKET_ELEMENTS = int(5e7)
 """DeepSpeed's ``stage3_prefetch_bucket_size`` default: parameters ZeRO-3 gathers ahead of the module that
 needs them."""
-PARTS = ("weights", "gradients", "optimizer", "activations", "loss", "gathered", "workspace", "runtime")
+PARTS = ("weights", "gradients", "optimizer", "activations", "loss_buffers", "gathered", "workspace", "runtime")
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,8 @@ class MemoryEstimate:
     activations: float
     """Of one micro-batch, with the run's activation checkpointing."""
     activations_without_recompute: float
-    loss: float
+    loss_buffers: float
+    """The chunked output projection and cross-entropy's."""
     gathered: float
     """ZeRO-3: parameters gathered for compute."""
     workspace: float
@@ -77,7 +78,7 @@ class MemoryEstimate:
     @property
     def total(self) -> float:
         """The peak: the states plus the larger of the forward/backward working set and the optimizer step's."""
-        return self.model_states + max(self.activations + self.loss + self.gathered, self.workspace)
+        return self.model_states + max(self.activations + self.loss_buffers + self.gathered, self.workspace)
 
     def describe(self) -> str:
         parts = ", ".join(f"{name} {getattr(self, name) / GB:.2f}" for name in PARTS)
@@ -138,14 +139,16 @@ def estimate_memory(
 
     scored = tokens * cfg.predicted_fraction
     chunk = min(scored, default_chunk_tokens(m.vocab_size))
-    loss = scored * m.d_model * element + 4 * m.vocab_size * m.d_model + chunk * m.vocab_size * (2 * element + 4)
+    loss_buffers = (
+        scored * m.d_model * element + 4 * m.vocab_size * m.d_model + chunk * m.vocab_size * (2 * element + 4)
+    )
     gathered = (min(n, MAX_LIVE_PARAMETERS) + PREFETCH_BUCKET_ELEMENTS) * element if stage == 3 else 0.0
     workspace = 0.0
     if not on_gpu:
         workspace = 2 * partition + (n * element if stage < 3 else 0.0)
     return MemoryEstimate(
         parameters=n, weights=weights, gradients=gradients, optimizer=optimizer, activations=activations,
-        activations_without_recompute=without, loss=loss, gathered=gathered, workspace=workspace,
+        activations_without_recompute=without, loss_buffers=loss_buffers, gathered=gathered, workspace=workspace,
         runtime=RUNTIME_BYTES["cpu" if not on_gpu else "cuda"],
     )  # fmt: skip
 
