@@ -130,6 +130,59 @@ def test_every_collective_of_the_loop_gets_tensors_on_the_engine_device(dataset:
     assert tensor_calls and all(c["devices"] and set(c["devices"]) == {c["engine"]} for c in tensor_calls), calls
 
 
+# Runs a rank with every way of reading a tensor back to the host wrapped: each read made by the training loop
+# records the step it happened in.
+READING_RANK = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from lmscale.train import loop, main
+
+    reads, current = [], {"step": 0}
+    train_step = loop.Trainer.train_step
+
+    def numbered(self):
+        current["step"] = self.state.step + 1
+        return train_step(self)
+
+    loop.Trainer.train_step = numbered
+
+    def recording(name, original):
+        def wrapper(*args, **kwargs):
+            if sys._getframe(1).f_globals.get("__name__") == "lmscale.train.loop":
+                reads.append({"name": name, "step": current["step"]})
+            return original(*args, **kwargs)
+        return wrapper
+
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "cpu", "numpy"):
+        setattr(torch.Tensor, name, recording(name, getattr(torch.Tensor, name)))
+    code = main.main([sys.argv[1]])
+    print("READS " + json.dumps(reads))
+    sys.exit(code)
+    """
+)
+
+
+def test_the_loop_reads_the_device_back_only_on_logging_checkpoint_and_last_steps(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """Between its sync steps a step leaves the device alone: loss, gradient norm, stop and skipped-shard flags
+    are read back (the flags in one all-reduce) on logging steps (every 4), checkpoint steps (every 6) and the
+    last (10)."""
+    run_dir = tmp_path / "run"
+    prepared = run_cli(*train_args(dataset, run_dir, 1, "trainer.max_steps=10", "schedule.total_steps=10",
+                                   "logging.every_steps=4", "checkpoint.every_steps=6"), "--prepare-only")  # fmt: skip
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    result = subprocess.run([sys.executable, "-c", READING_RANK, str(run_dir)], cwd=REPO, env=rank_env(),
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    reads = json.loads(next(line for line in result.stdout.splitlines() if line.startswith("READS "))[6:])
+    by_step = {r["step"] for r in reads if r["step"] > 0}  # step 0: the stop check before the first step
+    assert by_step == {4, 6, 8, 10}, reads
+    logged = [r["step"] for r in metrics_records(run_dir) if "loss" in r]
+    assert logged == [4, 8, 10]
+
+
 def test_zero3_builds_the_model_partitioned_and_the_memory_estimate_holds_for_100m_parameters(
     dataset: Path, tmp_path: Path
 ) -> None:

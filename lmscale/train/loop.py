@@ -25,7 +25,7 @@ from lmscale.train.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
-from lmscale.train.signals import PREEMPTION, StopRequest
+from lmscale.train.signals import INTERRUPT, NO_STOP, PREEMPTION, StopRequest
 from lmscale.train.spike import SpikeGuard
 
 log = logging.getLogger("lmscale")
@@ -74,21 +74,24 @@ def accuracy(hits: torch.Tensor) -> float:
     return right / predicted if predicted else float("nan")
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any."""
-    value = torch.tensor(1.0 if flag else 0.0, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
-
-
-def union_over_ranks(names: set[str], changed: bool, device: torch.device) -> set[str] | None:
-    """The union of every rank's ``names`` when any rank's changed, else None (one small all-reduce a step).
-    ``all_gather_object`` serialises through tensors on the current device of the process group's backend."""
-    if not any_rank(changed, device):
-        return None
+def gathered_union(names: set[str]) -> set[str]:
+    """The union of every rank's ``names``. ``all_gather_object`` serialises through tensors on the current
+    device of the process group's backend."""
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, sorted(names))
     return {name for part in gathered for name in part or ()}
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What every rank learns at a sync step, from one all-reduce."""
+
+    stop: int
+    """The most pressing stop any rank was asked for (``signals.NO_STOP`` ...)."""
+    shards_changed: bool
+    """Some rank's loader skipped a corrupt shard the ranks have not agreed on yet."""
+    nonfinite: bool
+    """A step since the last sync had a non-finite loss or gradient norm on some rank."""
 
 
 def set_collective_timeout(minutes: float) -> None:
@@ -99,10 +102,6 @@ def set_collective_timeout(minutes: float) -> None:
     timeout = datetime.timedelta(minutes=minutes)
     for group in list(_world.pg_map):
         _set_pg_timeout(timeout, group)
-
-
-def is_finite(value: float | None) -> bool:
-    return value is None or math.isfinite(value)
 
 
 class Trainer:
@@ -148,53 +147,103 @@ class Trainer:
                     if int(path.stem.removeprefix("rank_")) >= plan.world_size:
                         open_step_log(path, state.step).close()
         self.device = engine.device
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        """A step since the last sync had a non-finite loss or gradient norm (kept on the device)."""
+        self.start_window()
         self.task = self.cfg.model.data_format
         """causal, mlm or classification: what a forward pass predicts and what validation scores."""
 
-    def train_step(self) -> dict[str, float]:
+    def syncs_after(self, step: int) -> bool:
+        """Whether the loop reads values back from the device after ``step``: on logging, evaluation and
+        checkpoint steps and the last one. Between them a step makes no host sync of the loop's own, so a GPU
+        never waits on Python between steps."""
+        t, every_ckpt = self.cfg.trainer, self.cfg.checkpoint.every_steps
+        return (
+            step % self.cfg.logging.every_steps == 0
+            or step == t.max_steps
+            or bool(t.eval_every_steps and step % t.eval_every_steps == 0)
+            or bool(every_ckpt and step % every_ckpt == 0)
+        )
+
+    def start_window(self) -> None:
+        """Throughput is measured over the steps between two syncs (the device's work is only known to be done
+        at a sync), leaving out the evaluation, logging and checkpoint that follow a sync."""
+        self.window_started, self.window_first_step = time.perf_counter(), self.state.step
+        self.window_data_wait = 0.0
+
+    def train_step(self) -> tuple[dict[str, Any], Agreed] | None:
+        """One optimizer step; at a sync step also its metrics and what the ranks agreed (one all-reduce)."""
         cfg, plan = self.cfg, self.plan
         lr = lr_at(self.state.step, cfg.optim.lr, cfg.schedule.warmup_steps, cfg.total_steps, cfg.schedule.min_lr_ratio)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
-        started = time.perf_counter()
-        data_wait = 0.0
+        sync = self.syncs_after(self.state.step + 1)
         keys: list[str] = []
         loss_sum = torch.zeros((), device=self.device)
-        hits = torch.zeros(2, device=self.device)
+        # Right predictions are counted at sync steps only: selecting the scored positions is a host sync.
+        hits = torch.zeros(2, device=self.device) if sync and self.task in ACCURACY else None
         for micro in range(plan.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(self.train_batches)
-            data_wait += time.perf_counter() - wait_started
+            self.window_data_wait += time.perf_counter() - wait_started
             keys.extend(batch["keys"])
             self.skipped_here.update(batch["skipped_shards"])
             loss = self.forward(batch["inputs"], hits)
             self.engine.backward(loss)
             loss_sum += loss.detach()
-            if micro == plan.grad_accum_steps - 1:
+            if micro == plan.grad_accum_steps - 1 and self.spike_guard is not None:
                 # The step's loss, known on the device before the optimizer runs (the spike guard judges it).
-                step_loss = reduce_mean(loss_sum / plan.grad_accum_steps)
-                if self.spike_guard is not None:
-                    self.spike_guard.begin_step(step_loss)
+                self.spike_guard.begin_step(reduce_mean(loss_sum / plan.grad_accum_steps))
             self.engine.step()
-        loss_value = step_loss.item()
-        step_time = time.perf_counter() - started
         self.state.step += 1
         self.state.samples_seen += plan.global_batch_size
         self.state.tokens_seen += plan.tokens_per_step
         if self.key_log is not None:
             self.key_log.write(json.dumps({"step": self.state.step, "keys": keys}) + "\n")
         grad_norm = self.engine.get_global_grad_norm()
-        tokens_per_s = plan.tokens_per_step / step_time
-        return {
-            "loss": loss_value,
-            **({ACCURACY[self.task]: accuracy(hits)} if self.task in ACCURACY else {}),
+        self.note_nonfinite(loss_sum, grad_norm)
+        if not sync:
+            return None
+        return self.read_back(loss_sum / plan.grad_accum_steps, hits, grad_norm, lr)
+
+    def note_nonfinite(self, loss: torch.Tensor, grad_norm: torch.Tensor | float | None) -> None:
+        """Remember, on the device, whether this step's loss or gradient norm was not finite."""
+        bad = ~torch.isfinite(loss)
+        if isinstance(grad_norm, torch.Tensor):
+            bad = bad | ~torch.isfinite(grad_norm.to(bad.device))
+        elif grad_norm is not None and not math.isfinite(grad_norm):
+            bad = torch.ones_like(bad)
+        self.nonfinite = self.nonfinite | bad
+
+    def read_back(
+        self, loss: torch.Tensor, hits: torch.Tensor | None, grad_norm: torch.Tensor | float | None, lr: float
+    ) -> tuple[dict[str, Any], Agreed]:
+        """The sync: one all-reduce (summed) of the loss, the right predictions, each rank's stop request,
+        its unagreed skipped shards and its non-finite steps since the last sync, then the window's rates."""
+        plan = self.plan
+        counts = hits if hits is not None else torch.zeros(2, device=self.device)
+        host = [float(self.stop.kind == INTERRUPT), float(self.stop.kind == PREEMPTION),
+                float(not self.skipped_here <= self.skipped_all)]  # fmt: skip
+        values = torch.cat([loss.detach().float().view(1), counts.float(), self.nonfinite.float().view(1),
+                            torch.tensor(host, device=self.device)])  # fmt: skip
+        dist.all_reduce(values)
+        total_loss, right, predicted, nonfinite, interrupts, preemptions, changed = values.tolist()
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        now = time.perf_counter()
+        steps = self.state.step - self.window_first_step
+        window = max(now - self.window_started, 1e-9)
+        tokens_per_s = plan.tokens_per_step * steps / window
+        accuracy = {ACCURACY[self.task]: right / predicted if predicted else float("nan")} if hits is not None else {}
+        metrics = {
+            "loss": total_loss / plan.world_size,
+            **accuracy,
             "lr": lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_rank": tokens_per_s / plan.world_size,
-            "samples_per_s": plan.global_batch_size / step_time,
-            "step_time_s": step_time,
-            "data_wait_frac": data_wait / step_time,
+            "samples_per_s": plan.global_batch_size * steps / window,
+            "step_time_s": window / steps,
+            "data_wait_frac": self.window_data_wait / window,
             "mfu": self.flops_per_token * tokens_per_s / (self.peak_flops * plan.world_size)
             if self.peak_flops
             else None,
@@ -202,13 +251,14 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "skipped_shards": len(self.skipped_all),
         }
+        stop = PREEMPTION if preemptions else INTERRUPT if interrupts else NO_STOP
+        return metrics, Agreed(stop=stop, shards_changed=bool(changed), nonfinite=bool(nonfinite))
 
     def report_skipped_shards(self, step: int, metrics: dict[str, Any]) -> None:
-        """Corrupt shards are skipped inside loader workers, each warning once there; here the ranks agree on
-        the run's total, which goes into the metrics with an event naming the new ones."""
-        union = union_over_ranks(self.skipped_here, not self.skipped_here <= self.skipped_all, self.device)
-        if union is None:
-            return
+        """Corrupt shards are skipped inside loader workers, each warning once there; when some rank skipped one
+        the others have not heard of, the ranks agree on the run's total, which goes into the metrics with an
+        event naming the new ones."""
+        union = gathered_union(self.skipped_here) | self.skipped_all
         new = sorted(union - self.skipped_all)
         self.skipped_all = union
         metrics["skipped_shards"] = len(union)
@@ -226,13 +276,13 @@ class Trainer:
             self.logger.event(step, "skipped_spikes", new=skipped - self.spikes_logged, total=skipped)
             self.spikes_logged = skipped
 
-    def forward(self, inputs: dict[str, torch.Tensor], hits: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: dict[str, torch.Tensor], hits: torch.Tensor | None) -> torch.Tensor:
         """The micro-batch's loss; for a masked LM or a classifier, adds (right predictions, predictions) to
         ``hits``."""
         on_device = {name: value.to(self.device, non_blocking=True) for name, value in inputs.items()}
         # With targets a model returns the predicted ids of the scored positions, in row-major order.
         predictions, loss = self.engine(**on_device)
-        if self.task in ACCURACY:
+        if hits is not None and self.task in ACCURACY:
             with torch.no_grad():
                 targets = on_device["targets"]
                 scored = targets[targets != -100]
@@ -243,10 +293,14 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
-        try:
-            return self.evaluate_classifier() if self.task == "classification" else self.evaluate_lm()
-        finally:
-            self.engine.train()
+        # Starting the validation loader draws from the global generator: without the fork, evaluating would
+        # change the dropout masks of every later step, and a run's losses would depend on eval_every_steps.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            try:
+                return self.evaluate_classifier() if self.task == "classification" else self.evaluate_lm()
+            finally:
+                self.engine.train()
 
     def evaluate_lm(self) -> dict[str, float]:
         total = torch.zeros((), device=self.device)
@@ -388,7 +442,7 @@ class Trainer:
             stop_workers()
 
     def stop_requested(self) -> int:
-        """The stop every rank agrees on: the most pressing any rank was asked for (``signals.NO_STOP`` ...)."""
+        """The stop every rank agrees on before the first step: the most pressing any rank was asked for."""
         value = torch.tensor(float(self.stop.kind), device=self.device)
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return int(value.item())
@@ -405,29 +459,35 @@ class Trainer:
         if stopping := self.stop_requested():
             # Asked to stop while starting: nothing was trained since the checkpoint this job started from.
             return self.stopped(first_step, stopping)
+        self.start_window()
         while self.state.step < cfg.trainer.max_steps:
-            metrics: dict[str, Any] = self.train_step()
-            step = self.state.step
+            synced = self.train_step()
             if not self.short_timeouts:
                 self.short_timeouts = True
                 set_collective_timeout(cfg.trainer.step_timeout_minutes)
-            self.report_skipped_shards(step, metrics)
-            if not (is_finite(metrics["loss"]) and is_finite(metrics["grad_norm"])):
+            if synced is None:
+                continue
+            metrics, agreed = synced
+            step = self.state.step
+            if agreed.shards_changed:
+                self.report_skipped_shards(step, metrics)
+            if agreed.nonfinite:
                 self.logger.log(step, metrics)
                 self.roll_back(metrics)
+                self.start_window()
                 continue
             if every_eval and step % every_eval == 0:
                 metrics.update(self.evaluate())
             if step % cfg.logging.every_steps == 0 or "val_loss" in metrics or step == cfg.trainer.max_steps:
                 self.report_spikes(step, metrics)
                 self.logger.log(step, metrics)
-            stopping = self.stop_requested()
             best = self.new_best(metrics)
-            if (every_ckpt and step % every_ckpt == 0) or stopping or best:
+            if (every_ckpt and step % every_ckpt == 0) or agreed.stop or best:
                 self.save(best)
                 saved_step = step
-            if stopping:
-                return self.stopped(step, stopping)
+            if agreed.stop:
+                return self.stopped(step, agreed.stop)
+            self.start_window()
         if self.state.step > first_step and saved_step != self.state.step:
             self.save()
         return 0
