@@ -47,12 +47,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         predictions = torch.empty(targets.shape, dtype=torch.long, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if wants_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wants_grad else None
-        grad_bias = (
-            torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-            if wants_grad and bias is not None
-            else None
-        )
+        # The weight's (and bias's) gradient is summed over chunks in fp32; a single chunk's product needs no
+        # accumulator (saving a pass over the (V, d) matrix, which on a CPU costs as much as the product).
+        several = hidden.shape[0] > chunk_tokens
+        accumulate = torch.float32 if several else weight.dtype
+        grad_weight: torch.Tensor | None = None
+        grad_bias: torch.Tensor | None = None
         for start in range(0, hidden.shape[0], chunk_tokens):
             h = hidden[start : start + chunk_tokens]  # (n, d)
             y = targets[start : start + chunk_tokens]  # (n,)
@@ -72,12 +72,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits.scatter_add_(1, safe_y[:, None], torch.full_like(target_logit[:, None], -1.0))
             grad_logits.mul_((keep / count)[:, None])
             g = grad_logits.to(hidden.dtype)
-            assert grad_hidden is not None and grad_weight is not None
+            assert grad_hidden is not None
             grad_hidden[start : start + chunk_tokens] = g @ weight
-            # Each chunk's product rounds to the compute dtype once; the sum over chunks is kept in fp32.
-            grad_weight += g.t() @ h
-            if grad_bias is not None:
-                grad_bias += grad_logits.sum(0)
+            if grad_weight is None:
+                grad_weight = (g.t() @ h).to(accumulate)
+            elif accumulate == g.dtype:
+                grad_weight.addmm_(g.t(), h)
+            else:  # each chunk's product rounds to the compute dtype once, the sum stays in fp32
+                grad_weight += g.t() @ h
+            if bias is not None:
+                chunk_bias = grad_logits.sum(0)
+                grad_bias = chunk_bias if grad_bias is None else grad_bias.add_(chunk_bias)
         if wants_grad:
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
             ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
@@ -88,15 +93,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_loss: torch.Tensor, _grad_predictions: Any) -> tuple[Any, ...]:  # type: ignore[override]
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         weight_dtype, bias_dtype = ctx.dtypes
-        scale = grad_loss.to(torch.float32)
-        return (
-            grad_hidden * scale.to(grad_hidden.dtype),
-            (grad_weight * scale).to(weight_dtype),
-            (grad_bias * scale).to(bias_dtype) if grad_bias is not None else None,
-            None,
-            None,
-            None,
-        )
+        # The buffers are this call's own, and a backward runs once: scale them in place.
+        grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        grad_weight = grad_weight.mul_(grad_loss.to(grad_weight.dtype)).to(weight_dtype)
+        if grad_bias is not None:
+            grad_bias = grad_bias.mul_(grad_loss.to(grad_bias.dtype)).to(bias_dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
 def linear_cross_entropy(
