@@ -80,9 +80,9 @@ def build_dataset(workdir: Path, seq_len: int, vocab_size: int, corpus_bytes: in
     return out
 
 
-def train(run_dir: Path, overrides: list[str], nproc: int, log: Path) -> float:
-    """``lmscale train`` as a user runs it; returns the wall time. Stops the check on failure."""
-    command = [sys.executable, "-m", "launcher", "train", str(CONFIG), "--nproc", str(nproc)]
+def train(run_dir: Path, overrides: list[str], nproc: int, log: Path, config: Path = CONFIG) -> float:
+    """``lmscale train`` of ``config`` as a user runs it; returns the wall time. Stops the check on failure."""
+    command = [sys.executable, "-m", "launcher", "train", str(config), "--nproc", str(nproc)]
     command += [a for item in [*overrides, f"run.dir={run_dir}"] for a in ("--set", item)]
     started = time.perf_counter()
     with open(log, "w") as out:

@@ -68,14 +68,16 @@ def bare_step_tokens_per_s(args: argparse.Namespace, vocab_size: int) -> float:
     return args.micro_batch * args.seq_len / statistics.median(times)
 
 
-def lmscale_tokens_per_s(args: argparse.Namespace, dataset: Path, run_dir: Path) -> tuple[float, list[dict]]:
+def lmscale_tokens_per_s(
+    args: argparse.Namespace, dataset: Path, run_dir: Path, extra: tuple[str, ...] = ()
+) -> tuple[float, list[dict]]:
     shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, not a resume of the last one
     sets = [f"data.path={dataset}", f"run.dir={run_dir}", f"model.d_model={args.d_model}",
             f"model.n_layers={args.n_layers}", f"model.n_heads={args.n_heads}", f"model.seq_len={args.seq_len}",
             "model.dropout=0.0", f"trainer.micro_batch_size={args.micro_batch}", "trainer.grad_accum_steps=1",
             f"trainer.max_steps={args.steps}", "trainer.eval_every_steps=0", "checkpoint.every_steps=0",
             "zero.stage=2", f"logging.every_steps={args.log_every}", "logging.wandb.mode=disabled",
-            "logging.peak_flops=1e12", "schedule.warmup_steps=5"]  # fmt: skip
+            "logging.peak_flops=1e12", "schedule.warmup_steps=5", *extra]  # fmt: skip
     command = [sys.executable, "-m", "launcher", "train", "configs/gpt-tiny.yaml", "--nproc", str(args.nproc)]
     for item in sets:
         command += ["--set", item]
@@ -99,8 +101,8 @@ def parse_time(stamp: str) -> float:
     return datetime.datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run both sides train: the issue's shape by default."""
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log-every", type=int, default=10)
@@ -113,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lmscale-trainer-overhead")
     parser.add_argument("--rounds", type=int, default=2, help="alternating measurements of each side")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    shape_arguments(parser)
     args = parser.parse_args(argv)
 
     from lmscale.data.manifest import read_manifest

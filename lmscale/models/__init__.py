@@ -1,7 +1,12 @@
 """Model families behind one registry: the run's ``model`` section names a family (``gpt``, ``bert``), whose
 config dataclass is the single source of its fields; everything that builds, counts or converts a model
 looks the family up here instead of assuming one. Each config says which shards it trains on
-(``data_format``: ``causal``, ``mlm`` or ``classification``, as ``manifest.json`` records them)."""
+(``data_format``: ``causal``, ``mlm`` or ``classification``, as ``manifest.json`` records them).
+
+What every family's module offers the trainer: ``forward(idx, targets, ...)`` returns the logits without
+targets and, with them, the predicted ids of the scored positions (None where the family scores no accuracy)
+and the loss; its repeated layers are the ``nn.ModuleList`` ``blocks``, which activation checkpointing and
+compilation act on (``lmscale.train.levers``)."""
 
 from __future__ import annotations
 

@@ -142,7 +142,7 @@ def estimate_memory(
     loss_buffers = (
         scored * m.d_model * element + 4 * m.vocab_size * m.d_model + chunk * m.vocab_size * (2 * element + 4)
     )
-    gathered = (min(n, MAX_LIVE_PARAMETERS) + PREFETCH_BUCKET_ELEMENTS) * element if stage == 3 else 0.0
+    gathered = (min(n, MAX_LIVE_PARAMETERS) + min(n, PREFETCH_BUCKET_ELEMENTS)) * element if stage == 3 else 0.0
     workspace = 0.0
     if not on_gpu:
         workspace = 2 * partition + (n * element if stage < 3 else 0.0)
