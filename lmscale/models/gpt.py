@@ -190,7 +190,9 @@ class GPT(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)
         else:
-            rotary = (self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1))  # (B, 1, T, hs)
+            # The tables are fp32; the rotation runs in the activations' dtype, as transformers' Llama does.
+            cos, sin = (table[positions].unsqueeze(1).to(x.dtype) for table in (self.rope_cos, self.rope_sin))
+            rotary = (cos, sin)  # (B, 1, T, hs)
         x = self.emb_dropout(x)
         for layer, block in enumerate(self.blocks):
             x = block(x, rotary, cache, layer, mask)
