@@ -71,6 +71,11 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def block_activation_elements(self) -> int:
+        """Elements one block keeps per token for its backward pass, as GPT's count them (``lmscale.models.gpt``):
+        norms, q, k, v, the attention output, the residual sum and a GELU MLP's input and output."""
+        return 8 * self.d_model + 2 * self.ff_dim
+
     def problems(self) -> list[str]:
         """What is wrong with the section, each as ``field: reason``."""
         found = []

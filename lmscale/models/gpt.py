@@ -87,6 +87,14 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    def block_activation_elements(self) -> int:
+        """Elements one block keeps per token for its backward pass (the memory estimate's unit): the two norms'
+        inputs and outputs, q, k and v, the attention output (SDPA keeps its log-sum-exp, not the scores), the
+        residual sum, and the MLP's hidden activations (GELU: its input and output; SwiGLU: gate, up, their
+        activation and product)."""
+        kv = self.kv_heads * self.head_dim
+        return 6 * self.d_model + 2 * kv + (4 if self.flavor == "llama" else 2) * self.ff_dim
+
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:

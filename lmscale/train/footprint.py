@@ -101,16 +101,10 @@ def count_parameters(model_cfg: ModelConfig) -> int:
 
 
 def block_activation_bytes(model_cfg: ModelConfig, element: int) -> float:
-    """Bytes one block keeps per token for its backward pass: the two norms' inputs and outputs, q, k and v,
-    the attention output (SDPA keeps its log-sum-exp, not the scores), the residual sum, and the MLP's
-    hidden activations (GELU: its input and output; SwiGLU: gate, up, their activation and product); plus
-    the dropout masks (a byte per element) when dropout is on."""
-    d, ff = model_cfg.d_model, model_cfg.ff_dim
-    kv = getattr(model_cfg, "kv_heads", model_cfg.n_heads) * (d // model_cfg.n_heads)
-    swiglu = getattr(model_cfg, "flavor", "") == "llama"
-    elements = 6 * d + 2 * kv + (4 if swiglu else 2) * ff
-    masks = 3 * d if model_cfg.dropout > 0 else 0  # attention, residual x2
-    return elements * element + masks
+    """Bytes one block keeps per token for its backward pass: its family's count of saved elements, plus the
+    dropout masks (a byte per element: attention and the two residual branches) when dropout is on."""
+    masks = 3 * model_cfg.d_model if model_cfg.dropout > 0 else 0
+    return model_cfg.block_activation_elements() * element + masks
 
 
 def estimate_memory(
