@@ -175,3 +175,20 @@ def check_time(cfg: Config, res: Resources, tokens_per_step: int) -> str | None:
             f"{margin / 60:.0f} min to start and save; ask for more time or lower checkpoint.every_steps"
         )
     return None
+
+
+def check_stop_latency(cfg: Config, res: Resources, tokens_per_step: int) -> str | None:
+    """A stop signal is acted on at the next sync step (every ``logging.every_steps``): at an optimistic
+    utilisation, that wait must leave at least half the scheduler's warning (``--signal-lead``) for the save."""
+    peak = gpu_peak_flops(res.gpu_type.upper(), cfg.trainer.precision) if res.gpu_type else None
+    if not res.gpus_per_node or peak is None:
+        return None
+    wait = cfg.logging.every_steps * step_seconds(cfg, tokens_per_step, res.world_size, peak, ASSUMED_MFU)
+    if wait > res.signal_lead_seconds / 2:
+        return (
+            f"logging.every_steps: {cfg.logging.every_steps} steps take at least {wait:.0f}s at {ASSUMED_MFU:.0%} MFU "
+            f"on {res.world_size} {res.gpu_type} GPUs, and a stop signal waits for the next logged step: more than "
+            f"half of --signal-lead {res.signal_lead_seconds}s, too little left to save; lower logging.every_steps "
+            "or raise --signal-lead"
+        )
+    return None

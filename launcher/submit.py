@@ -107,6 +107,7 @@ def preflight_failures(cfg: Config, plan: RunPlan | None, data_problem: str | No
         checks = [
             preflight.check_memory(resolved, res, seq_len),
             preflight.check_time(resolved, res, sequences * seq_len),
+            preflight.check_stop_latency(resolved, res, sequences * seq_len),
         ]
         failures += [c for c in checks if c]
     return failures

@@ -64,6 +64,19 @@ def test_preflight_names_each_request_that_cannot_work(dataset: Path, tmp_path: 
     assert err.startswith("lmscale: error: preflight: --mem 1G: a rank needs about") and "for the 2 ranks" in err
 
 
+def test_preflight_refuses_a_logging_interval_that_outlasts_the_preemption_warning(tmp_path: Path) -> None:
+    """A stop signal waits for the next logged step: the Llama 7B on one node of 8 H100s (45 s a step at 50%
+    MFU) logging every 10 steps would still be training when Slurm's 300 s warning runs out."""
+    common = ["--backend", "slurm", "--gpus-per-node", "h100:8", "--set", f"data.path={tmp_path / 'none'}",
+              "--set", f"run.dir={tmp_path / 'run'}", "--dry-run"]  # fmt: skip
+    one_node = run_cli("submit", "configs/llama-7b.yaml", "--nodes", "1", "--set", "logging.every_steps=10", *common)
+    assert one_node.returncode == 0, one_node.stderr
+    assert "#   logging.every_steps: 10 steps take at least 4" in one_node.stdout
+    assert "--signal-lead 300s" in one_node.stdout
+    shipped = run_cli("submit", "configs/llama-7b.yaml", "--nodes", "8", *common)  # every step logged, 64 GPUs
+    assert shipped.returncode == 0 and "logging.every_steps:" not in shipped.stdout
+
+
 def test_the_memory_estimate_partitions_model_states_by_stage_and_counts_recomputation() -> None:
     """The arithmetic of lmscale.train.footprint on the GPT-2 124M shape (16 x 1024 tokens, bf16); its
     measured counterparts are on CPU ranks (tests/test_rank_entry.py, tests/test_levers.py) and in
