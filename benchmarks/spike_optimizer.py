@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from lmscale.config import load_config
-from lmscale.models import GPTConfig, build_model
-from lmscale.train.engine import param_groups
+from lmscale.families import build_model
+from lmscale.models import GPTConfig
+from lmscale.train.build import param_groups
 from lmscale.train.spike import SkipStepAdamW, SpikeGuard
 
 REPO = Path(__file__).resolve().parents[1]

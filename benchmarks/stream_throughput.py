@@ -24,7 +24,7 @@ from lmscale.config import load_config
 from lmscale.data.manifest import read_manifest
 from lmscale.data.shard import PrepareOptions, prepare
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
-from lmscale.models import flops_per_token
+from lmscale.families import flops_per_token
 
 H100_BF16_PEAK = 989.4e12
 REPO = Path(__file__).resolve().parents[1]

@@ -104,7 +104,7 @@ def deepspeed_config(case: Case) -> dict[str, Any]:
 
 
 def lmscale_model(case: Case) -> torch.nn.Module:
-    from lmscale.models import build_model
+    from lmscale.families import build_model
 
     return build_model(case.model_config(), torch.Generator().manual_seed(0))
 
@@ -160,7 +160,7 @@ def measure(
     """Seconds per optimizer step after ``warmup`` steps, and the first micro-batch's loss."""
     import deepspeed
 
-    from lmscale.train.engine import param_groups
+    from lmscale.train.build import param_groups
 
     model = build()
     if case.compiled:

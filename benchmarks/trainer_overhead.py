@@ -48,7 +48,8 @@ def prepare_dataset(workdir: Path, seq_len: int, vocab_size: int) -> Path:
 
 
 def bare_step_tokens_per_s(args: argparse.Namespace, vocab_size: int) -> float:
-    from lmscale.models import GPTConfig, build_model
+    from lmscale.families import build_model
+    from lmscale.models import GPTConfig
 
     cfg = GPTConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, seq_len=args.seq_len,
                     vocab_size=vocab_size)  # fmt: skip

@@ -10,8 +10,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from launcher.cli import build_parser
 from launcher.infer import cmd_generate
+from launcher.parser import build_parser
 from launcher.train import train
 from lmscale.data.demo_corpus import write_demo_corpus
 from lmscale.data.manifest import MANIFEST

@@ -21,7 +21,8 @@ from lmscale.data.labelled import Fields, read_examples, write_task_dataset
 from lmscale.data.manifest import MANIFEST, read_manifest
 from lmscale.data.tokenizer import file_sha256
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.models import BertConfig, ModelConfig
+from lmscale.families import FAMILIES, family_of, fine_tunable
+from lmscale.models import ModelConfig
 from lmscale.train.init_from import pretrained
 
 TASK_DIR = "task"
@@ -33,13 +34,17 @@ def resolve_task(cfg: Config, write: bool) -> Config:
     the model section resolved against the pretrained model."""
     task = cfg.task
     assert task is not None and task.train is not None
-    if cfg.model.family != "bert":
-        raise ConfigError("model.family: `lmscale finetune` trains a BERT classifier (family: bert)")
+    family = cfg.model.family
+    if not FAMILIES[family].fine_tunes:
+        raise ConfigError(
+            f"model.family: `lmscale finetune` trains a sequence classifier, which {family} has not (family: "
+            f"{' or '.join(fine_tunable())})"
+        )
     if not cfg.model.init_from:
-        raise ConfigError("model.init_from: missing (an exported BERT directory or a BERT pretraining run directory)")
+        raise ConfigError(f"model.init_from: missing (an exported {family} directory or a {family} pretraining run)")
     source = pretrained(Path(cfg.model.init_from).absolute())
-    if not isinstance(source.model, BertConfig):
-        raise ConfigError(f"model.init_from: {source.path} holds a {source.model.family} model, not a BERT")
+    if source.model.family != family:
+        raise ConfigError(f"model.init_from: {source.path} holds a {source.model.family} model, not a {family}")
     if not source.tokenizer.is_file():
         raise ConfigError(f"model.init_from: {source.tokenizer}: missing (the tokenizer the model was trained with)")
     check_architecture(cfg.model, source.model, source.path)
@@ -72,9 +77,10 @@ def resolve_task(cfg: Config, write: bool) -> Config:
     return dataclasses.replace(cfg, model=model, data=data, task=resolved_task)
 
 
-def check_architecture(ours: ModelConfig, theirs: BertConfig, where: Path) -> None:
+def check_architecture(ours: ModelConfig, theirs: ModelConfig, where: Path) -> None:
     """The architecture comes from the pretrained model: a field the config sets to something else is an error."""
-    defaults, given, pretrained_arch = BertConfig().architecture(), ours.architecture(), theirs.architecture()
+    defaults = family_of(ours).config().architecture()
+    given, pretrained_arch = ours.architecture(), theirs.architecture()
     for name, value in given.items():
         if value != defaults[name] and value != pretrained_arch[name]:
             raise ConfigError(f"model.{name}: {value} here, {pretrained_arch[name]} in the pretrained model {where}")

@@ -13,9 +13,10 @@ from lmscale import run_layout
 from lmscale.data.collate import MaskedLMBatch
 from lmscale.data.tokenizer import end_token_id, load_tokenizer, special_token_ids
 from lmscale.errors import LmscaleError, UsageError
+from lmscale.families import family_of
 from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
-from lmscale.models import GPT, BertConfig
+from lmscale.tasks import task_of
 
 
 def _device() -> torch.device:
@@ -25,7 +26,7 @@ def _device() -> torch.device:
 def cmd_generate(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     model, _ = load_hf_model(directory)
-    if not isinstance(model, GPT):
+    if not family_of(model.cfg).generates:
         raise UsageError(f"{directory}: a {model.cfg.family} model does not generate text (lmscale eval scores it)")
     model.to(_device())
     tok = load_tokenizer(directory / "tokenizer.json")
@@ -71,7 +72,8 @@ def _model_of_run(run_dir: Path) -> torch.nn.Module:
     imports DeepSpeed)."""
     from lmscale.config import from_dict
     from lmscale.export.export import find_checkpoint
-    from lmscale.models import build_model, load_checked
+    from lmscale.families import build_model
+    from lmscale.models import load_checked
     from lmscale.train import checkpoint
     from lmscale.train.engine import consolidated_state_dict
 
@@ -94,18 +96,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tok = load_tokenizer(tokenizer_file)
     model.to(_device())
     cfg = model.cfg
-    if isinstance(cfg, BertConfig) and cfg.num_labels:
+    task = task_of(cfg)
+    if task.labelled:
         return eval_classifier(args, model, tokenizer_file, tok)
     prepared = len(args.data) == 1 and scores.is_prepared(args.data[0])
     if prepared:
-        windows, seq_len = scores.prepared_windows(Path(args.data[0]), args.split, tok, cfg.data_format)
+        windows, seq_len = scores.prepared_windows(Path(args.data[0]), args.split, tok, task.name)
         if seq_len > cfg.seq_len:
             raise UsageError(f"--data: samples of {seq_len} tokens exceed the model's {cfg.seq_len} positions")
-    elif isinstance(cfg, BertConfig):
+    elif task.wraps_documents:
         windows = scores.mlm_windows(args.data, tok, cfg.seq_len)
     else:
         windows = scores.text_windows(args.data, tok, cfg.seq_len)
-    if isinstance(cfg, BertConfig):
+    if task.masked:
         if not 0 < args.mlm_probability < 1:
             raise UsageError(f"--mlm-probability {args.mlm_probability}: must be in (0, 1)")
         collate = MaskedLMBatch(special_token_ids(tok), tok.get_vocab_size(), args.mlm_probability, args.seed)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from launcher.preflight import Resources
 from lmscale import run_layout
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.train.exit_codes import EXIT_PREEMPTED
@@ -159,3 +160,20 @@ def print_log(path: Path, job: JobRecord, status: Callable[[JobRecord], JobStatu
                 raise LmscaleError(f"{path}: no output yet (job {job.job_id} is {status(job).state})")
             return
         time.sleep(FOLLOW_POLL_SECONDS)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Everything a backend needs to start the job."""
+
+    run_dir: Path
+    name: str
+    resources: Resources
+    max_requeues: int
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    address: str | None = None
+    """Ray: the dashboard URL."""
+    template: Path | None = None
+    """Slurm: the job script template (default cluster/slurm/lmscale.sbatch)."""

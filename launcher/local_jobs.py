@@ -21,9 +21,8 @@ from pathlib import Path
 
 import psutil
 
-from launcher.jobs import JobRecord, JobStatus, print_log, record_exit, status_from_exit, timestamp
+from launcher.jobs import JobRecord, JobStatus, Submission, print_log, record_exit, status_from_exit, timestamp
 from launcher.nodes import NodeSpec, cpu_rank_env, open_store, run_node
-from launcher.submit import Submission
 from launcher.train import gpu_count
 from lmscale import run_layout
 from lmscale.config import load_config

@@ -20,8 +20,7 @@ import time
 import uuid
 from typing import Any
 
-from launcher.jobs import JobRecord, JobStatus, timestamp
-from launcher.submit import Submission
+from launcher.jobs import JobRecord, JobStatus, Submission, timestamp
 from lmscale.data.ray_cluster import authenticated
 from lmscale.errors import LmscaleError, UsageError
 

@@ -19,8 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.jobs import JobRecord, JobStatus, print_log, status_from_exit, timestamp
-from launcher.submit import Submission
+from launcher.jobs import JobRecord, JobStatus, Submission, print_log, status_from_exit, timestamp
 from lmscale import run_layout
 from lmscale.errors import LmscaleError, UsageError
 

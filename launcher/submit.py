@@ -14,11 +14,11 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 from launcher import jobs, preflight
+from launcher.jobs import Submission
 from launcher.preflight import Resources
 from launcher.train import kept_config, launch_record, resolve_config, write_run_dir
 from lmscale.config import Config, ConfigError, grad_accum_steps
@@ -28,23 +28,6 @@ from lmscale.train.footprint import GB
 from lmscale.train.plan import RunPlan, plan_run, read_manifests
 
 DEFAULT_SIGNAL_LEAD_SECONDS = 300
-
-
-@dataclass(frozen=True)
-class Submission:
-    """Everything a backend needs to start the job."""
-
-    run_dir: Path
-    name: str
-    resources: Resources
-    max_requeues: int
-    partition: str | None = None
-    account: str | None = None
-    qos: str | None = None
-    address: str | None = None
-    """Ray: the dashboard URL."""
-    template: Path | None = None
-    """Slurm: the job script template (default cluster/slurm/lmscale.sbatch)."""
 
 
 def backend(name: str) -> ModuleType:

@@ -18,6 +18,7 @@ import yaml
 
 from lmscale.errors import UsageError
 from lmscale.models import GPTConfig, ModelConfig
+from lmscale.tasks import task_of
 
 
 class ConfigError(UsageError):
@@ -203,7 +204,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=GPTConfig)
-    """One family's section, chosen by its ``family`` key (gpt by default): lmscale.models.FAMILIES."""
+    """One family's section, chosen by its ``family`` key (gpt by default): lmscale.families."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
@@ -220,7 +221,7 @@ class Config:
     @property
     def predicted_fraction(self) -> float:
         """Share of positions the output head predicts: the masked ones of a masked LM, all of a causal one."""
-        return self.data.mlm_probability if self.model.data_format == "mlm" else 1.0
+        return self.data.mlm_probability if task_of(self.model).masked else 1.0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

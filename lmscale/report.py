@@ -12,8 +12,10 @@ from typing import Any
 
 from lmscale import run_layout
 from lmscale.errors import UsageError
+from lmscale.tasks import TASKS
 
-ACCURACY_NAMES = {"val_accuracy": "best val acc", "val_mlm_accuracy": "best val MLM acc"}
+ACCURACY_NAMES = {f"val_{t.accuracy_metric}": t.accuracy_label for t in TASKS.values() if t.accuracy_metric}
+"""The validation accuracy of each task that has one, and how the summary names its best."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ from lmscale.data.shard import DocTable, PrepareOptions, mlm_pieces, prepare
 from lmscale.data.stream import read_shard, split_shards
 from lmscale.data.tokenizer import BERT_SPECIALS, load_tokenizer
 from lmscale.errors import UsageError
-from lmscale.models import Bert, BertConfig, GPTConfig, build_model, flops_per_token
+from lmscale.families import build_model, flops_per_token
+from lmscale.models import Bert, BertConfig, GPTConfig
 
 SPECIALS = {token: i for i, token in enumerate(BERT_SPECIALS)}  # as WordPiece training assigns them
 PAD, CLS, SEP, MASK = SPECIALS["[PAD]"], SPECIALS["[CLS]"], SPECIALS["[SEP]"], SPECIALS["[MASK]"]

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lmscale.models import GPT, GPTConfig, flops_per_token
+from lmscale.families import flops_per_token
+from lmscale.models import GPT, GPTConfig
 from lmscale.models.layers import KVCache
 
 

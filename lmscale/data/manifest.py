@@ -15,6 +15,7 @@ from typing import IO, Any
 import numpy as np
 
 from lmscale.errors import LmscaleError, UsageError
+from lmscale.tasks import TASKS
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
@@ -69,9 +70,7 @@ class Manifest:
 
     @property
     def sample_len(self) -> int:
-        if self.format == "classification":
-            return 1 + 2 * self.seq_len  # label id, token ids, token types
-        return self.seq_len + 1 if self.format == "causal" else self.seq_len
+        return TASKS[self.format].sample_len(self.seq_len)
 
     @property
     def np_dtype(self) -> np.dtype:
@@ -149,6 +148,8 @@ def read_manifest(directory: str | Path) -> Manifest:
         }
         if data.get("format_version") != FORMAT_VERSION:
             raise LmscaleError(f"{path}: format_version {data.get('format_version')}, expected {FORMAT_VERSION}")
+        if data.get("format", "causal") not in TASKS:
+            raise LmscaleError(f"{path}: format {data['format']!r} is none of {', '.join(TASKS)}")
         return Manifest(splits=splits, **data)
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise LmscaleError(f"{path}: malformed manifest ({err.__class__.__name__}: {err})") from None

@@ -52,6 +52,8 @@ def check_reachable(address: str) -> None:
 
 # Run in a child process: Ray's C++ client logs a refusal to the terminal, and may exit its process outright
 # on an unexpected answer; the parent turns the child's exit into one line either way.
+# Ray 2 has no public client that asks the GCS for one answer without ray.init (which hangs on a head that
+# refuses), hence the private GcsClient; tests/test_private_apis.py fails if it disappears.
 GCS_PROBE = """
 import sys
 from ray._raylet import GcsClient
@@ -69,6 +71,8 @@ def authenticated(connect: Callable[[], T | None], where: str) -> T | None:
     """``connect()``'s result; when the cluster refuses it for want of a token (``connect`` returns None) and
     one is available, with token authentication switched on. ``where`` names the cluster in the one-line
     failure."""
+    # Token authentication has no public API to ask whether a token is present or to re-read RAY_AUTH_MODE
+    # (private names; tests/test_private_apis.py fails if they disappear).
     from ray._raylet import AuthenticationTokenLoader, Config
 
     token_mode = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"

@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -45,6 +45,7 @@ from lmscale.data.tokenizer import (
 )
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.progress import Progress
+from lmscale.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,9 @@ class PrepareOptions:
     tokenizer: str | None = None
     """An existing tokenizer.json; otherwise one is trained on a sample of the input."""
     tokenizer_kind: TokenizerKind = "bpe"
-    format: Literal["causal", "mlm"] = "causal"
-    """causal: GPT samples of seq_len + 1 stream tokens; mlm: BERT samples [CLS] ... [SEP] [PAD]... of seq_len."""
+    format: str = "causal"
+    """A ``lmscale.tasks`` entry prepared from text: causal (GPT samples of seq_len + 1 stream tokens) or mlm
+    (BERT samples [CLS] ... [SEP] [PAD]... of seq_len)."""
     tokenizer_sample_mb: float = 64.0
     shard_size: str = "64MB"
     """Samples per shard ("10000") or an approximate size ("64MB")."""
@@ -401,11 +403,12 @@ def _check_output(options: PrepareOptions) -> None:
         if not options.overwrite:
             raise UsageError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
-    least = 3 if options.format == "mlm" else 2  # a masked-LM sample holds [CLS], a token and [SEP]
+    wraps = TASKS[options.format].wraps_documents
+    least = 3 if wraps else 2  # a wrapped sample holds [CLS], a token and [SEP]
     if options.seq_len < least:
         raise UsageError(f"--seq-len {options.seq_len}: must be at least {least} for --format {options.format}")
-    if options.format == "mlm" and not options.tokenizer and options.tokenizer_kind != "wordpiece":
-        raise UsageError("--format mlm: needs a WordPiece tokenizer (add --tokenizer-kind wordpiece)")
+    if wraps and not options.tokenizer and options.tokenizer_kind != "wordpiece":
+        raise UsageError(f"--format {options.format}: needs a WordPiece tokenizer (add --tokenizer-kind wordpiece)")
     if not 0.0 <= options.val_fraction < 1.0:
         raise UsageError(f"--val-fraction {options.val_fraction}: must be in [0, 1)")
 
@@ -433,14 +436,17 @@ def prepare(options: PrepareOptions) -> Manifest:
         tok = train_tokenizer(sample, options.vocab_size, options.tokenizer_kind)
     special_ids = special_token_ids(tok)
     missing = [token for token in BERT_SPECIALS if token not in special_ids]
-    if options.format == "mlm" and missing:
-        raise UsageError(f"{options.tokenizer}: --format mlm needs the special tokens {' '.join(missing)} (WordPiece)")
+    task = TASKS[options.format]
+    if task.wraps_documents and missing:
+        raise UsageError(
+            f"{options.tokenizer}: --format {options.format} needs the special tokens {' '.join(missing)} (WordPiece)"
+        )
     tokenizer_path = out / "tokenizer.json"
     tok.save(str(tokenizer_path))
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
-    sample_len = options.seq_len + 1 if options.format == "causal" else options.seq_len
-    wrap = (special_ids["[CLS]"], special_ids["[SEP]"], special_ids["[PAD]"]) if options.format == "mlm" else None
+    sample_len = task.sample_len(options.seq_len)
+    wrap = (special_ids["[CLS]"], special_ids["[SEP]"], special_ids["[PAD]"]) if task.wraps_documents else None
     per_shard = samples_per_shard(options.shard_size, sample_len, np.dtype(dtype).itemsize)
 
     workers = 1 if options.in_process else options.workers or os.cpu_count() or 1

@@ -20,11 +20,11 @@ from torch import nn
 
 from lmscale import run_layout
 from lmscale.config import from_dict
-from lmscale.data.tokenizer import EOT, end_token_id, load_tokenizer, special_token_ids, with_bert_template
+from lmscale.data.tokenizer import end_token_id, load_tokenizer, special_token_ids
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.hf.bert import check_exportable
+from lmscale.families import build_model, family_of
 from lmscale.hf.convert import auto_class, hf_config_dict, tied_keys, to_hf
-from lmscale.models import BertConfig, GPTConfig, ModelConfig, build_model, load_checked
+from lmscale.models import ModelConfig, load_checked
 from lmscale.progress import Progress
 from lmscale.train import checkpoint
 
@@ -69,35 +69,17 @@ def tolerance(reference: torch.Tensor) -> float:
 
 
 def parity_batch(cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inputs both models run in the parity check: random tokens; for an encoder, the second row
-    padded at the end, so the check covers the padding mask."""
+    """Inputs both models run in the parity check: random tokens, in whatever form the family's model takes
+    (an encoder's with a padded row, so the check covers the padding mask)."""
     generator = torch.Generator().manual_seed(0)
     assert cfg.vocab_size is not None and cfg.seq_len is not None
     idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.seq_len, 64)), generator=generator)
-    if isinstance(cfg, GPTConfig):
-        return {"idx": idx}
-    pad_mask = torch.ones_like(idx, dtype=torch.bool)
-    pad_mask[1, idx.shape[1] // 2 :] = False
-    return {"idx": idx, "pad_mask": pad_mask}
+    return family_of(cfg).hf.parity_inputs(idx)
 
 
 def save_tokenizer(tokenizer_file: Path, output: Path, cfg: ModelConfig) -> None:
-    """The run's tokenizer as ``AutoTokenizer`` loads it, with its own special tokens: end-of-text for a GPT,
-    BERT's [CLS] [SEP] [PAD] [UNK] [MASK] (and its [CLS] ... [SEP] template) for an encoder."""
-    from transformers import PreTrainedTokenizerFast
-
-    if isinstance(cfg, GPTConfig):
-        special = {name: EOT for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_max_length=cfg.seq_len, **special)
-    else:
-        special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                   "mask_token": "[MASK]"}  # fmt: skip
-        backend = with_bert_template(load_tokenizer(tokenizer_file))
-        # Token types tell the two texts of a pair apart: the model must be given them.
-        inputs = ["input_ids", "token_type_ids", "attention_mask"]
-        tok = PreTrainedTokenizerFast(
-            tokenizer_object=backend, model_max_length=cfg.seq_len, model_input_names=inputs, **special
-        )
+    """The run's tokenizer as ``AutoTokenizer`` loads it, with the family's special tokens."""
+    tok, special = family_of(cfg).hf.tokenizer(tokenizer_file, cfg)
     tok.save_pretrained(str(output))
     # Name the class every transformers version knows (v5 writes its new backend's name).
     config_path = output / "tokenizer_config.json"
@@ -129,7 +111,7 @@ def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: st
     if missing or unexpected:
         raise LmscaleError(f"conversion to {architecture} left weights unmatched: {(missing + unexpected)[:3]}")
     hf_model.to(DTYPES[dtype]).save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
-    if isinstance(cfg, GPTConfig):
+    if family_of(cfg).generates:
         eot_id = end_token_id(load_tokenizer(tokenizer_file))
         GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(str(output))
     save_tokenizer(tokenizer_file, output, cfg)
@@ -172,8 +154,7 @@ def export_checkpoint(
     tag = find_checkpoint(run_dir, requested)
     state = checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)
     cfg = from_dict(state["config"])
-    if isinstance(cfg.model, BertConfig):
-        check_exportable(cfg.model)
+    family_of(cfg.model).hf.check_exportable(cfg.model)
     tokenizer_file = run_dir / run_layout.TOKENIZER
     if not tokenizer_file.is_file():
         tokenizer_file = Path(cfg.data.resolved_sources()[0].path) / "tokenizer.json"

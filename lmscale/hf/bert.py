@@ -6,12 +6,15 @@ both (tied), with its own bias; the pooler exists in the classifier only, as in 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmscale.data.tokenizer import load_tokenizer, with_bert_template
 from lmscale.errors import LmscaleError
-from lmscale.models import BertConfig
+from lmscale.hf.adapter import HFAdapter
+from lmscale.models.bert import BertConfig
 
 EMBEDDINGS = {
     "tok_emb.weight": "bert.embeddings.word_embeddings.weight",
@@ -122,3 +125,47 @@ def to_hf(sd: dict[str, torch.Tensor], cfg: BertConfig) -> dict[str, torch.Tenso
 def from_hf(sd: dict[str, torch.Tensor], cfg: BertConfig) -> dict[str, torch.Tensor]:
     """Hugging Face state dict -> lmscale state dict (the inverse of ``to_hf``)."""
     return {ours: sd[theirs] for ours, theirs in key_table(cfg).items()}
+
+
+def auto_class(cfg: BertConfig) -> str:
+    return "AutoModelForSequenceClassification" if cfg.num_labels else "AutoModelForMaskedLM"
+
+
+def tied_keys(cfg: BertConfig) -> set[str]:
+    return set() if cfg.num_labels else {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+
+
+def tokenizer(tokenizer_file: Path, cfg: BertConfig) -> tuple[Any, dict[str, str]]:
+    """The run's tokenizer with BERT's special tokens and its [CLS] ... [SEP] template."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
+               "mask_token": "[MASK]"}  # fmt: skip
+    backend = with_bert_template(load_tokenizer(tokenizer_file))
+    # Token types tell the two texts of a pair apart: the model must be given them.
+    inputs = ["input_ids", "token_type_ids", "attention_mask"]
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=cfg.seq_len, model_input_names=inputs, **special
+    )
+    return tok, special
+
+
+def parity_inputs(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The second row padded from its middle on, so the check covers the padding mask."""
+    pad_mask = torch.ones_like(idx, dtype=torch.bool)
+    pad_mask[1, idx.shape[1] // 2 :] = False
+    return {"idx": idx, "pad_mask": pad_mask}
+
+
+ADAPTER = HFAdapter(
+    model_types=("bert",),
+    config_dict=hf_config_dict,
+    config_from_hf=bert_config_from_hf,
+    to_hf=to_hf,
+    from_hf=from_hf,
+    auto_class=auto_class,
+    tied_keys=tied_keys,
+    tokenizer=tokenizer,
+    parity_inputs=parity_inputs,
+    check_exportable=check_exportable,
+)

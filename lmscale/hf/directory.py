@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 
 from lmscale.errors import LmscaleError, UsageError
+from lmscale.families import build_model
 from lmscale.hf.convert import config_from_hf, from_hf
-from lmscale.models import ModelConfig, build_model, load_checked
+from lmscale.models import ModelConfig, load_checked
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 

@@ -7,12 +7,15 @@ layouts as lmscale (rotary in the rotate-half convention), so its table is a pur
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmscale.data.tokenizer import EOT
 from lmscale.errors import LmscaleError
-from lmscale.models import GPTConfig
+from lmscale.hf.adapter import HFAdapter
+from lmscale.models.gpt import GPTConfig
 
 # lmscale key -> Hugging Face key, outside the blocks.
 GPT2_TOP = {
@@ -186,3 +189,35 @@ def from_hf(sd: dict[str, torch.Tensor], cfg: GPTConfig) -> dict[str, torch.Tens
             for ours, theirs in LLAMA_BLOCK.items():
                 out[dst + ours] = sd[src + theirs]
     return out
+
+
+def config_dict(cfg: GPTConfig, special_tokens: dict[str, int]) -> dict[str, Any]:
+    end = special_tokens.get(EOT, special_tokens.get("[SEP]"))
+    assert end is not None
+    return hf_config_dict(cfg, end)
+
+
+def tied_keys(cfg: GPTConfig) -> set[str]:
+    return {"lm_head.weight"} if cfg.tie_embeddings else set()
+
+
+def tokenizer(tokenizer_file: Path, cfg: GPTConfig) -> tuple[Any, dict[str, str]]:
+    """The run's tokenizer with end-of-text as every special token, as GPT-2's."""
+    from transformers import PreTrainedTokenizerFast
+
+    special = {name: EOT for name in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), model_max_length=cfg.seq_len, **special)
+    return tok, special
+
+
+ADAPTER = HFAdapter(
+    model_types=("gpt2", "llama"),
+    config_dict=config_dict,
+    config_from_hf=gpt_config_from_hf,
+    to_hf=to_hf,
+    from_hf=from_hf,
+    auto_class=lambda cfg: "AutoModelForCausalLM",
+    tied_keys=tied_keys,
+    tokenizer=tokenizer,
+    parity_inputs=lambda idx: {"idx": idx},
+)

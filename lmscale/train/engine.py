@@ -1,4 +1,6 @@
-"""The one module that imports DeepSpeed: distributed start-up and the ZeRO engine."""
+"""The engine seam, the one module that imports DeepSpeed: distributed start-up, ZeRO-3 construction, the
+engine, the consolidated weights of a checkpoint, and the few private names of DeepSpeed and torch the
+trainer needs. It knows nothing of lmscale's configs: ``lmscale.train.build`` composes it from the run plan."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import contextlib
 import datetime
 import io
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +16,6 @@ import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
 
-from lmscale.models import build_model as build_family_model
-from lmscale.models import count_parameters
-from lmscale.train.ds_config import deepspeed_config
-from lmscale.train.plan import RunPlan
-from lmscale.train.spike import SkipStepAdamW, SpikeGuard
 from lmscale.train.topology import Topology
 
 
@@ -66,74 +63,51 @@ def release_cpu_allreduce_buffer(rank: int) -> None:
         os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}")
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only: biases, norm gains and the (tied) embedding rows keep their scale."""
-    decay, no_decay = [], []
-    seen: set[int] = set()
-    for name, p in model.named_parameters():
-        if id(p) in seen or not p.requires_grad:
-            continue
-        seen.add(id(p))
-        (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict[str, Any], offload_to_cpu: bool) -> Iterator[None]:
+    """ZeRO-3: every module built inside is partitioned over the ranks as soon as it exists, so no rank ever
+    holds the whole model (its parameters are empty local shards until written through ``writable``)."""
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device="cpu" if offload_to_cpu else None):
+        yield
 
 
-def build_model(
-    plan: RunPlan, rank: int, load_weights: Callable[[], dict[str, torch.Tensor]] | None = None
-) -> tuple[torch.nn.Module, int]:
-    """The model of the run's family with its initial weights, and its parameter count.
-
-    The weights come from ``run.seed`` alone (or from ``load_weights``, an lmscale state dict of some or all
-    parameters, the others seeded), so every rank and every ZeRO stage starts from the same values. Under
-    ZeRO-3 the model is constructed inside ``deepspeed.zero.Init``: each module's parameters are partitioned
-    over the ranks as soon as the module exists, so no rank ever holds the whole model. Initial values are then
-    written one parameter at a time into a gathered copy on rank 0 (drawn on the CPU from the seed, as in the
-    other stages), and ``load_weights`` is called on rank 0 only.
-    """
-    generator = torch.Generator().manual_seed(plan.cfg.run.seed)
-    if plan.cfg.zero.stage != 3:
-        model = build_family_model(plan.model_config, generator)
-        if load_weights is not None:
-            model.load_state_dict(load_weights(), strict=False)
-        return model, count_parameters(model)
-
-    ds_config = deepspeed_config(plan, accelerator_name())
-    remote = "cpu" if plan.cfg.zero.offload_params == "cpu" else None
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, remote_device=remote):
-        # Each block is partitioned as soon as it is built, so the initialisation inside the model touches empty
-        # local shards: the values are written below.
-        model = build_family_model(plan.model_config)
-    state = load_weights() if load_weights is not None and rank == 0 else None
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if rank == 0:
-                if state is not None and name in state:
-                    value = state[name]
-                else:
-                    value = torch.empty(param.shape)
-                    model.init_parameter(name, value, generator)
-                param.data.copy_(value)
-    return model, count_parameters(model)
+def writable(param: torch.nn.Parameter, writer_rank: int = 0) -> contextlib.AbstractContextManager:
+    """A partitioned parameter gathered whole; what ``writer_rank`` writes into it is partitioned again on exit."""
+    return deepspeed.zero.GatheredParameters([param], modifier_rank=writer_rank)
 
 
-def build_engine(
-    plan: RunPlan, model: torch.nn.Module, load_universal: bool = False
-) -> tuple[Any, dict[str, Any], SpikeGuard | None]:
-    """Wrap the model in a DeepSpeed engine (ZeRO stage, precision, clipping and AdamW from the plan). With
-    ``trainer.spike_sigma`` the optimizer is lmscale's skip-step AdamW, gated by the returned guard."""
-    cfg = plan.cfg
-    ds_config = deepspeed_config(plan, accelerator_name(), load_universal)
-    groups = param_groups(model, cfg.optim.weight_decay)
-    if cfg.trainer.spike_sigma is None:
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
-        return engine, ds_config, None
-    o = cfg.optim
-    optimizer = SkipStepAdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    guard = SpikeGuard(cfg.trainer.spike_sigma, cfg.trainer.spike_window, engine.device)
-    # ZeRO sets the global gradient norm (before clipping) just before it steps the optimizer on its partition.
-    optimizer.step_factor = lambda: guard.step_factor(engine.optimizer._global_grad_norm)
-    return engine, ds_config, guard
+def initialize(
+    model: torch.nn.Module,
+    ds_config: dict[str, Any],
+    param_groups: list[dict[str, Any]] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> Any:
+    """The DeepSpeed engine around ``model``: with ``param_groups`` the optimizer the config names, else
+    ``optimizer``."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups, optimizer=optimizer, config=ds_config
+    )
+    return engine
+
+
+def pre_clip_grad_norm(engine: Any) -> torch.Tensor | float | None:
+    """The global gradient norm before clipping, as ZeRO sets it just before stepping the optimizer on its
+    partition. DeepSpeed 0.19 has no public reader for it at that moment (``get_global_grad_norm`` is set
+    after the step), so this reads the optimizer's private attribute; tests/test_private_apis.py fails if
+    the name disappears."""
+    return engine.optimizer._global_grad_norm
+
+
+def set_collective_timeout(minutes: float) -> None:
+    """Bound every later collective (gloo and NCCL alike) of every process group this rank belongs to:
+    DeepSpeed reduces gradients over groups of its own, not the default one. torch 2.13 has no public call
+    that changes a live group's timeout, so this uses ``_set_pg_timeout`` over the private registry of
+    groups; tests/test_private_apis.py fails if either name disappears."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
+
+    timeout = datetime.timedelta(minutes=minutes)
+    for group in list(_world.pg_map):
+        _set_pg_timeout(timeout, group)
 
 
 def barrier() -> None:

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import torch
 
 from lmscale.config import Config
-from lmscale.models import ModelConfig, build_model, flops_per_token
+from lmscale.families import build_model, flops_per_token
+from lmscale.models import ModelConfig
 from lmscale.models.loss import default_chunk_tokens
 from lmscale.train.levers import recomputed_blocks
 

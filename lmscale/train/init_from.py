@@ -11,8 +11,9 @@ import torch
 from lmscale import run_layout
 from lmscale.config import ConfigError, from_dict
 from lmscale.errors import UsageError
+from lmscale.families import build_model
 from lmscale.hf.directory import load_hf_model, read_hf_config
-from lmscale.models import ModelConfig, build_model
+from lmscale.models import ModelConfig
 from lmscale.train import checkpoint
 
 HEADS = ("pooler.", "classifier.", "mlm_")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import logging
 import math
@@ -18,9 +17,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmscale import run_layout
+from lmscale.data.stream import stop_loader_workers
 from lmscale.errors import LmscaleError
 from lmscale.scores import accuracy_and_macro_f1, confusion_counts
+from lmscale.tasks import task_of
 from lmscale.train import checkpoint, memory
+from lmscale.train.engine import set_collective_timeout
 from lmscale.train.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
@@ -62,10 +64,6 @@ def mean_over_ranks(value: torch.Tensor) -> float:
     return reduce_mean(value).item()
 
 
-ACCURACY = {"mlm": "mlm_accuracy", "classification": "accuracy"}
-"""The metric of a training step's right predictions, by task."""
-
-
 def accuracy(hits: torch.Tensor) -> float:
     """Right predictions over predicted tokens, summed over all ranks, from a (right, predicted) tensor."""
     total = hits.clone()
@@ -92,16 +90,6 @@ class Agreed:
     """Some rank's loader skipped a corrupt shard the ranks have not agreed on yet."""
     nonfinite: bool
     """A step since the last sync had a non-finite loss or gradient norm on some rank."""
-
-
-def set_collective_timeout(minutes: float) -> None:
-    """Bound every later collective (gloo and NCCL alike) of every process group this rank belongs to:
-    DeepSpeed reduces gradients over groups of its own, not the default one."""
-    from torch.distributed.distributed_c10d import _set_pg_timeout, _world
-
-    timeout = datetime.timedelta(minutes=minutes)
-    for group in list(_world.pg_map):
-        _set_pg_timeout(timeout, group)
 
 
 class Trainer:
@@ -150,8 +138,8 @@ class Trainer:
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         """A step since the last sync had a non-finite loss or gradient norm (kept on the device)."""
         self.start_window()
-        self.task = self.cfg.model.data_format
-        """causal, mlm or classification: what a forward pass predicts and what validation scores."""
+        self.task = task_of(self.cfg.model)
+        """What a forward pass predicts and what validation scores."""
 
     def syncs_after(self, step: int) -> bool:
         """Whether the loop reads values back from the device after ``step``: on logging, evaluation and
@@ -181,7 +169,7 @@ class Trainer:
         keys: list[str] = []
         loss_sum = torch.zeros((), device=self.device)
         # Right predictions are counted at sync steps only: selecting the scored positions is a host sync.
-        hits = torch.zeros(2, device=self.device) if sync and self.task in ACCURACY else None
+        hits = torch.zeros(2, device=self.device) if sync and self.task.accuracy_metric else None
         for micro in range(plan.grad_accum_steps):
             wait_started = time.perf_counter()
             batch = next(self.train_batches)
@@ -233,7 +221,8 @@ class Trainer:
         steps = self.state.step - self.window_first_step
         window = max(now - self.window_started, 1e-9)
         tokens_per_s = plan.tokens_per_step * steps / window
-        accuracy = {ACCURACY[self.task]: right / predicted if predicted else float("nan")} if hits is not None else {}
+        metric = self.task.accuracy_metric
+        accuracy = {metric: right / predicted if predicted else float("nan")} if metric and hits is not None else {}
         metrics = {
             "loss": total_loss / plan.world_size,
             **accuracy,
@@ -282,7 +271,7 @@ class Trainer:
         on_device = {name: value.to(self.device, non_blocking=True) for name, value in inputs.items()}
         # With targets a model returns the predicted ids of the scored positions, in row-major order.
         predictions, loss = self.engine(**on_device)
-        if hits is not None and self.task in ACCURACY:
+        if hits is not None and self.task.accuracy_metric:
             with torch.no_grad():
                 targets = on_device["targets"]
                 scored = targets[targets != -100]
@@ -298,7 +287,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             try:
-                return self.evaluate_classifier() if self.task == "classification" else self.evaluate_lm()
+                return self.evaluate_classifier() if self.task.labelled else self.evaluate_lm()
             finally:
                 self.engine.train()
 
@@ -311,8 +300,8 @@ class Trainer:
             count += 1
         val_loss = mean_over_ranks(total / max(count, 1))
         result = {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
-        if self.task == "mlm":
-            result["val_mlm_accuracy"] = accuracy(hits)
+        if self.task.accuracy_metric:
+            result[f"val_{self.task.accuracy_metric}"] = accuracy(hits)
         return result
 
     def evaluate_classifier(self) -> dict[str, float]:
@@ -437,9 +426,7 @@ class Trainer:
             self.key_log.close()
         # Loader workers ignore SIGTERM (preemption is the rank's to handle), so the interpreter's exit, which
         # terminates and joins them, would wait forever on an error exit: stop them through their queues now.
-        stop_workers = getattr(self.train_batches, "_shutdown_workers", None)
-        if stop_workers is not None:
-            stop_workers()
+        stop_loader_workers(self.train_batches)
 
     def stop_requested(self) -> int:
         """The stop every rank agrees on before the first step: the most pressing any rank was asked for."""

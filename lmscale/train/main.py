@@ -17,29 +17,21 @@ import signal
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
 from lmscale import run_layout
 from lmscale.config import load_config, pin_run_dir
-from lmscale.data.collate import ClassificationBatch, MaskedLMBatch, causal_batch
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import AgreedError, LmscaleError, one_line
-from lmscale.models import flops_per_token
+from lmscale.families import flops_per_token
+from lmscale.tasks import Collate, task_of
 from lmscale.train import checkpoint, memory, topology
-from lmscale.train.engine import (
-    barrier,
-    build_engine,
-    build_model,
-    device,
-    init_distributed,
-    shutdown_distributed,
-)
+from lmscale.train.build import build_engine, build_model
+from lmscale.train.engine import barrier, device, init_distributed, shutdown_distributed
 from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure, exit_process
 from lmscale.train.footprint import estimate_memory
 from lmscale.train.init_from import initial_weights
@@ -62,19 +54,10 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-Collate = Callable[[np.ndarray, Sequence[int]], dict[str, torch.Tensor]]
-
-
 def collator(plan: RunPlan, probability: float, examples: int | None = None) -> Collate:
-    """What turns samples into the model's inputs: the shifted targets of a causal LM, masks drawn with
-    ``probability`` for a masked LM, or a classifier's examples (only the first ``examples`` positions
-    scored, when given)."""
-    manifest = plan.manifests[0]
-    if plan.cfg.model.data_format == "causal":
-        return causal_batch
-    if plan.cfg.model.data_format == "classification":
-        return ClassificationBatch(manifest.special_tokens["[PAD]"], manifest.seq_len, examples)
-    return MaskedLMBatch(manifest.special_tokens, manifest.vocab_size, probability, plan.cfg.run.seed)
+    """The task's collator: masks drawn with ``probability`` where the task masks, only the first
+    ``examples`` positions scored where it is given."""
+    return task_of(plan.cfg.model).collator(plan.manifests[0], plan.cfg.run.seed, probability, examples)
 
 
 def stream_options(plan: RunPlan, rank: int) -> dict[str, Any]:
@@ -130,7 +113,7 @@ def data_loaders(
             log.warning("%s has no validation samples: validation loss is not computed", sources[0].path)
         return train_loader, None
     batches, examples = cfg.trainer.eval_batches, None
-    if cfg.model.data_format == "classification":
+    if task_of(cfg.model).labelled:
         # Every validation example once: the last micro-batches are filled up with positions that score nothing.
         examples = val_record.samples
         batches = -(-examples // (plan.micro_batch_size * plan.world_size))

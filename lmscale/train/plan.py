@@ -11,6 +11,7 @@ from lmscale.config import Config, ConfigError, grad_accum_steps
 from lmscale.data.manifest import Manifest, is_remote, read_manifest
 from lmscale.errors import LmscaleError
 from lmscale.models import ModelConfig
+from lmscale.tasks import task_of
 
 
 @dataclass(frozen=True)
@@ -72,16 +73,15 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
                 f"data.sources: {source.path} has seq_len {manifest.seq_len}, {sources[0].path} {first.seq_len}"
             )
     m = cfg.model
-    wanted = m.data_format
+    task = task_of(m)
     for i, (source, manifest) in enumerate(zip(sources, manifests, strict=True)):
         field = "data.path" if cfg.data.path is not None else f"data.sources[{i}].path"
-        if manifest.format != wanted:
-            how = FORMAT_SOURCES.get(wanted, f"lmscale prepare --format {wanted}")
+        if manifest.format != task.name:
             raise ConfigError(
                 f"{field}: {source.path} holds {manifest.format} shards, but model.family {m.family} trains on "
-                f"{wanted} shards ({how})"
+                f"{task.name} shards ({task.how_to_prepare})"
             )
-        if wanted == "classification" and manifest.labels != m.labels:
+        if task.labelled and manifest.labels != m.labels:
             raise ConfigError(f"model.labels: {m.labels} here, {manifest.labels} in {source.path}")
     vocab_size = m.vocab_size or first.vocab_size
     if vocab_size < first.vocab_size:
@@ -117,13 +117,6 @@ def check_init_from(m: ModelConfig) -> None:
     for name, value in ours_arch.items():
         if value != theirs_arch[name]:
             raise ConfigError(f"model.{name}: {value} here, {theirs_arch[name]} in {where}")
-
-
-FORMAT_SOURCES = {
-    "causal": "prepare the data with `lmscale prepare --format causal`",
-    "mlm": "prepare the data with `lmscale prepare --format mlm`",
-    "classification": "fine-tune with `lmscale finetune` and a task section",
-}
 
 
 ORDER_FIELDS = (("run", "seed"), ("data", "shuffle"), ("data", "lanes"), ("trainer", "micro_batch_size"))
