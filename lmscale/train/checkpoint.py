@@ -347,16 +347,47 @@ def choose(ckpt_dir: Path, resume: str, rank: int) -> tuple[str | None, list[tup
     if requested is None:
         return None, []
     order = fallback_order(ckpt_dir) if resume == "auto" else [requested]
+    tag, rejected = first_verified(ckpt_dir, order, rank)
+    if tag is not None:
+        return tag, rejected
+    if resume != "auto":
+        raise AgreedError(f"checkpoint {requested} fails verification: {rejected[0][1]}", rank)
+    reasons = "; ".join(f"{tag}: {problem}" for tag, problem in rejected)
+    raise AgreedError(f"{ckpt_dir}: no checkpoint passes verification ({reasons})", rank)
+
+
+def first_verified(ckpt_dir: Path, order: list[str], rank: int) -> tuple[str | None, list[tuple[str, str]]]:
+    """Collective: the first of ``order`` that passes verification (None if none does), and those before it
+    with the reason each failed."""
     rejected: list[tuple[str, str]] = []
     for tag in order:
         problem = verify(ckpt_dir, tag, rank)
         if problem is None:
             return tag, rejected
         rejected.append((tag, problem))
-    if resume != "auto":
-        raise AgreedError(f"checkpoint {requested} fails verification: {rejected[0][1]}", rank)
-    reasons = "; ".join(f"{tag}: {problem}" for tag, problem in rejected)
-    raise AgreedError(f"{ckpt_dir}: no checkpoint passes verification ({reasons})", rank)
+    return None, rejected
+
+
+def restore(
+    engine: Any, ckpt_dir: Path, tag: str, rank: int, universal: bool, spike_guard: Any = None, rng: bool = False
+) -> dict[str, Any]:
+    """Collective, for start-up and rollback alike: the engine, optimizer and spike guard as verified ``tag``
+    saved them; returns the lmscale state saved with it (the caller decides the data position: a start goes
+    on from the checkpoint's, a rollback from where it was).
+
+    ``universal``: from the tag's universal form, for another world size (rank 0 converts it once). ``rng``:
+    also this rank's random generators; a start restores them as its last step instead (``restore_rng``),
+    since building its loaders draws from them."""
+    if universal:
+        if rank == 0:
+            convert_to_universal(ckpt_dir, tag)
+        dist.barrier()
+    saved = load(engine, ckpt_dir, tag, universal=universal)
+    if spike_guard is not None and "spike_guard" in saved:
+        spike_guard.load_state_dict(saved["spike_guard"])
+    if rng:
+        restore_rng(ckpt_dir, tag, rank)
+    return saved
 
 
 def convert_to_universal(ckpt_dir: Path, tag: str) -> None:

@@ -8,7 +8,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +29,9 @@ from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
 from lmscale.train.signals import INTERRUPT, NO_STOP, PREEMPTION, StopRequest
 from lmscale.train.spike import SpikeGuard
+from lmscale.train.state import TrainState
 
 log = logging.getLogger("lmscale")
-
-
-@dataclass
-class TrainState:
-    """Everything besides the engine that a resume needs; saved as ``lmscale_state.json``."""
-
-    step: int = 0
-    samples_seen: int = 0
-    """Global data position: samples consumed by all ranks. Independent of the world size."""
-    tokens_seen: int = 0
-    wandb_id: str = ""
-    resumes: int = 0
-    skipped_shards: list[str] = field(default_factory=list)
-    """Corrupt shards skipped so far in the run, by every rank."""
-    best_val_accuracy: float | None = None
-    """Fine-tuning: the best validation accuracy so far, whose checkpoint ``checkpoints/best`` names."""
 
 
 # The loop's collectives keep their tensors on the engine's device: NCCL has no CPU tensors, and a GPU run
@@ -250,6 +235,7 @@ class Trainer:
         union = gathered_union(self.skipped_here) | self.skipped_all
         new = sorted(union - self.skipped_all)
         self.skipped_all = union
+        self.state.skipped_shards = sorted(union)
         metrics["skipped_shards"] = len(union)
         if new:
             self.logger.event(step, "skipped_shards", shards=new, total=len(union))
@@ -350,14 +336,8 @@ class Trainer:
 
     def _save(self, best: bool) -> None:
         state = {
-            "step": self.state.step,
-            "samples_seen": self.state.samples_seen,
-            "tokens_seen": self.state.tokens_seen,
+            **self.state.to_dict(),
             "world_size": self.plan.world_size,
-            "wandb_id": self.state.wandb_id,
-            "resumes": self.state.resumes,
-            "skipped_shards": sorted(self.skipped_all),
-            "best_val_accuracy": self.state.best_val_accuracy,
             **({"spike_guard": self.spike_guard.state_dict()} if self.spike_guard is not None else {}),
             "config": self.cfg.to_dict(),
             "saved_at": time.time(),
@@ -389,15 +369,12 @@ class Trainer:
         elif self.walked_back >= len(order):
             reason = f"every checkpoint ({', '.join(order)}) led back to non-finite values"
         tag = None
-        while reason is None and self.walked_back < len(order):
-            candidate = order[self.walked_back]
-            self.walked_back += 1
+        if reason is None:
             with self.long_collectives():
-                problem = checkpoint.verify(self.ckpt_dir, candidate, self.rank)
-            if problem is None:
-                tag = candidate
-                break
-            self.logger.event(step, "checkpoint_rejected", tag=candidate, reason=problem)
+                tag, rejected = checkpoint.first_verified(self.ckpt_dir, order[self.walked_back :], self.rank)
+            self.walked_back += len(rejected) + (tag is not None)
+            for candidate, problem in rejected:
+                self.logger.event(step, "checkpoint_rejected", tag=candidate, reason=problem)
         if tag is None:
             reason = reason or "no checkpoint passes verification"
             raise LmscaleError(
@@ -405,15 +382,9 @@ class Trainer:
                 f"({reason})"
             )
         with self.long_collectives():
-            if self.loads_universal:
-                if self.rank == 0:
-                    checkpoint.convert_to_universal(self.ckpt_dir, tag)
-                dist.barrier()
-            saved = checkpoint.load(self.engine, self.ckpt_dir, tag, universal=self.loads_universal)
-        if self.spike_guard is not None and "spike_guard" in saved:
-            self.spike_guard.load_state_dict(saved["spike_guard"])
-        if not self.loads_universal:
-            checkpoint.restore_rng(self.ckpt_dir, tag, self.rank)
+            # Another world size has no per-rank random state to go back to: the generators go on.
+            saved = checkpoint.restore(self.engine, self.ckpt_dir, tag, self.rank, self.loads_universal,
+                                       self.spike_guard, rng=not self.loads_universal)  # fmt: skip
         self.rollbacks += 1
         skipped = self.state.samples_seen - saved["samples_seen"]
         log.warning(

@@ -17,6 +17,7 @@ import signal
 import sys
 import traceback
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +37,13 @@ from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, col
 from lmscale.train.footprint import estimate_memory
 from lmscale.train.init_from import initial_weights
 from lmscale.train.levers import apply_activation_checkpointing, compile_blocks
-from lmscale.train.loop import Trainer, TrainState
+from lmscale.train.loop import Trainer
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
 from lmscale.train.peak import peak_flops, slow_precision
 from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
 from lmscale.train.signals import STOP_SIGNALS, StopRequest
+from lmscale.train.spike import SpikeGuard
+from lmscale.train.state import TrainState
 
 log = logging.getLogger("lmscale")
 
@@ -175,50 +178,77 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     )
 
 
-def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
-    rank, world_size = top.rank, top.world_size
-    # From here a stop signal is a request: honoured before the first step if it comes during start-up.
-    stop = StopRequest()
-    setup_logging(run_dir, rank)
+@dataclass(frozen=True)
+class Start:
+    """Where this start of the run begins: the checkpoint it resumes (None: a new run), what that checkpoint
+    saved, whether it comes from another world size, and what start-up found on the way."""
+
+    tag: str | None
+    saved: dict[str, Any]
+    elastic: bool
+    """ZeRO partitions optimizer state by world size: another world size resumes from the universal form."""
+    removed_partial_saves: list[str]
+    rejected: list[tuple[str, str]]
+
+
+def join_job(top: topology.Topology, run_dir: Path) -> RunPlan:
+    """The run's plan for this world size, then the rendezvous. Planned before it: a world size the global
+    batch does not divide fails at once on every rank."""
     config_path = run_dir / run_layout.CONFIG
     if not config_path.is_file():
         raise LmscaleError(
             f"{config_path}: missing (prepare the run directory with `lmscale train CONFIG --prepare-only`)"
         )
-    # Planned before the rendezvous: a world size the global batch does not divide fails at once on every rank.
-    plan = plan_run(pin_run_dir(load_config(config_path), run_dir), world_size)
+    plan = plan_run(pin_run_dir(load_config(config_path), run_dir), top.world_size)
     topology.export_env(top)
     init_distributed(top, plan.cfg.trainer.collective_timeout_minutes)
-    cfg = plan.cfg
-    run_dir = cfg.run.path
-    ckpt_dir = run_dir / run_layout.CHECKPOINTS
+    if torch.cuda.is_available() and plan.cfg.trainer.precision == "fp32":
+        # fp32 training means TF32 tensor-core matmuls (the rate MFU is measured against), as in every GPU stack.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return plan
 
+
+def choose_start(plan: RunPlan, rank: int, resume: str) -> Start:
+    """Collective: clear interrupted saves, check that checkpoints can be written (a directory that cannot take
+    one fails the start, not the first save an hour later), and pick the verified checkpoint to resume."""
+    ckpt_dir = plan.cfg.run.path / run_layout.CHECKPOINTS
     removed = checkpoint.remove_partial_saves(ckpt_dir) if rank == 0 else []
     if removed:
         log.warning("removed saves that a crash interrupted: %s", ", ".join(removed))
-    # A directory no checkpoint can be written to fails the start, not the first save an hour later.
     checkpoint.agree(checkpoint.probe_writable(ckpt_dir, rank), rank)
     tag, rejected = checkpoint.choose(ckpt_dir, resume, rank)
     for bad, problem in rejected if rank == 0 else []:
         log.warning("checkpoint %s fails verification, trying an older one: %s", bad, problem)
     saved = checkpoint.read_state(ckpt_dir, tag) if tag else {}
     if tag:
-        check_same_sample_order(cfg, saved["config"], tag)
-    # ZeRO partitions optimizer state by world size: another world size resumes from the universal form.
-    elastic = bool(saved) and saved["world_size"] != world_size
-    if elastic:
-        if rank == 0:
-            log.info("resuming a %d-rank checkpoint on %d ranks: converting %s", saved["world_size"], world_size, tag)
-            checkpoint.convert_to_universal(ckpt_dir, tag)
-        barrier()
+        check_same_sample_order(plan.cfg, saved["config"], tag)
+    elastic = bool(saved) and saved["world_size"] != plan.world_size
+    if elastic and rank == 0:
+        log.info("resuming a %d-rank checkpoint on %d ranks from its universal form", saved["world_size"],
+                 plan.world_size)  # fmt: skip
+    return Start(tag, saved, elastic, removed, rejected)
 
-    if torch.cuda.is_available() and cfg.trainer.precision == "fp32":
-        # fp32 training means TF32 tensor-core matmuls (the rate MFU is measured against), as in every GPU stack.
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+@dataclass(frozen=True)
+class Built:
+    """The model in its engine, and what building them cost rank 0's device beyond what it held before."""
+
+    engine: Any
+    ds_config: dict[str, Any]
+    spike_guard: SpikeGuard | None
+    parameters: int
+    recomputed_blocks: int
+    compile_seconds: float | None
+    memory_gb: dict[str, float]
+
+
+def build(plan: RunPlan, rank: int, start: Start) -> Built:
+    """The model (seeded, or from ``model.init_from`` on a new run), its blocks recomputed and compiled as the
+    config asks, in its DeepSpeed engine. Under ZeRO-3 the model's build costs a fraction of the full model,
+    under stages 1-2 all of it."""
+    cfg, rank_device = plan.cfg, device()
     init_from = cfg.model.init_from
-    # Continued pretraining and fine-tuning start from a pretrained model (a checkpoint resume supersedes it).
-    load_weights = (lambda: initial_weights(init_from, cfg.model)) if init_from and tag is None else None
-    rank_device = device()
+    load_weights = (lambda: initial_weights(init_from, cfg.model)) if init_from and start.tag is None else None
     if rank == 0 and (slow := slow_precision(rank_device, cfg.trainer.precision)):
         log.warning(slow)
     baseline_gb = memory.in_use_gb(rank_device)
@@ -229,85 +259,101 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     if cfg.trainer.compile:
         example = training_stream(plan, rank, 0).micro_batch(0)["inputs"]
         compile_seconds = compile_blocks(model, example, rank_device, PRECISIONS[cfg.trainer.precision])
-    engine, ds_config, spike_guard = build_engine(plan, model, load_universal=elastic)
-    engine_build_gb = memory.peak_gb(rank_device) - baseline_gb
+    engine, ds_config, spike_guard = build_engine(plan, model, load_universal=start.elastic)
+    used = {"runtime_gb": baseline_gb, "model_build_gb": model_build_gb,
+            "engine_build_gb": memory.peak_gb(rank_device) - baseline_gb}  # fmt: skip
+    return Built(engine, ds_config, spike_guard, n_params, len(recomputed), compile_seconds,
+                 {name: round(value, 4) for name, value in used.items()})  # fmt: skip
 
-    state = TrainState()
-    if tag is not None:
-        checkpoint.load(engine, ckpt_dir, tag, universal=elastic)
-        state = TrainState(
-            step=saved["step"],
-            samples_seen=saved["samples_seen"],
-            tokens_seen=saved["tokens_seen"],
-            resumes=saved.get("resumes", 0) + 1,
-            skipped_shards=saved.get("skipped_shards", []),
-            best_val_accuracy=saved.get("best_val_accuracy"),
-        )
-        if spike_guard is not None and "spike_guard" in saved:
-            spike_guard.load_state_dict(saved["spike_guard"])
-    train_loader, val_loader = data_loaders(plan, rank, state.samples_seen, pin_memory=rank_device.type == "cuda")
 
-    model_cfg = plan.model_config
-    barrier()  # ranks measure a CPU peak together, as they will share the cores
-    peak, peak_source = peak_flops(engine.device, cfg.trainer.precision, cfg.logging.peak_flops)
-    run_info = {
-        "deepspeed": ds_config,
-        "world_size": world_size,
-        "parameters": n_params,
-        "flops_per_token": flops_per_token(model_cfg, plan.seq_len, cfg.predicted_fraction),
+def restore_state(plan: RunPlan, rank: int, start: Start, built: Built) -> TrainState:
+    """The checkpoint's engine, optimizer, spike guard and position; a new run's zeros."""
+    if start.tag is None:
+        return TrainState()
+    ckpt_dir = plan.cfg.run.path / run_layout.CHECKPOINTS
+    saved = checkpoint.restore(built.engine, ckpt_dir, start.tag, rank, start.elastic, built.spike_guard)
+    state = TrainState.from_dict(saved)
+    state.resumes += 1
+    return state
+
+
+def run_info(plan: RunPlan, built: Built) -> dict[str, Any]:
+    """What W&B records of the run besides its config."""
+    peak, peak_source = peak_flops(built.engine.device, plan.cfg.trainer.precision, plan.cfg.logging.peak_flops)
+    return {
+        "deepspeed": built.ds_config,
+        "world_size": plan.world_size,
+        "parameters": built.parameters,
+        "flops_per_token": flops_per_token(plan.model_config, plan.seq_len, plan.cfg.predicted_fraction),
         "peak_flops_per_rank": peak,
         "peak_flops_source": peak_source,
-        **launch_info(run_dir),
+        **launch_info(plan.cfg.run.path),
     }
-    estimate = estimate_memory(cfg, world_size, plan.micro_batch_size, rank_device.type, plan.seq_len)
-    sinks: list[Sink] = []
-    if rank == 0:
-        state.wandb_id = wandb_run_id(run_dir, saved.get("wandb_id"))
-        metrics_path = run_dir / run_layout.METRICS
-        sinks = [ConsoleSink(cfg.trainer.max_steps, state.step), JsonlSink(metrics_path, start_step=state.step)]
-        if cfg.logging.wandb.mode != "disabled":
-            # What W&B may lack from earlier jobs, up to this job's first step (the JSONL sink kept those lines).
-            replay = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
-            sinks.append(WandbSink(cfg, run_dir, state.wandb_id, run_info, replay))
-        log.info(
-            "model %s %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d, peak %.3g "
-            "FLOP/s per rank (%s)", model_cfg.family, model_cfg.flavor, n_params / 1e6, world_size,
-            plan.global_batch_size, plan.seq_len, cfg.zero.stage, peak or float("nan"), peak_source,
-        )  # fmt: skip
-    logger = MetricsLogger(sinks)
-    # What this job's start cost rank 0's device beyond what it held before the model existed: under ZeRO-3
-    # a fraction of the full model, under stages 1-2 all of it.
-    logger.event(
-        state.step, "start", world_size=world_size, nodes=top.nnodes, started_by=top.source,
-        runtime_gb=round(baseline_gb, 4), model_build_gb=round(model_build_gb, 4),
-        engine_build_gb=round(engine_build_gb, 4),
-        full_model_fp32_gb=round(n_params * 4 / 1e9, 4), recomputed_blocks=len(recomputed),
-        memory_estimate_gb=estimate.as_gb(),
-        compile_seconds=round(compile_seconds, 2) if compile_seconds is not None else None,
-    )  # fmt: skip
-    if removed:
-        logger.event(state.step, "removed_partial_saves", names=removed)
-    for bad, problem in rejected:
-        logger.event(state.step, "checkpoint_rejected", tag=bad, reason=problem)
-    if tag is not None:
-        logger.event(state.step, "resume", tag=tag, world_size=world_size, previous_world_size=saved["world_size"])
 
+
+def open_metrics(plan: RunPlan, rank: int, state: TrainState, info: dict[str, Any]) -> MetricsLogger:
+    """Rank 0's sinks (console, metrics.jsonl, W&B unless disabled); the other ranks log nothing."""
+    if rank != 0:
+        return MetricsLogger([])
+    cfg, run_dir, model_cfg = plan.cfg, plan.cfg.run.path, plan.model_config
+    state.wandb_id = wandb_run_id(run_dir, state.wandb_id or None)
+    metrics_path = run_dir / run_layout.METRICS
+    sinks: list[Sink] = [ConsoleSink(cfg.trainer.max_steps, state.step), JsonlSink(metrics_path, start_step=state.step)]
+    if cfg.logging.wandb.mode != "disabled":
+        # What W&B may lack from earlier jobs, up to this job's first step (the JSONL sink kept those lines).
+        replay = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        sinks.append(WandbSink(cfg, run_dir, state.wandb_id, info, replay))
+    log.info(
+        "model %s %s: %.2fM parameters, %d ranks, global batch %d x %d tokens, ZeRO stage %d, peak %.3g "
+        "FLOP/s per rank (%s)", model_cfg.family, model_cfg.flavor, info["parameters"] / 1e6, plan.world_size,
+        plan.global_batch_size, plan.seq_len, cfg.zero.stage, info["peak_flops_per_rank"] or float("nan"),
+        info["peak_flops_source"],
+    )  # fmt: skip
+    return MetricsLogger(sinks)
+
+
+def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, start: Start, built: Built,
+              step: int) -> None:  # fmt: skip
+    """The start event (what the start cost, the memory estimate) and what start-up found."""
+    estimate = estimate_memory(plan.cfg, plan.world_size, plan.micro_batch_size, device().type, plan.seq_len)
+    compiled = round(built.compile_seconds, 2) if built.compile_seconds is not None else None
+    logger.event(
+        step, "start", world_size=plan.world_size, nodes=top.nnodes, started_by=top.source, **built.memory_gb,
+        full_model_fp32_gb=round(built.parameters * 4 / 1e9, 4), recomputed_blocks=built.recomputed_blocks,
+        memory_estimate_gb=estimate.as_gb(), compile_seconds=compiled,
+    )  # fmt: skip
+    if start.removed_partial_saves:
+        logger.event(step, "removed_partial_saves", names=start.removed_partial_saves)
+    for bad, problem in start.rejected:
+        logger.event(step, "checkpoint_rejected", tag=bad, reason=problem)
+    if start.tag is not None:
+        logger.event(step, "resume", tag=start.tag, world_size=plan.world_size,
+                     previous_world_size=start.saved["world_size"])  # fmt: skip
+
+
+def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
+    """A rank's start-up as named steps, then the loop."""
+    rank = top.rank
+    # From here a stop signal is a request: honoured before the first step if it comes during start-up.
+    stop = StopRequest()
+    setup_logging(run_dir, rank)
+    plan = join_job(top, run_dir)
+    start = choose_start(plan, rank, resume)
+    built = build(plan, rank, start)
+    state = restore_state(plan, rank, start, built)
+    pinned = device().type == "cuda"
+    train_loader, val_loader = data_loaders(plan, rank, state.samples_seen, pin_memory=pinned)
+    barrier()  # ranks measure a CPU peak together, as they will share the cores
+    info = run_info(plan, built)
+    logger = open_metrics(plan, rank, state, info)
+    log_start(logger, top, plan, start, built, state.step)
     trainer = Trainer(
-        plan,
-        engine,
-        iter(train_loader),
-        val_loader,
-        logger,
-        state,
-        rank,
-        run_dir,
-        flops_per_token=run_info["flops_per_token"],
-        peak_flops=peak,
-        stop=stop,
-        spike_guard=spike_guard,
-        loads_universal=elastic,
-    )
-    seed_dropout(ckpt_dir, tag, rank, elastic, cfg.run.seed, state.step)
+        plan, built.engine, iter(train_loader), val_loader, logger, state, rank, plan.cfg.run.path,
+        flops_per_token=info["flops_per_token"], peak_flops=info["peak_flops_per_rank"], stop=stop,
+        spike_guard=built.spike_guard, loads_universal=start.elastic,
+    )  # fmt: skip
+    ckpt_dir = plan.cfg.run.path / run_layout.CHECKPOINTS
+    seed_dropout(ckpt_dir, start.tag, rank, start.elastic, plan.cfg.run.seed, state.step)
     exit_code = 1  # what W&B records if fit() raises
     try:
         exit_code = trainer.fit()
