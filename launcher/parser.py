@@ -88,12 +88,8 @@ def submit_parsers(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler="logs")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lmscale", description="Pretrain GPT/BERT models with DeepSpeed ZeRO.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    sub = parser.add_subparsers(dest="command", required=True)
-    prepare_parser(sub)
-
+def inspect_parser(sub: argparse._SubParsersAction) -> None:
+    """Dataset tools: `lmscale data inspect`."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="summarise a prepared dataset, verify checksums, decode samples")
     p.add_argument("directory")
@@ -101,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every shard")
     p.set_defaults(handler="inspect")
 
+
+def train_parsers(sub: argparse._SubParsersAction) -> None:
+    """`lmscale train` and `lmscale finetune`, which share their flags."""
     for name, finetune, summary in (
         ("train", False, "train from a YAML config with DeepSpeed, on one node or several"),
         ("finetune", True, "fine-tune a pretrained BERT for sequence classification (a config with a task section)"),
@@ -128,8 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (sets logging.peak_flops)")
         p.set_defaults(handler="train", finetune=finetune)
 
-    submit_parsers(sub)
 
+def export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="a ZeRO checkpoint to a Hugging Face model directory")
     p.add_argument("run_dir", help="runs/<name>")
     p.add_argument(
@@ -144,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     p.set_defaults(handler="export")
 
+
+def generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample from an exported model (KV cache, no DeepSpeed)")
     p.add_argument("model", help="an exported model directory")
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
@@ -154,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(handler="generate")
 
+
+def eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval", help="score an exported model or a run's checkpoint: LM loss, masked-LM accuracy, classification"
     )
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (masked LM)")
     p.set_defaults(handler="eval")
 
+
+def report_and_demo_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="plot a run's metrics.jsonl and summarise it")
     p.add_argument("run_dir")
     p.add_argument("--output", help="report.png or report.html (default: <run_dir>/report.png)")
@@ -180,4 +185,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--steps", type=int, default=150)
     p.set_defaults(handler="demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmscale", description="Pretrain GPT/BERT models with DeepSpeed ZeRO.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    prepare_parser(sub)
+    inspect_parser(sub)
+    train_parsers(sub)
+    submit_parsers(sub)
+    export_parser(sub)
+    generate_parser(sub)
+    eval_parser(sub)
+    report_and_demo_parsers(sub)
     return parser

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -124,11 +125,19 @@ def test_missing_data_dir_exit_code_2(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+LMSCALE_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\[rank \d+\] (INFO|WARNING) |(INFO|WARNING) lmscale\S*: )")
+"""The launcher's and the ranks' log lines (``lmscale``'s loggers), progress included."""
+
+
 def test_readme_main_job_runs_end_to_end(tmp_path: Path) -> None:
     """`lmscale demo`, the README's main job, on fewer steps: corpus -> prepare -> train -> export -> sample."""
     result = run_cli("demo", "--workdir", str(tmp_path), "--steps", "4", env={"WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "prepared" in result.stdout and "(GPT2LMHeadModel)" in result.stdout
+    # A new user's console holds lmscale's own lines: no library's warnings, banners or progress bars.
+    foreign = [line for line in result.stderr.splitlines() if line.strip() and not LMSCALE_LOG_LINE.match(line)]
+    assert foreign == []
+    assert not any("Warning" in line or "it/s" in line for line in result.stdout.splitlines())
     sample = result.stdout.split("sample:\n", 1)[1]
     assert sample.startswith("Return the") and len(sample.strip()) > len("Return the")
     records = [json.loads(line) for line in (tmp_path / "runs" / "gpt-tiny" / "metrics.jsonl").read_text().splitlines()]

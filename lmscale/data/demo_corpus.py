@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import sysconfig
 from pathlib import Path
 
@@ -36,9 +37,27 @@ def stdlib_docstrings(max_bytes: int, modules: tuple[str, ...] = ()) -> list[str
     return documents
 
 
-def write_demo_corpus(output_dir: Path, max_bytes: int = 4_000_000, files: int = 4) -> list[Path]:
-    """Write the docstrings as ``files`` JSONL files (several, so Ray has parallel work)."""
+def prose_paragraphs(docstrings: list[str], min_chars: int = 60) -> list[str]:
+    """The paragraphs of running text in ``docstrings``, each on one line: docstrings wrap their lines at ~72
+    columns and hold indented code and doctests, which a small model spends its first steps learning (its
+    samples are then mostly newlines and indentation)."""
+    paragraphs = []
+    for doc in docstrings:
+        for paragraph in re.split(r"\n\s*\n", doc):
+            lines = paragraph.splitlines()
+            if lines and not any(line.startswith((" ", "\t", ">>>")) for line in lines):
+                text = " ".join(line.strip() for line in lines)
+                if len(text) >= min_chars:
+                    paragraphs.append(text)
+    return paragraphs
+
+
+def write_demo_corpus(output_dir: Path, max_bytes: int = 4_000_000, files: int = 4, prose: bool = False) -> list[Path]:
+    """Write the docstrings as ``files`` JSONL files (several, so Ray has parallel work); with ``prose``, their
+    paragraphs of running text, one document each."""
     documents = stdlib_docstrings(max_bytes)
+    if prose:
+        documents = prose_paragraphs(documents)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(files):

@@ -122,6 +122,9 @@ def start_ray(address: str | None, workers: int, runtime_env: dict[str, Any]) ->
     import ray
 
     if address is None:
+        # The private instance is lmscale's own, its token too: Ray's notice that it enabled token
+        # authentication (logged at every start) tells the user nothing to do.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=workers, include_dashboard=False, runtime_env=runtime_env,
                  logging_level=logging.WARNING)  # fmt: skip
         return ray

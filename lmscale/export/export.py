@@ -151,6 +151,9 @@ def export_checkpoint(
 
     if output.exists() and not overwrite:
         raise UsageError(f"{output}: output exists (pass --overwrite to replace it)")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # the export's own bar counts its stages
     tag = find_checkpoint(run_dir, requested)
     state = checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)
     cfg = from_dict(state["config"])

@@ -8,12 +8,18 @@ import contextlib
 import datetime
 import io
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # DeepSpeed would choose the CPU too, but warns of it on every import (export, eval, a CPU rank).
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+import deepspeed
 from deepspeed.accelerator import get_accelerator
 
 from lmscale.train.topology import Topology
@@ -36,8 +42,13 @@ def init_distributed(top: Topology, timeout_minutes: float) -> None:
         # Binds the communicator to this rank's GPU and creates it now, so an NCCL set-up problem fails here.
         bound["device_id"] = torch.device(accelerator_name(), top.local_rank)
     torch.distributed.init_process_group(backend, timeout=timeout, **bound)
-    # DeepSpeed adopts the process group above (it only creates one when none exists).
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
+    # ZeRO's collectives call torch's all_gather_into_tensor, which torch 2.13 deprecates with a FutureWarning
+    # at every first call from a new place: the rank's console would hold DeepSpeed's problem, not the run's.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    # DeepSpeed adopts the process group above (it only creates one when none exists). On CPU ranks it builds
+    # its shared-memory all-reduce and prints so on stdout, once per rank.
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, timeout=timeout, verbose=False)
     if cpu:
         release_cpu_allreduce_buffer(top.rank)
 
@@ -121,8 +132,9 @@ def consolidated_state_dict(ckpt_dir: str, tag: str) -> dict[str, torch.Tensor]:
     tag_dir = Path(ckpt_dir) / tag
     if written_by_bf16_optimizer(tag_dir):
         return bf16_optimizer_state_dict(tag_dir)
-    # It prints its progress to stdout, which is the result channel of `lmscale eval` and `export`.
-    with contextlib.redirect_stdout(io.StringIO()):
+    # It prints its progress to stdout, which is the result channel of `lmscale eval` and `export`, and draws
+    # progress bars on stderr beside their own.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         return get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
 
 
