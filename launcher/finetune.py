@@ -11,8 +11,6 @@ validation accuracy and macro-F1 every ``trainer.eval_every_steps`` and the best
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from lmscale.data.manifest import MANIFEST, read_manifest
 from lmscale.data.tokenizer import file_sha256
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.families import FAMILIES, family_of, fine_tunable
+from lmscale.files import replacing
 from lmscale.models import ModelConfig
 from lmscale.train.init_from import pretrained
 
@@ -92,15 +91,10 @@ def prepare_task(task_dir: Path, files: dict[str, Path | None], fields: Fields, 
     assert train_file is not None
     train = read_examples(train_file, fields, "task.train")
     validation = read_examples(validation_file, fields, "task.validation") if validation_file else None
-    tmp = task_dir.with_name(f".{task_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with replacing(task_dir, unique=True) as tmp:
         manifest = write_task_dataset(tmp, tokenizer, train, validation, seq_len)
         manifest.settings.update(fields=dataclasses.asdict(fields), max_length=seq_len)
         manifest.write(tmp)
-        os.replace(tmp, task_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_same_task(

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from torch.distributed import TCPStore
 
+from launcher.rank_command import rank_argv
 from lmscale import run_layout
 from lmscale.errors import LmscaleError
 from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, SAVED_AND_STOPPED
@@ -134,10 +135,6 @@ def ignore_stop_signals() -> None:
     checkpoint. The launcher re-sends the stop until the ranks exit."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-
-
-def rank_argv(run_dir: Path, resume: str) -> list[str]:
-    return [sys.executable, "-m", "lmscale.train.main", str(run_dir), "--resume", resume]
 
 
 class NodeRanks:

@@ -36,6 +36,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from launcher.jobs import record_exit
+from launcher.rank_command import rank_argv
 from lmscale.train.exit_codes import EXIT_PEER_LOST, SAVED_AND_STOPPED
 
 PLACEMENT_TIMEOUT_SECONDS = 600
@@ -142,7 +143,7 @@ class Attempt:
     def run(self, stopping: threading.Event) -> tuple[int, str]:
         """(exit code, what went wrong): 0 when every rank finished, 3 when they saved after a preemption
         signal, else the first failing rank's code and last error line."""
-        argv = [sys.executable, "-m", "lmscale.train.main", str(self.args.run_dir)]
+        argv = rank_argv(self.args.run_dir)
         pending = {rank.run.remote(argv, env): i for i, (rank, env) in enumerate(zip(self.ranks, self.environments(),
                                                                                        strict=True))}  # fmt: skip
         codes: list[int] = []

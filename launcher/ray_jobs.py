@@ -22,7 +22,7 @@ from typing import Any
 
 from launcher.jobs import JobRecord, JobStatus, Submission, timestamp
 from lmscale.data.ray_cluster import authenticated
-from lmscale.errors import LmscaleError, UsageError
+from lmscale.errors import LmscaleError, UsageError, one_line
 
 AGENT_WAIT_SECONDS = 60.0
 STATES = {"PENDING": "PENDING", "RUNNING": "RUNNING", "SUCCEEDED": "SUCCEEDED", "FAILED": "FAILED",
@@ -46,7 +46,9 @@ def client(address: str) -> Any:
         except AuthenticationError:
             return None
         except ConnectionError as err:
-            raise LmscaleError(f"--address {address}: no Ray dashboard answers there ({_first_line(err)})") from None
+            raise LmscaleError(
+                f"--address {address}: no Ray dashboard answers there ({one_line(err, limit=300)})"
+            ) from None
 
     return authenticated(connect, f"--address {address}")
 
@@ -95,14 +97,9 @@ def submit(sub: Submission) -> JobRecord:
         except RuntimeError as err:
             # A head that has just started answers before its job agent is up: that passes within seconds.
             if "No available agent" not in str(err) or time.monotonic() > deadline:
-                raise LmscaleError(f"Ray job {job_id} at {address}: {_first_line(err)}") from None
+                raise LmscaleError(f"Ray job {job_id} at {address}: {one_line(err, limit=300)}") from None
             time.sleep(2)
     return JobRecord("ray", job_id, str(sub.run_dir), sub.name, timestamp(), address=address)
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else type(err).__name__
 
 
 def status(job: JobRecord) -> JobStatus:

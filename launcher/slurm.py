@@ -20,8 +20,9 @@ import sys
 from pathlib import Path
 
 from launcher.jobs import JobRecord, JobStatus, Submission, print_log, status_from_exit, timestamp
+from launcher.rank_command import RANK_MODULE
 from lmscale import run_layout
-from lmscale.errors import LmscaleError, UsageError
+from lmscale.errors import LmscaleError, UsageError, one_line
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "cluster" / "slurm" / "lmscale.sbatch"
 SCRIPT = "job.sbatch"
@@ -96,6 +97,7 @@ def script(sub: Submission) -> str:
         "scontrol": shlex.quote(shutil.which("scontrol") or "scontrol"),
         "max_requeues": str(sub.max_requeues),
         "srun_args": shlex.join(srun_args(sub)),
+        "rank_module": RANK_MODULE,
         "exports": "\n".join(f"export {name}={shlex.quote(value)}" for name, value in rank_exports(sub).items()),
     }
 
@@ -118,18 +120,13 @@ def _run(command: list[str], what: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
-
-
 def submit(sub: Submission) -> JobRecord:
     path = sub.run_dir / SCRIPT
     path.write_text(script(sub))
     (sub.run_dir / run_layout.LOGS).mkdir(exist_ok=True)
     result = _run(["sbatch", *sbatch_args(sub), str(path)], "--backend slurm")
     if result.returncode != 0:
-        raise LmscaleError(f"sbatch refused job {sub.name!r}: {_last_line(result.stderr)}")
+        raise LmscaleError(f"sbatch refused job {sub.name!r}: {one_line(result.stderr)}")
     job_id = result.stdout.strip().split(";")[0]
     return JobRecord("slurm", job_id, str(sub.run_dir), sub.name, timestamp(), log=str(log_path(sub.run_dir, job_id)))
 
@@ -153,4 +150,4 @@ def logs(job: JobRecord, follow: bool) -> None:
 def cancel(job: JobRecord) -> None:
     result = _run(["scancel", job.job_id], "lmscale cancel")
     if result.returncode != 0:
-        raise LmscaleError(f"scancel {job.job_id}: {_last_line(result.stderr)}")
+        raise LmscaleError(f"scancel {job.job_id}: {one_line(result.stderr)}")

@@ -31,10 +31,12 @@ import psutil
 from torch.distributed import TCPStore
 
 from launcher.nodes import NodeSpec, cpu_rank_env, open_store, publish_run_dir, run_node, wait_for_run_dir
+from launcher.rank_command import RANK_MODULE, rank_args, rank_argv
 from lmscale import run_layout
 from lmscale.config import Config, load_config, pin_run_dir
 from lmscale.data.manifest import is_remote
 from lmscale.errors import LmscaleError, UsageError
+from lmscale.files import replacing, write_text
 from lmscale.train import checkpoint
 from lmscale.train.ds_config import deepspeed_config
 from lmscale.train.footprint import GB, estimate_memory
@@ -111,26 +113,19 @@ def check_resume(cfg: Config, ckpt_dir: Path, resume: str) -> None:
         check_same_sample_order(cfg, checkpoint.read_state(ckpt_dir, tag)["config"], tag)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Other nodes read these files over a shared filesystem: never let them see half of one.
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_run_dir(cfg: Config, plan: RunPlan, ds_config: dict, launch: dict) -> Path:
     """The run directory every rank reads: config, DeepSpeed config, tokenizer, launch record (last)."""
     run_dir = cfg.run.path
     run_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(run_dir / run_layout.CONFIG, cfg.to_yaml())
-    _write_atomic(run_dir / run_layout.DEEPSPEED, json.dumps(ds_config, indent=2) + "\n")
+    # Other nodes read these files over a shared filesystem: never let them see half of one.
+    write_text(run_dir / run_layout.CONFIG, cfg.to_yaml())
+    write_text(run_dir / run_layout.DEEPSPEED, json.dumps(ds_config, indent=2) + "\n")
     data_path = cfg.data.resolved_sources()[0].path
     if not is_remote(data_path):
         # Export needs the tokenizer; keep it with the run in case the dataset moves.
-        tmp = run_dir / f".{run_layout.TOKENIZER}.tmp"
-        shutil.copyfile(Path(data_path) / plan.manifests[0].tokenizer_file, tmp)
-        os.replace(tmp, run_dir / run_layout.TOKENIZER)
-    _write_atomic(run_dir / run_layout.LAUNCH, json.dumps(launch, indent=2) + "\n")
+        with replacing(run_dir / run_layout.TOKENIZER) as tmp:
+            shutil.copyfile(Path(data_path) / plan.manifests[0].tokenizer_file, tmp)
+    write_text(run_dir / run_layout.LAUNCH, json.dumps(launch, indent=2) + "\n")
     return run_dir
 
 
@@ -153,13 +148,8 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     return hosts
 
 
-def rank_command_line(run_dir: Path, resume: str) -> str:
-    resume_args = ["--resume", resume] if resume != "auto" else []
-    return shlex.join(["python", "-m", "lmscale.train.main", str(run_dir), *resume_args])
-
-
 def print_prepared(run_dir: Path, world_size: int, cfg: Config, resume: str) -> None:
-    command = rank_command_line(run_dir, resume)
+    command = shlex.join(rank_argv(run_dir, resume, python="python"))
     print(f"prepared {run_dir} for {world_size} ranks (global batch {cfg.trainer.global_batch_size} sequences; "
           "any world size that divides it works)")  # fmt: skip
     print("start every rank with:")
@@ -167,9 +157,7 @@ def print_prepared(run_dir: Path, world_size: int, cfg: Config, resume: str) -> 
     print("with its place in the job in the environment: RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT")
     print("(torchrun, the DeepSpeed launcher) or SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS (srun), e.g.")
     print(f"  srun --ntasks-per-node=GPUS --kill-on-bad-exit=1 {command}")
-    print(
-        f"  torchrun --nnodes N --node-rank R --master-addr HOST --nproc-per-node GPUS -m lmscale.train.main {run_dir}"
-    )
+    print(f"  torchrun --nnodes N --node-rank R --master-addr HOST --nproc-per-node GPUS -m {RANK_MODULE} {run_dir}")
 
 
 def check_topology(args: argparse.Namespace, gpus: int) -> tuple[int, int]:
@@ -290,7 +278,7 @@ def deepspeed_hostfile_launch(args: argparse.Namespace, run_dir: Path, env: dict
         sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", args.hostfile,
         *(["--master_addr", args.master_addr] if args.master_addr else []),
         "--master_port", str(args.master_port or DEFAULT_MULTI_NODE_PORT),
-        "--module", "lmscale.train.main", str(run_dir), "--resume", args.resume,
+        "--module", RANK_MODULE, *rank_args(run_dir, args.resume),
     ]  # fmt: skip
     runner = subprocess.Popen(command, env=env)
 

@@ -22,11 +22,24 @@ class AgreedError(LmscaleError):
         self.quiet = rank != 0
 
 
-def one_line(err: BaseException) -> str:
-    """The message of ``err`` on one line. An error re-raised from a DataLoader worker carries the worker's
-    traceback ("Caught LmscaleError in DataLoader worker process 0. Original Traceback ..."): its last line
-    holds the original message."""
-    lines = str(err).strip().splitlines()
-    if len(lines) > 1 and lines[0].startswith("Caught "):
-        return lines[-1].split(": ", 1)[-1]
-    return " ".join(line.strip() for line in lines)
+def one_line(source: BaseException | str, limit: int | None = None) -> str:
+    """What went wrong, on one line (at most ``limit`` characters): the one formatter of lmscale's messages.
+
+    - an ``OSError``: its reason and errno ("No space left on device (errno 28)");
+    - an error re-raised from a DataLoader worker, which carries the worker's traceback ("Caught LmscaleError in
+      DataLoader worker process 0. Original Traceback ..."): the original message, on its last line;
+    - another error: its message's lines joined (its type's name when it has none);
+    - a tool's output (``str``: sbatch's, a converter's stderr): its last non-blank line, where tools say why.
+    """
+    if isinstance(source, str):
+        lines = [line.strip() for line in source.strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else "no output"
+    elif isinstance(source, OSError) and source.strerror:
+        text = f"{source.strerror} (errno {source.errno})"
+    else:
+        lines = str(source).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught "):
+            text = lines[-1].split(": ", 1)[-1]
+        else:
+            text = " ".join(line.strip() for line in lines) or type(source).__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

@@ -125,7 +125,9 @@ def test_missing_data_dir_exit_code_2(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-LMSCALE_LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\[rank \d+\] (INFO|WARNING) |(INFO|WARNING) lmscale\S*: )")
+LMSCALE_LOG_LINE = re.compile(
+    r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\[rank \d+\] (INFO|WARNING) |(INFO|WARNING) lmscale\S*: )"
+)
 """The launcher's and the ranks' log lines (``lmscale``'s loggers), progress included."""
 
 

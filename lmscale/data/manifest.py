@@ -6,7 +6,6 @@ It is written last, by atomic rename, so its presence means the dataset is compl
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import IO, Any
 import numpy as np
 
 from lmscale.errors import LmscaleError, UsageError
+from lmscale.files import write_text
 from lmscale.tasks import TASKS
 
 MANIFEST = "manifest.json"
@@ -83,9 +83,7 @@ class Manifest:
         return json.dumps(data, indent=2) + "\n"
 
     def write(self, directory: Path) -> None:
-        tmp = directory / (MANIFEST + ".tmp")
-        tmp.write_text(self.to_json())
-        os.replace(tmp, directory / MANIFEST)
+        write_text(directory / MANIFEST, self.to_json())
 
 
 def token_dtype(vocab_size: int) -> str:

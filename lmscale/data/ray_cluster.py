@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from lmscale.errors import LmscaleError
+from lmscale.errors import LmscaleError, one_line
 
 T = TypeVar("T")
 REACH_TIMEOUT_SECONDS = 5.0
@@ -107,9 +107,8 @@ def check_cluster(address: str) -> None:
         if result.returncode == REFUSED:
             return None
         if result.returncode != 0:
-            lines = [line for line in result.stderr.splitlines() if line.strip()]
-            reason = lines[-1].strip() if lines else f"exit code {result.returncode}"
-            raise LmscaleError(f"{where}: the Ray head did not accept a connection ({reason[:300]})")
+            reason = one_line(result.stderr, limit=300) if result.stderr.strip() else f"exit code {result.returncode}"
+            raise LmscaleError(f"{where}: the Ray head did not accept a connection ({reason})")
         return True
 
     check_reachable(address)

@@ -44,6 +44,7 @@ from lmscale.data.tokenizer import (
     train_tokenizer,
 )
 from lmscale.errors import LmscaleError, UsageError
+from lmscale.files import replacing
 from lmscale.progress import Progress
 from lmscale.tasks import TASKS
 
@@ -166,16 +167,11 @@ def tokenize_file(
     hash_array = np.asarray(hashes, dtype=np.uint64)
     validation = np.asarray([is_validation(h, val_fraction) for h in hashes], dtype=bool)
     # Tokens first, index last: a retried task rewrites both, each by rename, and the index names the tokens.
-    tokens_target = unit_tokens_path(Path(work_dir), index)
-    tmp = tokens_target.with_name(f".{tokens_target.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with replacing(unit_tokens_path(Path(work_dir), index), unique=True) as tmp, open(tmp, "wb") as f:
         np.save(f, np.concatenate(chunks) if chunks else np.empty(0, dtype=dtype), allow_pickle=False)
-    os.replace(tmp, tokens_target)
     chunks.clear()
-    target = unit_index_path(Path(work_dir), index)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}.npz")
-    np.savez(tmp, ends=np.asarray(ends, dtype=np.int64), hashes=hash_array, validation=validation)
-    os.replace(tmp, target)
+    with replacing(unit_index_path(Path(work_dir), index), suffix=".npz", unique=True) as tmp:
+        np.savez(tmp, ends=np.asarray(ends, dtype=np.int64), hashes=hash_array, validation=validation)
     return {"documents": stats.documents, "bad_lines": stats.bad_lines, "bad_line_examples": stats.bad_line_examples}
 
 
@@ -282,11 +278,11 @@ def write_sample_tar(samples: np.ndarray, output: Path, relpath: str, tokens: in
     import webdataset as wds
 
     target = output / relpath
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
     stem = target.name.removesuffix(".tar")
     # A fixed mtime and owner make the archive a pure function of its samples; an integer mtime keeps the
     # headers plain ustar (a float one adds a pax header to every member, doubling the reader's parsing).
     with (
+        replacing(target, unique=True) as tmp,
         open(tmp, "wb") as f,
         wds.TarWriter(f, user="lmscale", group="lmscale", mtime=0, encoder=False) as writer,
     ):
@@ -294,7 +290,6 @@ def write_sample_tar(samples: np.ndarray, output: Path, relpath: str, tokens: in
             buf = io.BytesIO()
             np.save(buf, sample, allow_pickle=False)
             writer.write({"__key__": f"{stem}-{i:06d}", "tokens.npy": buf.getvalue()})
-    os.replace(tmp, target)
     return ShardRecord(
         file=relpath, samples=len(samples), tokens=tokens, sha256=file_sha256(target), bytes=target.stat().st_size
     )

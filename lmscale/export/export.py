@@ -9,8 +9,6 @@ and compare logits with the lmscale model -> publish by rename.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +21,7 @@ from lmscale.config import from_dict
 from lmscale.data.tokenizer import end_token_id, load_tokenizer, special_token_ids
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.families import build_model, family_of
+from lmscale.files import replacing
 from lmscale.hf.convert import auto_class, hf_config_dict, tied_keys, to_hf
 from lmscale.models import ModelConfig, load_checked
 from lmscale.progress import Progress
@@ -162,9 +161,7 @@ def export_checkpoint(
     if not tokenizer_file.is_file():
         tokenizer_file = Path(cfg.data.resolved_sources()[0].path) / "tokenizer.json"
 
-    tmp = output.with_name(f".{output.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with Progress("export", total=4, unit="stages") as progress:
+    with Progress("export", total=4, unit="stages") as progress, replacing(output) as tmp:
         try:
             weights = consolidated_state_dict(str(run_dir / run_layout.CHECKPOINTS), tag)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
@@ -181,13 +178,9 @@ def export_checkpoint(
         progress.advance()
         diff, tol = check_parity(model, tmp, dtype)
         progress.advance()
-    if not diff <= tol:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise LmscaleError(
-            f"{output}: exported {architecture} logits differ from lmscale's: "
-            f"max |diff| {diff:.3g} > tolerance {tol:.3g}"
-        )
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(tmp, output)
+        if not diff <= tol:  # the directory is not published
+            raise LmscaleError(
+                f"{output}: exported {architecture} logits differ from lmscale's: "
+                f"max |diff| {diff:.3g} > tolerance {tol:.3g}"
+            )
     return ExportResult(output, tag, architecture, diff, tol)

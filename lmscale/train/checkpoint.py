@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lmscale.errors import AgreedError, LmscaleError, UsageError
+from lmscale.errors import AgreedError, LmscaleError, UsageError, one_line
+from lmscale.files import replacing, sync_dir, write_text
 from lmscale.train.checkpoint_manifest import (
     MANIFEST,
     FileRecord,
@@ -48,8 +49,6 @@ from lmscale.train.checkpoint_manifest import (
     list_files,
     read_manifest,
     share,
-    sync_dir,
-    write_durably,
     write_manifest,
 )
 from lmscale.train.exit_codes import collective_failure
@@ -205,7 +204,7 @@ def save(
     problem = None
     if rank == 0:
         try:
-            write_durably(partial / STATE_FILE, json.dumps(state, indent=2))
+            write_text(partial / STATE_FILE, json.dumps(state, indent=2), durable=True)
             every = [r for part in gathered for r in part or []] + hash_files(partial, [STATE_FILE], sync=False)
             write_manifest(partial, every, step)
             reach("save.manifest", tag, rank)
@@ -241,7 +240,7 @@ def prepare_partial(engine: Any, ckpt_dir: Path, partial: Path) -> str | None:
             parameters = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
             needed = parameters * FIRST_SAVE_BYTES_PER_PARAMETER
     except (OSError, ValueError) as err:
-        return f"{partial}: cannot save a checkpoint there: {os_reason(err)}"
+        return f"{partial}: cannot save a checkpoint there: {one_line(err, limit=300)}"
     if free < needed:
         shutil.rmtree(partial, ignore_errors=True)
         size = f"as large as {previous}" if previous else "for the first checkpoint"
@@ -258,17 +257,11 @@ def probe_writable(directory: Path, rank: int) -> str | None:
     probe = directory / f".probe_rank_{rank}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        write_durably(probe, "probe")
+        write_text(probe, "probe", durable=True)
         probe.unlink()
     except OSError as err:
-        return f"{directory}: rank {rank} cannot write its checkpoint files: {os_reason(err)}"
+        return f"{directory}: rank {rank} cannot write its checkpoint files: {one_line(err, limit=300)}"
     return None
-
-
-def os_reason(err: BaseException) -> str:
-    if isinstance(err, OSError) and err.strerror:
-        return f"{err.strerror} (errno {err.errno})"
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def write_failure(err: BaseException, where: Path) -> str:
@@ -280,7 +273,7 @@ def write_failure(err: BaseException, where: Path) -> str:
         free = None
     if free is not None and free < 1 << 20:
         return f"no space left on the device ({free / 1e6:.1f} MB free)"
-    return os_reason(err)
+    return one_line(err, limit=300)
 
 
 def publish(ckpt_dir: Path, partial: Path, tag: str) -> None:
@@ -294,7 +287,7 @@ def publish(ckpt_dir: Path, partial: Path, tag: str) -> None:
     partial.rename(final)
     sync_dir(ckpt_dir)
     reach("save.renamed", tag, 0)  # only rank 0 publishes
-    write_durably(ckpt_dir / LATEST, tag)
+    write_text(ckpt_dir / LATEST, tag, durable=True)
     shutil.rmtree(replaced, ignore_errors=True)
 
 
@@ -309,7 +302,7 @@ def rotate(ckpt_dir: Path, saved: str, keep_last: int, keep_every_steps: int) ->
 
 
 def mark_best(ckpt_dir: Path, tag: str) -> None:
-    write_durably(ckpt_dir / BEST, tag)
+    write_text(ckpt_dir / BEST, tag, durable=True)
 
 
 def best_tag(ckpt_dir: Path) -> str | None:
@@ -399,18 +392,17 @@ def convert_to_universal(ckpt_dir: Path, tag: str) -> None:
     target = ckpt_dir / tag / UNIVERSAL
     if (target / "zero").is_dir():
         return
-    tmp = ckpt_dir / tag / f".{UNIVERSAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    command = [
-        sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-        "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
-        "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True)
-    if result.returncode != 0:
-        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        raise LmscaleError(f"{ckpt_dir / tag}: conversion to a universal checkpoint failed ({last})")
-    tmp.rename(target)
+    with replacing(target) as tmp:
+        command = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
+            "--inject_missing_state", "--num_extract_workers", "1", "--num_merge_workers", "1",
+        ]  # fmt: skip
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise LmscaleError(
+                f"{ckpt_dir / tag}: conversion to a universal checkpoint failed ({one_line(result.stderr)})"
+            )
 
 
 def load(engine: Any, ckpt_dir: Path, tag: str, universal: bool = False) -> dict[str, Any]:
@@ -427,7 +419,7 @@ def load(engine: Any, ckpt_dir: Path, tag: str, universal: bool = False) -> dict
             str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=False
         )
     except (OSError, RuntimeError, EOFError, AssertionError, pickle.UnpicklingError) as err:
-        raise LmscaleError(f"{ckpt_dir / tag}: DeepSpeed could not load it ({os_reason(err)})") from None
+        raise LmscaleError(f"{ckpt_dir / tag}: DeepSpeed could not load it ({one_line(err, limit=300)})") from None
     if path is None:
         raise LmscaleError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     return state

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from lmscale.files import write_text
+
 MANIFEST = "manifest.json"
 
 
@@ -64,7 +66,7 @@ def hash_files(tag_dir: Path, names: list[str], sync: bool) -> list[FileRecord]:
 
 def write_manifest(tag_dir: Path, records: list[FileRecord], step: int) -> None:
     files = {r.path: {"size": r.size, "sha256": r.sha256} for r in sorted(records, key=lambda r: r.path)}
-    write_durably(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=1))
+    write_text(tag_dir / MANIFEST, json.dumps({"step": step, "files": files}, indent=1), durable=True)
 
 
 def read_manifest(tag_dir: Path) -> dict[str, FileRecord]:
@@ -94,24 +96,3 @@ def check_files(tag_dir: Path, expected: list[FileRecord]) -> str | None:
         if digest(path)[1] != record.sha256:
             return f"{path}: sha256 differs from the manifest (the file changed after it was saved)"
     return None
-
-
-def write_durably(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary name, fsync it and rename it into place: readers see the old file
-    or the whole new one, also after a crash of the machine."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    sync_dir(path.parent)
-
-
-def sync_dir(path: Path) -> None:
-    """fsync a directory, so that the names created or renamed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
