@@ -70,7 +70,7 @@ def largest_llama_for_zero3(memory_gb: float, tiny: bool) -> tuple[str, list[str
     """The largest of a few Llama shapes whose estimate fits 90% of the device under ZeRO-3 with every block
     recomputed, at micro-batch 1 x 2048."""
     from lmscale.config import load_config
-    from lmscale.train.footprint import GB, estimate_memory
+    from lmscale.footprint import GB, estimate_memory
 
     shapes = [("Llama 13B", 5120, 40, 40, 13824), ("Llama 7B", 4096, 32, 32, 11008),
               ("Llama 3B", 3200, 26, 32, 8640), ("Llama 1.3B", 2048, 24, 16, 5504)]  # fmt: skip

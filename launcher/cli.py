@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from launcher.parser import build_parser
+from lmscale import run_layout
 from lmscale.errors import LmscaleError, one_line
 
 log = logging.getLogger("lmscale")
@@ -42,19 +43,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from launcher.inspect import inspect_dataset
+    from launcher.inspect_data import inspect_dataset
 
     return inspect_dataset(Path(args.directory), samples=args.samples, verify=not args.no_verify)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lmscale.train.signals import LauncherStopRequest
+    from lmscale.job.signals import LauncherStopRequest
 
     # A stop signal during start-up (imports, writing the run directory) is kept for the ranks, which honour
     # it before their first step, instead of killing this process with the job half started.
     early = None if args.dry_run or args.prepare_only or args.hostfile else LauncherStopRequest()
     from launcher.train import train
-    from lmscale.train.exit_codes import exit_process
+    from lmscale.job.exit_codes import exit_process
 
     # Its ranks have exited: nothing is left to finish but the interpreter's slow teardown of torch.
     exit_process(train(args, early))
@@ -86,7 +87,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from lmscale.report import write_report
 
     run_dir = Path(args.run_dir)
-    output = Path(args.output) if args.output else run_dir / "report.png"
+    output = Path(args.output) if args.output else run_dir / run_layout.REPORT
     summary = write_report(run_dir, output)
     for name, value in summary.rows():
         print(f"{name:<16} {value}")

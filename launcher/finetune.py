@@ -1,7 +1,7 @@
 """``lmscale finetune``: a BERT sequence classifier from a pretrained encoder and labelled examples.
 
-The config's ``task`` section names CSV or JSONL files; they become a prepared dataset of format
-``classification`` in ``RUN_DIR/task`` (``lmscale.data.labelled``), tokenized with the pretrained model's
+The config's ``finetune`` section names CSV or JSONL files; they become a prepared dataset of format
+``classification`` in ``RUN_DIR/labelled`` (``lmscale.data.labelled``), tokenized with the pretrained model's
 tokenizer, and ``data.path`` points there. The model section takes the pretrained model's architecture and the
 training file's labels (``model.dropout`` and ``model.init_std`` stay the config's). From there on the run is
 an ordinary training run: the same ranks, ZeRO stages, checkpoints, exact resume, W&B and export, with
@@ -14,6 +14,7 @@ import dataclasses
 import time
 from pathlib import Path
 
+from lmscale import run_layout
 from lmscale.config import Config, ConfigError
 from lmscale.data.labelled import Fields, read_examples, write_task_dataset
 from lmscale.data.manifest import MANIFEST, read_manifest
@@ -24,15 +25,14 @@ from lmscale.files import replacing
 from lmscale.models import ModelConfig
 from lmscale.train.init_from import pretrained
 
-TASK_DIR = "task"
 WAIT_FOR_NODE_0_SECONDS = 600
 
 
 def resolve_task(cfg: Config, write: bool) -> Config:
-    """``cfg`` with its task's data prepared (by this process when ``write``, else by node 0, waited for) and
+    """``cfg`` with its labelled data prepared (by this process when ``write``, else by node 0, waited for) and
     the model section resolved against the pretrained model."""
-    task = cfg.task
-    assert task is not None and task.train is not None
+    labelled = cfg.finetune
+    assert labelled is not None and labelled.train is not None
     family = cfg.model.family
     if not FAMILIES[family].fine_tunes:
         raise ConfigError(
@@ -48,32 +48,34 @@ def resolve_task(cfg: Config, write: bool) -> Config:
         raise ConfigError(f"model.init_from: {source.tokenizer}: missing (the tokenizer the model was trained with)")
     check_architecture(cfg.model, source.model, source.path)
     assert source.model.seq_len is not None
-    seq_len = task.max_length or source.model.seq_len
+    seq_len = labelled.max_length or source.model.seq_len
     if seq_len > source.model.seq_len:
-        raise ConfigError(f"task.max_length: {seq_len} exceeds the pretrained model's {source.model.seq_len} positions")
+        raise ConfigError(
+            f"finetune.max_length: {seq_len} exceeds the pretrained model's {source.model.seq_len} positions"
+        )
     files = {
-        "train": Path(task.train).absolute(),
-        "validation": Path(task.validation).absolute() if task.validation else None,
+        "train": Path(labelled.train).absolute(),
+        "validation": Path(labelled.validation).absolute() if labelled.validation else None,
     }
-    task_dir = cfg.run.path / TASK_DIR
-    fields = Fields(task.text_field, task.text_pair_field, task.label_field)
-    if not (task_dir / MANIFEST).is_file():
+    labelled_dir = cfg.run.path / run_layout.LABELLED
+    fields = Fields(labelled.text_field, labelled.text_pair_field, labelled.label_field)
+    if not (labelled_dir / MANIFEST).is_file():
         if write:
-            prepare_task(task_dir, files, fields, source.tokenizer, seq_len)
+            prepare_labelled(labelled_dir, files, fields, source.tokenizer, seq_len)
         else:
-            wait_for(task_dir / MANIFEST)
-    manifest = read_manifest(task_dir)
-    check_same_task(manifest.settings, files, fields, seq_len, task_dir)
+            wait_for(labelled_dir / MANIFEST)
+    manifest = read_manifest(labelled_dir)
+    check_same_labelled_data(manifest.settings, files, fields, seq_len, labelled_dir)
     model = dataclasses.replace(
         source.model, labels=manifest.labels, dropout=cfg.model.dropout, init_std=cfg.model.init_std,
         init_from=str(source.path),
     )  # fmt: skip
-    resolved_task = dataclasses.replace(
-        task, train=str(files["train"]), validation=str(files["validation"]) if files["validation"] else None,
+    resolved = dataclasses.replace(
+        labelled, train=str(files["train"]), validation=str(files["validation"]) if files["validation"] else None,
         max_length=seq_len,
     )  # fmt: skip
-    data = dataclasses.replace(cfg.data, path=str(task_dir), sources=[])
-    return dataclasses.replace(cfg, model=model, data=data, task=resolved_task)
+    data = dataclasses.replace(cfg.data, path=str(labelled_dir), sources=[])
+    return dataclasses.replace(cfg, model=model, data=data, finetune=resolved)
 
 
 def check_architecture(ours: ModelConfig, theirs: ModelConfig, where: Path) -> None:
@@ -85,20 +87,22 @@ def check_architecture(ours: ModelConfig, theirs: ModelConfig, where: Path) -> N
             raise ConfigError(f"model.{name}: {value} here, {pretrained_arch[name]} in the pretrained model {where}")
 
 
-def prepare_task(task_dir: Path, files: dict[str, Path | None], fields: Fields, tokenizer: Path, seq_len: int) -> None:
-    """Write the task's dataset under a temporary name and rename it into place: it exists whole or not at all."""
+def prepare_labelled(
+    labelled_dir: Path, files: dict[str, Path | None], fields: Fields, tokenizer: Path, seq_len: int
+) -> None:
+    """Write the labelled dataset under a temporary name and rename it into place: it exists whole or not at all."""
     train_file, validation_file = files["train"], files["validation"]
     assert train_file is not None
-    train = read_examples(train_file, fields, "task.train")
-    validation = read_examples(validation_file, fields, "task.validation") if validation_file else None
-    with replacing(task_dir, unique=True) as tmp:
+    train = read_examples(train_file, fields, "finetune.train")
+    validation = read_examples(validation_file, fields, "finetune.validation") if validation_file else None
+    with replacing(labelled_dir, unique=True) as tmp:
         manifest = write_task_dataset(tmp, tokenizer, train, validation, seq_len)
         manifest.settings.update(fields=dataclasses.asdict(fields), max_length=seq_len)
         manifest.write(tmp)
 
 
-def check_same_task(
-    settings: dict, files: dict[str, Path | None], fields: Fields, seq_len: int, task_dir: Path
+def check_same_labelled_data(
+    settings: dict, files: dict[str, Path | None], fields: Fields, seq_len: int, labelled_dir: Path
 ) -> None:
     """A resumed run must fine-tune on the data its first start prepared."""
     for name, path in files.items():
@@ -106,11 +110,11 @@ def check_same_task(
         now = {"file": str(path), "sha256": file_sha256(path)} if path is not None else None
         if recorded != now:
             raise UsageError(
-                f"task.{name}: {path} is not the file this run's data was prepared from ({task_dir}: "
+                f"finetune.{name}: {path} is not the file this run's data was prepared from ({labelled_dir}: "
                 f"{recorded['file'] if recorded else 'none'}, changed or another file); start another run.name"
             )
     if settings["fields"] != dataclasses.asdict(fields) or settings["max_length"] != seq_len:
-        raise UsageError(f"task: its fields or max_length differ from those {task_dir} was prepared with")
+        raise UsageError(f"finetune: its fields or max_length differ from those {labelled_dir} was prepared with")
 
 
 def wait_for(path: Path) -> None:
@@ -118,5 +122,5 @@ def wait_for(path: Path) -> None:
     deadline = time.monotonic() + WAIT_FOR_NODE_0_SECONDS
     while not path.is_file():
         if time.monotonic() > deadline:
-            raise LmscaleError(f"{path}: node 0 did not prepare the task's data in {WAIT_FOR_NODE_0_SECONDS} s")
+            raise LmscaleError(f"{path}: node 0 did not prepare the labelled data in {WAIT_FOR_NODE_0_SECONDS} s")
         time.sleep(1)

@@ -88,7 +88,7 @@ def _model_of_run(run_dir: Path) -> torch.nn.Module:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from lmscale.inference import evaluate as scores
+    from lmscale.inference import evaluate
 
     target = Path(args.model)
     model = _model_of_run(target) if (target / run_layout.CHECKPOINTS).is_dir() else load_hf_model(target)[0]
@@ -99,24 +99,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = task_of(cfg)
     if task.labelled:
         return eval_classifier(args, model, tokenizer_file, tok)
-    prepared = len(args.data) == 1 and scores.is_prepared(args.data[0])
+    prepared = len(args.data) == 1 and evaluate.is_prepared(args.data[0])
     if prepared:
-        windows, seq_len = scores.prepared_windows(Path(args.data[0]), args.split, tok, task.name)
+        windows, seq_len = evaluate.prepared_windows(Path(args.data[0]), args.split, tok, task.name)
         if seq_len > cfg.seq_len:
             raise UsageError(f"--data: samples of {seq_len} tokens exceed the model's {cfg.seq_len} positions")
     elif task.wraps_documents:
-        windows = scores.mlm_windows(args.data, tok, cfg.seq_len)
+        windows = evaluate.mlm_windows(args.data, tok, cfg.seq_len)
     else:
-        windows = scores.text_windows(args.data, tok, cfg.seq_len)
+        windows = evaluate.text_windows(args.data, tok, cfg.seq_len)
     if task.masked:
         if not 0 < args.mlm_probability < 1:
             raise UsageError(f"--mlm-probability {args.mlm_probability}: must be in (0, 1)")
         collate = MaskedLMBatch(special_token_ids(tok), tok.get_vocab_size(), args.mlm_probability, args.seed)
-        result = scores.evaluate_mlm(model, windows, collate, args.batch_size, args.max_batches)
+        result = evaluate.evaluate_mlm(model, windows, collate, args.batch_size, args.max_batches)
         print(f"loss {result.loss:.4f}  mlm_accuracy {result.accuracy:.4f}  perplexity {result.perplexity:.2f}  "
               f"({result.tokens:,} masked tokens, {args.mlm_probability:g} masked)")  # fmt: skip
         return 0
-    result = scores.evaluate(model, windows, args.batch_size, args.max_batches)
+    result = evaluate.evaluate(model, windows, args.batch_size, args.max_batches)
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens)")
     return 0
 

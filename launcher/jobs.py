@@ -21,7 +21,7 @@ from pathlib import Path
 from launcher.preflight import Resources
 from lmscale import run_layout
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.train.exit_codes import EXIT_PREEMPTED
+from lmscale.job.exit_codes import EXIT_PREEMPTED
 
 FOLLOW_POLL_SECONDS = 1.0
 

@@ -27,7 +27,7 @@ from launcher.train import gpu_count
 from lmscale import run_layout
 from lmscale.config import load_config
 from lmscale.errors import LmscaleError
-from lmscale.train.exit_codes import EXIT_PREEMPTED
+from lmscale.job.exit_codes import EXIT_PREEMPTED
 
 
 def job_argv(sub: Submission, job_id: str) -> list[str]:

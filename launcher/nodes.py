@@ -37,8 +37,8 @@ from torch.distributed import TCPStore
 from launcher.rank_command import rank_argv
 from lmscale import run_layout
 from lmscale.errors import LmscaleError
-from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, SAVED_AND_STOPPED
-from lmscale.train.signals import STOP_SIGNALS, StopRequest
+from lmscale.job.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, SAVED_AND_STOPPED
+from lmscale.job.signals import STOP_SIGNALS, StopRequest
 
 READY_KEY = "lmscale/run_dir"
 FAILED_KEY = "lmscale/failed"

@@ -102,7 +102,11 @@ def train_parsers(sub: argparse._SubParsersAction) -> None:
     """`lmscale train` and `lmscale finetune`, which share their flags."""
     for name, finetune, summary in (
         ("train", False, "train from a YAML config with DeepSpeed, on one node or several"),
-        ("finetune", True, "fine-tune a pretrained BERT for sequence classification (a config with a task section)"),
+        (
+            "finetune",
+            True,
+            "fine-tune a pretrained BERT for sequence classification (a config with a finetune section)",
+        ),
     ):
         p = sub.add_parser(name, help=summary)
         p.add_argument("config")

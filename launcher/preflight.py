@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lmscale.config import Config, grad_accum_steps
 from lmscale.errors import LmscaleError
-from lmscale.train.footprint import GB, MemoryEstimate, estimate_memory, step_seconds
+from lmscale.footprint import GB, MemoryEstimate, estimate_memory, step_seconds
 from lmscale.train.peak import gpu_peak_flops
 
 GPU_MEMORY_GB: list[tuple[str, float]] = [

@@ -37,7 +37,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from launcher.jobs import record_exit
 from launcher.rank_command import rank_argv
-from lmscale.train.exit_codes import EXIT_PEER_LOST, SAVED_AND_STOPPED
+from lmscale.job.exit_codes import EXIT_PEER_LOST, SAVED_AND_STOPPED
 
 PLACEMENT_TIMEOUT_SECONDS = 600
 PEER_REPORT_SECONDS = 5.0

@@ -23,8 +23,8 @@ from launcher.preflight import Resources
 from launcher.train import kept_config, launch_record, resolve_config, write_run_dir
 from lmscale.config import Config, ConfigError, grad_accum_steps
 from lmscale.errors import LmscaleError, UsageError
+from lmscale.footprint import GB
 from lmscale.train.ds_config import deepspeed_config
-from lmscale.train.footprint import GB
 from lmscale.train.plan import RunPlan, plan_run, read_manifests
 
 DEFAULT_SIGNAL_LEAD_SECONDS = 300

@@ -37,11 +37,11 @@ from lmscale.config import Config, load_config, pin_run_dir
 from lmscale.data.manifest import is_remote
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.files import replacing, write_text
+from lmscale.footprint import GB, estimate_memory
+from lmscale.job.signals import StopRequest
 from lmscale.train import checkpoint
 from lmscale.train.ds_config import deepspeed_config
-from lmscale.train.footprint import GB, estimate_memory
 from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning, plan_run
-from lmscale.train.signals import StopRequest
 
 DEFAULT_MULTI_NODE_PORT = 29500
 
@@ -54,17 +54,17 @@ def gpu_count() -> int:
 
 def resolve_config(config: str, overrides: list[str], finetune: bool | None = None, write_task: bool = True) -> Config:
     """The validated config with local paths made absolute, so that ranks started from any directory (srun,
-    another node) find them. A fine-tuning config (with a task section) gets its data prepared by this process
+    another node) find them. A fine-tuning config (with a finetune section) gets its data prepared by this process
     (``write_task``) or waits for it; ``finetune`` says which kind the command takes (None: either)."""
     cfg = load_config(config, overrides)
     cfg = pin_run_dir(cfg, cfg.run.path.absolute())
-    if finetune is not None and finetune != (cfg.task is not None):
+    if finetune is not None and finetune != (cfg.finetune is not None):
         raise UsageError(
-            f"{config}: a fine-tuning config (with a task section) runs with `lmscale finetune`"
-            if cfg.task is not None
-            else f"{config}: `lmscale finetune` needs a task section (task.train: labelled examples)"
+            f"{config}: a fine-tuning config (with a finetune section) runs with `lmscale finetune`"
+            if cfg.finetune is not None
+            else f"{config}: `lmscale finetune` needs a finetune section (finetune.train: labelled examples)"
         )
-    if cfg.task is not None:
+    if cfg.finetune is not None:
         from launcher.finetune import resolve_task
 
         cfg = resolve_task(cfg, write_task)

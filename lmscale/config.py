@@ -182,7 +182,7 @@ class LoggingConfig:
 
 
 @dataclass
-class TaskConfig:
+class FinetuneConfig:
     """Fine-tuning for sequence classification (``lmscale finetune``): labelled examples in CSV or JSONL."""
 
     train: str | None = None
@@ -211,7 +211,7 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    task: TaskConfig | None = None
+    finetune: FinetuneConfig | None = None
     """Fine-tuning only: the labelled data; ``lmscale finetune`` turns it into the run's data.path."""
 
     @property
@@ -335,7 +335,16 @@ def apply_override(raw: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = parse_yaml(text) if text.strip() else None
 
 
+RENAMED_SECTIONS = {"task": "finetune"}
+"""Sections under their earlier names, which configs and checkpoints written before the rename still use."""
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
+    for old, new in RENAMED_SECTIONS.items():
+        if old in raw:
+            if raw.get(new) is not None:
+                raise ConfigError(f"{old}: the earlier name of {new}; give one of them")
+            raw = {new if key == old else key: value for key, value in raw.items()}
     cfg = _build(Config, raw, "")
     validate(cfg)
     return cfg
@@ -427,10 +436,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")
     for i, source in enumerate(cfg.data.sources):
         _positive(source.weight, f"data.sources[{i}].weight")
-    if cfg.task is not None:
-        _positive(cfg.task.max_length, "task.max_length")
-        if cfg.task.train is None:
-            raise ConfigError("task.train: missing (a .csv or .jsonl file of labelled examples)")
+    if cfg.finetune is not None:
+        _positive(cfg.finetune.max_length, "finetune.max_length")
+        if cfg.finetune.train is None:
+            raise ConfigError("finetune.train: missing (a .csv or .jsonl file of labelled examples)")
         if cfg.data.path is None and not cfg.data.sources:
             return  # `lmscale finetune` prepares the task's data and sets data.path
     cfg.data.resolved_sources()

@@ -93,7 +93,7 @@ TASKS: dict[str, Task] = {
         "classification",
         sample_len=lambda seq_len: 1 + 2 * seq_len,  # label id, token ids, token types
         collator=classification_collator,
-        how_to_prepare="fine-tune with `lmscale finetune` and a task section",
+        how_to_prepare="fine-tune with `lmscale finetune` and a finetune section",
         labelled=True,
         accuracy_metric="accuracy",
         accuracy_label="best val acc",

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,16 @@ def error_lines(stderr: str) -> list[str]:
 
 def final_loss(run_dir: Path) -> float:
     return next(r["loss"] for r in reversed(metrics_records(run_dir)) if "loss" in r)
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (run_dir / "metrics.jsonl").is_file() and any(r.get("step", 0) >= step and "loss" in r
+                                                          for r in metrics_records(run_dir)):  # fmt: skip
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} did not reach step {step}")
 
 
 def metrics_records(run_dir: Path) -> list[dict]:

@@ -232,17 +232,17 @@ def test_labelled_files_are_read_and_their_faults_named_in_one_line(tmp_path: Pa
     fields = Fields()
     good = tmp_path / "good.csv"
     good.write_text('text,label\n"a first, quoted\ntext",2\nsecond,10\nthird,2\n')
-    examples = read_examples(good, fields, "task.train")
+    examples = read_examples(good, fields, "finetune.train")
     assert examples.texts[0] == "a first, quoted\ntext" and examples.labels == ["2", "10", "2"]
     assert examples.lines == [3, 4, 5] and examples.pairs is None
     assert label_names(examples.labels) == ["2", "10"]  # numeric labels by value, not as strings
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text('{"text": "a", "text_pair": "b", "label": "yes"}\n\n{"text": "c", "text_pair": "d", "label": 1}\n')
-    assert read_examples(pairs, fields, "task.train").pairs == ["b", "d"]
+    assert read_examples(pairs, fields, "finetune.train").pairs == ["b", "d"]
     cases = {
-        "missing.csv": (None, r"^task\.train: .*missing\.csv: file not found$"),
-        "empty.csv": ("text,label\n", r"^task\.train: .*empty\.csv: no examples$"),
-        "blank.jsonl": ("\n\n", r"^task\.train: .*blank\.jsonl: no examples$"),
+        "missing.csv": (None, r"^finetune\.train: .*missing\.csv: file not found$"),
+        "empty.csv": ("text,label\n", r"^finetune\.train: .*empty\.csv: no examples$"),
+        "blank.jsonl": ("\n\n", r"^finetune\.train: .*blank\.jsonl: no examples$"),
         "columns.csv": ("body,label\nx,1\n", r"^.*columns\.csv: no column 'text' \(its columns: body, label\)$"),
         "nolabel.jsonl": ('{"text": "x", "label": 1}\n{"text": "y"}\n', r"^.*nolabel\.jsonl:2: no 'label'$"),
         "broken.jsonl": ('{"text": "x", "label": 1}\n{"text": \n', r"^.*broken\.jsonl:2: not valid JSON$"),
@@ -252,13 +252,13 @@ def test_labelled_files_are_read_and_their_faults_named_in_one_line(tmp_path: Pa
         if content is not None:
             (tmp_path / name).write_text(content)
         with pytest.raises(UsageError, match=message):
-            read_examples(tmp_path / name, fields, "task.train")
+            read_examples(tmp_path / name, fields, "finetune.train")
     unknown = tmp_path / "validation.jsonl"
     unknown.write_text('{"text": "x", "label": 2}\n{"text": "y", "label": 3}\n')
     with pytest.raises(
         UsageError, match=r"validation\.jsonl:2: label '3' is not one of the training labels \(2, 10\)$"
     ):
-        encode_examples(read_examples(unknown, fields, "task.validation"), Path("unused"), ["2", "10"], 16)
+        encode_examples(read_examples(unknown, fields, "finetune.validation"), Path("unused"), ["2", "10"], 16)
 
 
 def test_classification_rows_hold_the_label_the_pair_and_its_token_types(mlm_dataset: Path, tmp_path: Path) -> None:
@@ -269,7 +269,7 @@ def test_classification_rows_hold_the_label_the_pair_and_its_token_types(mlm_dat
     train.write_text('{"text": "return the value", "text_pair": "of the object", "label": "b"}\n'
                      '{"text": "a much longer first text than the others", "text_pair": "x", "label": "a"}\n')  # fmt: skip
     manifest = write_task_dataset(tmp_path / "task", mlm_dataset / "tokenizer.json",
-                                  read_examples(train, Fields(), "task.train"), None, 8)  # fmt: skip
+                                  read_examples(train, Fields(), "finetune.train"), None, 8)  # fmt: skip
     assert manifest.format == "classification" and manifest.labels == ["a", "b"] and manifest.sample_len == 17
     rows = read_shard(split_shards(str(tmp_path / "task"), manifest, "train")[0], 17, manifest.np_dtype)[0]
     batch = ClassificationBatch(PAD, 8, examples=1)(rows, [0, 1])

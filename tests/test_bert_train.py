@@ -123,7 +123,7 @@ FINETUNE = [
 
 def finetune_args(run_dir: Path, init_from: Path, task: tuple[Path, Path], *overrides: str) -> list[str]:
     args = ["finetune", "configs/bert-tiny-cls.yaml", "--nproc", "2"]
-    sets = [f"task.train={task[0]}", f"task.validation={task[1]}", f"model.init_from={init_from}",
+    sets = [f"finetune.train={task[0]}", f"finetune.validation={task[1]}", f"model.init_from={init_from}",
             f"run.dir={run_dir}", *FINETUNE, *overrides]  # fmt: skip
     for item in sets:
         args += ["--set", item]
@@ -170,7 +170,7 @@ def test_a_pretrained_run_fine_tunes_into_a_classifier_well_above_chance(
     args = finetune_args(queued, bert_run, classification_task)[2:]  # its --nproc and --set values
     submitted = run_cli("submit", "configs/bert-tiny-cls.yaml", "--backend", "slurm", *args, "--dry-run")
     assert submitted.returncode == 0, submitted.stderr[-2000:]
-    assert "#   all checks pass" in submitted.stdout and (queued / "task" / "manifest.json").is_file()
+    assert "#   all checks pass" in submitted.stdout and (queued / "labelled" / "manifest.json").is_file()
 
 
 def test_fine_tuning_refuses_what_it_cannot_train_in_one_line(
@@ -179,7 +179,7 @@ def test_fine_tuning_refuses_what_it_cannot_train_in_one_line(
     as_pretraining = run_cli("train", "configs/bert-tiny-cls.yaml", "--set", f"run.dir={tmp_path / 'a'}")
     assert as_pretraining.returncode == 2
     assert error_lines(as_pretraining.stderr) == [
-        "lmscale: error: configs/bert-tiny-cls.yaml: a fine-tuning config (with a task section) runs with "
+        "lmscale: error: configs/bert-tiny-cls.yaml: a fine-tuning config (with a finetune section) runs with "
         "`lmscale finetune`"
     ]
     validation = tmp_path / "validation.csv"

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from lmscale.config import ConfigError, grad_accum_steps, load_config
+from lmscale.config import ConfigError, from_dict, grad_accum_steps, load_config
 from lmscale.train.plan import plan_run
 
 from .conftest import REPO, run_cli
@@ -87,3 +87,13 @@ def test_cli_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("lmscale: error: model.d_modle: unknown key")
     assert "Traceback" not in result.stderr
+
+
+def test_the_finetune_section_loads_under_its_earlier_name_task() -> None:
+    """Configs and checkpoints written before the rename keep loading; both names at once are refused."""
+    data = {"path": "data/demo"}
+    cfg = from_dict({"data": data, "finetune": None, "task": {"train": "train.csv"}})
+    assert cfg.finetune is not None and cfg.finetune.train == "train.csv"
+    assert from_dict({"data": data, "task": None}).finetune is None  # what every earlier checkpoint's config holds
+    with pytest.raises(ConfigError, match=r"^task: the earlier name of finetune; give one of them$"):
+        from_dict({"data": data, "finetune": {"train": "a.csv"}, "task": {"train": "b.csv"}})

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 
-from lmscale.train.signals import INTERRUPT, NO_STOP, PREEMPTION, LauncherStopRequest, StopRequest
+from lmscale.job.signals import INTERRUPT, NO_STOP, PREEMPTION, LauncherStopRequest, StopRequest
 
 
 @pytest.fixture(autouse=True)

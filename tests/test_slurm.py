@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from . import schedulers
-from .conftest import FORTY_STEPS, GLOBAL_BATCH_OVERRIDES, final_loss, metrics_records, run_cli
+from .conftest import FORTY_STEPS, GLOBAL_BATCH_OVERRIDES, final_loss, metrics_records, run_cli, wait_for_step
 from .schedulers import SlurmCluster
 
 slurm_cluster = schedulers.slurm_cluster
@@ -38,16 +38,6 @@ def wait_for_state(cluster: SlurmCluster, job_id: str, states: set[str], timeout
             return state
         time.sleep(1)
     raise AssertionError(f"job {job_id} is {cluster.job_field(job_id, 'JobState')}, not {states}")
-
-
-def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (run_dir / "metrics.jsonl").is_file() and any(r.get("step", 0) >= step and "loss" in r
-                                                          for r in metrics_records(run_dir)):  # fmt: skip
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"{run_dir} did not reach step {step}")
 
 
 def losses(run_dir: Path) -> dict[int, float]:

@@ -3,16 +3,21 @@ estimate they rest on, and the job script's quoting."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import re
+import signal
 from pathlib import Path
 
+import psutil
 import pytest
 
+from launcher.rank_command import RANK_MODULE
 from lmscale.config import load_config
-from lmscale.train.footprint import estimate_memory
+from lmscale.footprint import estimate_memory
 
-from .conftest import REPO, run_cli
+from .conftest import FORTY_STEPS, GLOBAL_BATCH_OVERRIDES, REPO, final_loss, run_cli, wait_for_step
 
 
 def dry_run(*args: str) -> tuple[int, str, str]:
@@ -78,7 +83,7 @@ def test_preflight_refuses_a_logging_interval_that_outlasts_the_preemption_warni
 
 
 def test_the_memory_estimate_partitions_model_states_by_stage_and_counts_recomputation() -> None:
-    """The arithmetic of lmscale.train.footprint on the GPT-2 124M shape (16 x 1024 tokens, bf16); its
+    """The arithmetic of lmscale.footprint on the GPT-2 124M shape (16 x 1024 tokens, bf16); its
     measured counterparts are on CPU ranks (tests/test_rank_entry.py, tests/test_levers.py) and in
     BENCHMARKS.md (GPU)."""
     cfg = load_config(REPO / "configs" / "gpt2-124m.yaml")
@@ -112,3 +117,45 @@ def test_the_slurm_script_holds_no_user_value_unquoted(dataset: Path, tmp_path: 
     code, out, err = dry_run("--backend", "slurm", "--template", str(template), "--set", f"data.path={dataset}",
                              "--set", f"run.dir={tmp_path / 'run'}", "--dry-run")  # fmt: skip
     assert code == 2 and err.strip().startswith(f"lmscale: error: {template}: unknown field {{{{ partition }}}}")
+
+
+@pytest.mark.slow
+def test_a_local_job_requeues_after_a_preemption_and_is_followed_by_its_id(
+    dataset: Path, forty_step_reference: Path, tmp_path: Path
+) -> None:
+    """`lmscale submit --backend local`: the job runs in the background on this machine; its ranks, told by a
+    scheduler's preemption warning (SIGUSR1 to them, not to the job), save and exit 3, and the job starts them
+    again from that checkpoint; `logs --follow`, `status` and `jobs` find it by its id alone."""
+    env = {"LMSCALE_STATE_DIR": str(tmp_path / "state")}
+    run_dir = tmp_path / "run"
+    sets = [arg for item in [*GLOBAL_BATCH_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", *FORTY_STEPS,
+                             "checkpoint.every_steps=100"] for arg in ("--set", item)]  # fmt: skip
+    submitted = run_cli("submit", "configs/gpt-tiny.yaml", "--backend", "local", "--nproc", "2", *sets, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    found = re.search(r"submitted local job (\S+)", submitted.stdout)
+    assert found is not None, submitted.stdout
+    job_id = found.group(1)
+    try:
+        wait_for_step(run_dir, 3)
+        started = [p for p in psutil.process_iter(["cmdline"])
+                   if RANK_MODULE in (p.info["cmdline"] or []) and str(run_dir) in (p.info["cmdline"] or [])]  # fmt: skip
+        ranks = [p for p in started if p.ppid() not in {q.pid for q in started}]  # not their loader workers
+        assert len(ranks) == 2
+        for rank in ranks:
+            rank.send_signal(signal.SIGUSR1)
+        followed = run_cli("logs", job_id, "--follow", env=env)
+        assert followed.returncode == 0 and "restarting (1 of 3)" in followed.stdout, followed.stdout[-3000:]
+        exits = [json.loads(line) for line in (run_dir / "job_exits.jsonl").read_text().splitlines()]
+        assert [(e["attempt"], e["exit_code"]) for e in exits] == [(0, 3), (1, 0)]
+        status = run_cli("status", job_id, env=env)
+        assert f"local job {job_id} (gpt-tiny): SUCCEEDED" in status.stdout
+        listed = run_cli("jobs", env=env).stdout.splitlines()
+        assert [line.split()[:3] for line in listed[1:]] == [[job_id, "local", "SUCCEEDED"]]
+        # The requeued job ends where an uninterrupted run ends.
+        assert final_loss(run_dir) == final_loss(forty_step_reference)
+    finally:  # a failed test leaves no job running
+        for process in psutil.process_iter(["cmdline"]):
+            if job_id in (process.info["cmdline"] or []):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for child in [*process.children(recursive=True), process]:
+                        child.kill()

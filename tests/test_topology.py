@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from lmscale.errors import LmscaleError
-from lmscale.train.topology import SLURM_PORT_BASE, SLURM_PORT_SPAN, detect, export_env, first_host, route_interface
+from lmscale.job.topology import SLURM_PORT_BASE, SLURM_PORT_SPAN, detect, export_env, first_host, route_interface
 
 from .conftest import TINY_OVERRIDES, run_cli
 

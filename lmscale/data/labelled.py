@@ -72,7 +72,7 @@ def _rows(path: Path, fields: Fields) -> list[tuple[int, dict]]:
 
 
 def read_examples(path: str | Path, fields: Fields, where: str) -> Examples:
-    """The examples of one file; ``where`` names the config field that gave it (task.train ...)."""
+    """The examples of one file; ``where`` names the config field that gave it (finetune.train ...)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{where}: {path}: file not found")

@@ -165,7 +165,9 @@ def export_checkpoint(
         try:
             weights = consolidated_state_dict(str(run_dir / run_layout.CHECKPOINTS), tag)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError) as err:
-            raise LmscaleError(f"{run_dir / 'checkpoints' / tag}: cannot consolidate the ZeRO files ({err})") from None
+            raise LmscaleError(
+                f"{run_dir / run_layout.CHECKPOINTS / tag}: cannot consolidate the ZeRO files ({err})"
+            ) from None
         progress.advance()
         model = build_model(cfg.model)
         try:

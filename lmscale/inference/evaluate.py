@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
+from lmscale.confusion import accuracy_and_macro_f1, confusion_counts
 from lmscale.data.collate import ClassificationBatch, MaskedLMBatch
 from lmscale.data.manifest import MANIFEST, read_manifest
 from lmscale.data.shard import DocTable, mlm_pieces, pack_samples
@@ -22,7 +23,6 @@ from lmscale.data.tokenizer import end_token_id, special_token_ids
 from lmscale.errors import LmscaleError
 from lmscale.models import GPT, Bert
 from lmscale.progress import Progress
-from lmscale.scores import accuracy_and_macro_f1, confusion_counts
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ import torch.distributed as dist
 
 from lmscale.errors import AgreedError, LmscaleError, UsageError, one_line
 from lmscale.files import replacing, sync_dir, write_text
+from lmscale.job.exit_codes import collective_failure
 from lmscale.train.checkpoint_manifest import (
     MANIFEST,
     FileRecord,
@@ -51,7 +52,6 @@ from lmscale.train.checkpoint_manifest import (
     share,
     write_manifest,
 )
-from lmscale.train.exit_codes import collective_failure
 from lmscale.train.failpoints import reach
 
 STATE_FILE = "lmscale_state.json"

@@ -22,7 +22,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 import deepspeed
 from deepspeed.accelerator import get_accelerator
 
-from lmscale.train.topology import Topology
+from lmscale.job.topology import Topology
 
 
 def accelerator_name() -> str:

@@ -17,17 +17,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from lmscale import run_layout
+from lmscale.confusion import accuracy_and_macro_f1, confusion_counts
 from lmscale.data.stream import stop_loader_workers
 from lmscale.errors import LmscaleError
-from lmscale.scores import accuracy_and_macro_f1, confusion_counts
+from lmscale.job.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from lmscale.job.signals import INTERRUPT, NO_STOP, PREEMPTION, StopRequest
 from lmscale.tasks import task_of
 from lmscale.train import checkpoint, memory
 from lmscale.train.engine import set_collective_timeout
-from lmscale.train.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
-from lmscale.train.signals import INTERRUPT, NO_STOP, PREEMPTION, StopRequest
 from lmscale.train.spike import SpikeGuard
 from lmscale.train.state import TrainState
 
@@ -112,7 +112,7 @@ class Trainer:
         self.short_timeouts = False  # set after this job's first step (start-up may compile, load, fetch)
         self.key_log = None
         if self.cfg.data.log_sample_keys:
-            key_dir = run_dir / "sample_keys"
+            key_dir = run_dir / run_layout.SAMPLE_KEYS
             self.key_log = open_step_log(key_dir / f"rank_{rank}.jsonl", state.step)
             if rank == 0:
                 # Ranks beyond this world size (a resume on fewer ranks) keep only the steps they trained.

@@ -2,7 +2,7 @@
 
 Every launcher ends here: ``lmscale train`` (its node launcher, one per node), the DeepSpeed launcher with a
 hostfile, torchrun, ``srun``, or a Ray job. The rank reads its place in the job from the environment
-(``lmscale.train.topology``) and the run from ``RUN_DIR/config.yaml``, which ``lmscale train`` (or
+(``lmscale.job.topology``) and the run from ``RUN_DIR/config.yaml``, which ``lmscale train`` (or
 ``--prepare-only``) wrote. That file keeps the global batch size; each start derives the micro-batches per
 step from the world size it has, so the same run directory trains unchanged on any number of ranks.
 """
@@ -29,19 +29,20 @@ from lmscale.config import load_config, pin_run_dir
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import AgreedError, LmscaleError, one_line
 from lmscale.families import flops_per_token
+from lmscale.footprint import estimate_memory
+from lmscale.job import topology
+from lmscale.job.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure, exit_process
+from lmscale.job.signals import STOP_SIGNALS, StopRequest
 from lmscale.tasks import Collate, task_of
-from lmscale.train import checkpoint, memory, topology
+from lmscale.train import checkpoint, memory
 from lmscale.train.build import build_engine, build_model
 from lmscale.train.engine import barrier, device, init_distributed, shutdown_distributed
-from lmscale.train.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure, exit_process
-from lmscale.train.footprint import estimate_memory
 from lmscale.train.init_from import initial_weights
 from lmscale.train.levers import apply_activation_checkpointing, compile_blocks
 from lmscale.train.loop import Trainer
 from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
 from lmscale.train.peak import peak_flops, slow_precision
 from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
-from lmscale.train.signals import STOP_SIGNALS, StopRequest
 from lmscale.train.spike import SpikeGuard
 from lmscale.train.state import TrainState
 
@@ -132,7 +133,7 @@ def data_loaders(
 
 def wandb_run_id(run_dir: Path, saved: str | None) -> str:
     """The checkpoint's id, else the run directory's (a job that died before its first save), else new."""
-    id_file = run_dir / "wandb_id"
+    id_file = run_dir / run_layout.WANDB_ID
     run_id = saved or (id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12])
     id_file.write_text(run_id)
     return run_id
@@ -331,12 +332,9 @@ def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, star
                      previous_world_size=start.saved["world_size"])  # fmt: skip
 
 
-def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
-    """A rank's start-up as named steps, then the loop."""
+def start_trainer(top: topology.Topology, run_dir: Path, resume: str, stop: StopRequest) -> Trainer:
+    """A rank's start-up as named steps: the trainer, ready for its first step (tests drive it from here)."""
     rank = top.rank
-    # From here a stop signal is a request: honoured before the first step if it comes during start-up.
-    stop = StopRequest()
-    setup_logging(run_dir, rank)
     plan = join_job(top, run_dir)
     start = choose_start(plan, rank, resume)
     built = build(plan, rank, start)
@@ -354,12 +352,20 @@ def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
     )  # fmt: skip
     ckpt_dir = plan.cfg.run.path / run_layout.CHECKPOINTS
     seed_dropout(ckpt_dir, start.tag, rank, start.elastic, plan.cfg.run.seed, state.step)
+    return trainer
+
+
+def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
+    # From here a stop signal is a request: honoured before the first step if it comes during start-up.
+    stop = StopRequest()
+    setup_logging(run_dir, top.rank)
+    trainer = start_trainer(top, run_dir, resume, stop)
     exit_code = 1  # what W&B records if fit() raises
     try:
         exit_code = trainer.fit()
     finally:
         trainer.close()
-        logger.close(exit_code)
+        trainer.logger.close(exit_code)
     shutdown_distributed()
     return exit_code
 

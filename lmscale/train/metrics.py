@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from lmscale import run_layout
 from lmscale.config import Config
+from lmscale.job.exit_codes import SAVED_AND_STOPPED
 from lmscale.progress import Progress
-from lmscale.train.exit_codes import SAVED_AND_STOPPED
 
 log = logging.getLogger("lmscale")
 
@@ -221,7 +222,7 @@ class WandbSink:
         )
         self.log_dir = Path(self.run.dir).parent
         if self.mode == "offline":
-            held = offline_steps_held(run_dir / "wandb", run_id, self.log_dir)
+            held = offline_steps_held(run_dir / run_layout.WANDB, run_id, self.log_dir)
         else:
             held = max(self.run.starting_step - 1, 0)
         self.logged_through = held
@@ -264,11 +265,12 @@ class WandbSink:
         self.run.finish(exit_code=exit_code)
         if self.mode == "offline":
             # Finished cleanly: W&B holds every step logged, and the next job need not read this log back.
-            record_offline_steps(self.run_dir / "wandb", self.log_dir.name, self.logged_through)
+            record_offline_steps(self.run_dir / run_layout.WANDB, self.log_dir.name, self.logged_through)
         if self.mode == "offline":
             # Every job of the run wrote its own offline directory; together they make up the W&B run.
             log.info(
-                "W&B ran offline; upload with: wandb sync %s", self.run_dir / "wandb" / f"offline-run-*-{self.run_id}"
+                "W&B ran offline; upload with: wandb sync %s",
+                self.run_dir / run_layout.WANDB / f"offline-run-*-{self.run_id}",
             )
 
 
