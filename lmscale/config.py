@@ -375,7 +375,19 @@ def _positive(value: int | float | None, where: str, allow_zero: bool = False) -
 
 def validate(cfg: Config) -> None:
     """Checks that need no data or world size; see ``resolve`` for those that do."""
-    m, t = cfg.model, cfg.trainer
+    validate_model(cfg.model)
+    validate_trainer(cfg)
+    validate_schedule_and_the_rest(cfg)
+    if cfg.finetune is not None:
+        _positive(cfg.finetune.max_length, "finetune.max_length")
+        if cfg.finetune.train is None:
+            raise ConfigError("finetune.train: missing (a .csv or .jsonl file of labelled examples)")
+        if cfg.data.path is None and not cfg.data.sources:
+            return  # `lmscale finetune` prepares the labelled data and sets data.path
+    cfg.data.resolved_sources()
+
+
+def validate_model(m: ModelConfig) -> None:
     for name in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "seq_len", "vocab_size"):
         _positive(getattr(m, name, None), f"model.{name}")
     if m.d_model % m.n_heads:
@@ -385,11 +397,10 @@ def validate(cfg: Config) -> None:
     _positive(m.norm_eps, "model.norm_eps")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
-    for name in ("mlm_probability", "mlm_eval_probability"):
-        if not 0.0 < getattr(cfg.data, name) < 1.0:
-            raise ConfigError(f"data.{name}: must be in (0, 1), got {getattr(cfg.data, name)}")
-    _positive(cfg.optim.lr, "optim.lr")
-    _positive(cfg.optim.grad_clip, "optim.grad_clip", allow_zero=True)
+
+
+def validate_trainer(cfg: Config) -> None:
+    t = cfg.trainer
     _positive(t.max_steps, "trainer.max_steps")
     _positive(t.micro_batch_size, "trainer.micro_batch_size")
     _positive(t.grad_accum_steps, "trainer.grad_accum_steps")
@@ -417,6 +428,15 @@ def validate(cfg: Config) -> None:
             "trainer.spike_sigma: not available with zero.offload_optimizer (the offloaded optimizer is DeepSpeed's "
             "CPU Adam, which cannot skip a step)"
         )
+
+
+def validate_schedule_and_the_rest(cfg: Config) -> None:
+    t = cfg.trainer
+    for name in ("mlm_probability", "mlm_eval_probability"):
+        if not 0.0 < getattr(cfg.data, name) < 1.0:
+            raise ConfigError(f"data.{name}: must be in (0, 1), got {getattr(cfg.data, name)}")
+    _positive(cfg.optim.lr, "optim.lr")
+    _positive(cfg.optim.grad_clip, "optim.grad_clip", allow_zero=True)
     _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
     _positive(cfg.schedule.total_steps, "schedule.total_steps")
     if cfg.schedule.total_steps is not None and cfg.schedule.total_steps < t.max_steps:
@@ -436,13 +456,6 @@ def validate(cfg: Config) -> None:
         raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")
     for i, source in enumerate(cfg.data.sources):
         _positive(source.weight, f"data.sources[{i}].weight")
-    if cfg.finetune is not None:
-        _positive(cfg.finetune.max_length, "finetune.max_length")
-        if cfg.finetune.train is None:
-            raise ConfigError("finetune.train: missing (a .csv or .jsonl file of labelled examples)")
-        if cfg.data.path is None and not cfg.data.sources:
-            return  # `lmscale finetune` prepares the task's data and sets data.path
-    cfg.data.resolved_sources()
 
 
 def pin_run_dir(cfg: Config, run_dir: str | Path) -> Config:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
 from lmscale.data.manifest import MANIFEST, Manifest, ShardRecord, SplitRecord, token_dtype
 from lmscale.data.ray_cluster import check_cluster, start_ray
@@ -135,7 +136,6 @@ def tokenize_file(
     Tokens are held as numpy arrays of the dataset's dtype (2 or 4 bytes a token, not a Python int's 28+),
     and the shard writers memory-map the token file, so a large input file costs its size, not ten times it.
     """
-    from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(tokenizer_json)
     eot = end_token_id(tok)
@@ -408,7 +408,103 @@ def _check_output(options: PrepareOptions) -> None:
         raise UsageError(f"--val-fraction {options.val_fraction}: must be in [0, 1)")
 
 
+@dataclass(frozen=True)
+class Packing:
+    """How the samples of one dataset are cut: from the tokenizer and the task's format."""
+
+    dtype: str
+    sample_len: int
+    wrap: tuple[int, int, int] | None
+    """[CLS], [SEP] and [PAD] ids where the task wraps documents; None for a causal stream."""
+    per_shard: int
+
+
+def _tokenizer(files: list[Path], options: PrepareOptions) -> Tokenizer:
+    """The given tokenizer, or one trained on a sample of the corpus; checked against what the format needs."""
+    if options.tokenizer:
+        tok = load_tokenizer(options.tokenizer)
+    else:
+        log.info(
+            "training a %s tokenizer (vocab %d) on a sample of %s", options.tokenizer_kind, options.vocab_size,
+            options.output,
+        )  # fmt: skip
+        sample = _tokenizer_sample(files, options)
+        if not sample:
+            raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
+        tok = train_tokenizer(sample, options.vocab_size, options.tokenizer_kind)
+    missing = [token for token in BERT_SPECIALS if token not in special_token_ids(tok)]
+    if TASKS[options.format].wraps_documents and missing:
+        raise UsageError(
+            f"{options.tokenizer}: --format {options.format} needs the special tokens {' '.join(missing)} (WordPiece)"
+        )
+    return tok
+
+
+def _packing(tok: Tokenizer, options: PrepareOptions) -> Packing:
+    task, special_ids = TASKS[options.format], special_token_ids(tok)
+    dtype = token_dtype(tok.get_vocab_size())
+    sample_len = task.sample_len(options.seq_len)
+    wrap = (special_ids["[CLS]"], special_ids["[SEP]"], special_ids["[PAD]"]) if task.wraps_documents else None
+    return Packing(dtype, sample_len, wrap, samples_per_shard(options.shard_size, sample_len, np.dtype(dtype).itemsize))
+
+
+def _start_workers(ray: Any, options: PrepareOptions, workers: int) -> float:
+    """Start every worker (process, imports) before the clock: start-up is per job, not per token. Returns
+    the seconds it took."""
+    started = time.perf_counter()
+    if ray is not None and not options.ray_address:
+        warm = ray.remote(num_cpus=1)(_warm_up)
+        ray.get([warm.remote() for _ in range(workers)])
+    return time.perf_counter() - started
+
+
+def _tokenize_files(
+    ray: Any, files: list[Path], tok: Tokenizer, options: PrepareOptions, packing: Packing, workers: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Every file tokenized into the work directory by one task each; their read statistics and the seconds."""
+    tokenize = _task(ray, tokenize_file, num_cpus=1, max_retries=5, retry_exceptions=False)
+    tok_json, work_dir = tok.to_str(), str(options.output / WORK_DIR)
+    calls = [
+        (tokenize, (i, str(p), tok_json, options.read, work_dir, options.val_fraction, packing.dtype))
+        for i, p in enumerate(files)
+    ]
+    started = time.perf_counter()
+    with Progress("tokenize", total=len(calls), unit="files") as progress:
+        unit_stats = _run_tasks(ray, calls, workers, progress)
+    return unit_stats, time.perf_counter() - started
+
+
+def _write_shards(
+    ray: Any, tables: dict[str, DocTable], options: PrepareOptions, packing: Packing, workers: int
+) -> tuple[dict[str, SplitRecord], dict[str, int], float]:
+    """Every split cut into samples and written as shards by one task each; the splits, the tokens each
+    dropped from its stream's tail, and the seconds."""
+    writer = _task(ray, write_shard, num_cpus=1, max_retries=5)
+    out, work_dir = options.output, options.output / WORK_DIR
+    dropped: dict[str, int] = {}
+    calls = []
+    for name, table in tables.items():
+        if packing.wrap is None:
+            starts, ends = causal_pieces(table, packing.sample_len)
+        else:
+            starts, ends = mlm_pieces(table, packing.sample_len - 2)
+        dropped[name] = table.tokens - int((ends - starts).sum()) if packing.wrap is None else 0
+        table_ref = table if ray is None else ray.put(table)
+        for k, first in enumerate(range(0, len(starts), packing.per_shard)):
+            relpath = f"shards/{name}-{k:06d}.tar"
+            span = slice(first, first + packing.per_shard)
+            calls.append((writer, (table_ref, str(work_dir), str(out), relpath, starts[span], ends[span],
+                                   packing.sample_len, packing.dtype, packing.wrap)))  # fmt: skip
+    started = time.perf_counter()
+    with Progress("write shards", total=len(calls), unit="shards") as progress:
+        records = _run_tasks(ray, calls, workers, progress)
+    splits = {name: SplitRecord([r for r in records if Path(r.file).name.startswith(name + "-")]) for name in tables}
+    return splits, dropped, time.perf_counter() - started
+
+
 def prepare(options: PrepareOptions) -> Manifest:
+    """Raw text -> tokenizer -> tokenized files (Ray tasks) -> document tables -> shards (Ray tasks) -> the
+    manifest, written last: a manifest means a complete dataset."""
     started = time.perf_counter()
     files = expand_inputs(options.inputs)
     _check_output(options)
@@ -418,85 +514,25 @@ def prepare(options: PrepareOptions) -> Manifest:
     work_dir = out / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
     (out / "shards").mkdir(exist_ok=True)
-
-    if options.tokenizer:
-        tok = load_tokenizer(options.tokenizer)
-    else:
-        log.info(
-            "training a %s tokenizer (vocab %d) on a sample of %s", options.tokenizer_kind, options.vocab_size, out
-        )
-        sample = _tokenizer_sample(files, options)
-        if not sample:
-            raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
-        tok = train_tokenizer(sample, options.vocab_size, options.tokenizer_kind)
-    special_ids = special_token_ids(tok)
-    missing = [token for token in BERT_SPECIALS if token not in special_ids]
-    task = TASKS[options.format]
-    if task.wraps_documents and missing:
-        raise UsageError(
-            f"{options.tokenizer}: --format {options.format} needs the special tokens {' '.join(missing)} (WordPiece)"
-        )
-    tokenizer_path = out / "tokenizer.json"
-    tok.save(str(tokenizer_path))
-    vocab_size = tok.get_vocab_size()
-    dtype = token_dtype(vocab_size)
-    sample_len = task.sample_len(options.seq_len)
-    wrap = (special_ids["[CLS]"], special_ids["[SEP]"], special_ids["[PAD]"]) if task.wraps_documents else None
-    per_shard = samples_per_shard(options.shard_size, sample_len, np.dtype(dtype).itemsize)
-
+    tok = _tokenizer(files, options)
+    tok.save(str(out / "tokenizer.json"))
+    packing = _packing(tok, options)
     workers = 1 if options.in_process else options.workers or os.cpu_count() or 1
     ray = None if options.in_process else _start_ray(options, workers)
     try:
-        # Start every worker (process, imports) before the clock: start-up is per job, not per token.
-        started_workers = time.perf_counter()
-        if ray is not None and not options.ray_address:
-            warm = ray.remote(num_cpus=1)(_warm_up)
-            ray.get([warm.remote() for _ in range(workers)])
-        startup_seconds = time.perf_counter() - started_workers
-        tokenize = _task(ray, tokenize_file, num_cpus=1, max_retries=5, retry_exceptions=False)
-        tok_json = tok.to_str()
-        calls = [
-            (tokenize, (i, str(p), tok_json, options.read, str(work_dir), options.val_fraction, dtype))
-            for i, p in enumerate(files)
-        ]
-        phase_started = time.perf_counter()
-        with Progress("tokenize", total=len(calls), unit="files") as progress:
-            unit_stats = _run_tasks(ray, calls, workers, progress)
-        tokenize_seconds = time.perf_counter() - phase_started
+        timings = {"worker_startup_seconds": _start_workers(ray, options, workers)}
+        unit_stats, timings["tokenize_seconds"] = _tokenize_files(ray, files, tok, options, packing, workers)
         tables, duplicates, documents = _build_tables(work_dir, len(files), options.dedup)
         if documents == 0:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
-
-        writer = _task(ray, write_shard, num_cpus=1, max_retries=5)
-        splits: dict[str, SplitRecord] = {}
-        dropped: dict[str, int] = {}
-        calls = []
-        for name, table in tables.items():
-            if wrap is None:
-                starts, ends = causal_pieces(table, sample_len)
-            else:
-                starts, ends = mlm_pieces(table, sample_len - 2)
-            dropped[name] = table.tokens - int((ends - starts).sum()) if wrap is None else 0
-            table_ref = table if ray is None else ray.put(table)
-            for k, first in enumerate(range(0, len(starts), per_shard)):
-                relpath = f"shards/{name}-{k:06d}.tar"
-                span = slice(first, first + per_shard)
-                args = (table_ref, str(work_dir), str(out), relpath, starts[span], ends[span], sample_len, dtype, wrap)
-                calls.append((writer, args))
-        phase_started = time.perf_counter()
-        with Progress("write shards", total=len(calls), unit="shards") as progress:
-            records = _run_tasks(ray, calls, workers, progress)
-        write_seconds = time.perf_counter() - phase_started
-        for name in tables:
-            splits[name] = SplitRecord([r for r in records if Path(r.file).name.startswith(name + "-")])
+        splits, dropped, timings["write_seconds"] = _write_shards(ray, tables, options, packing, workers)
     finally:
         if ray is not None:
             ray.shutdown()
-
     if splits["train"].samples == 0:
         raise LmscaleError(
             f"{' '.join(options.inputs)}: {tables['train'].tokens} training tokens do not fill one sample of "
-            f"{sample_len} tokens (use a smaller --seq-len or more text)"
+            f"{packing.sample_len} tokens (use a smaller --seq-len or more text)"
         )
     seconds = time.perf_counter() - started
     total_tokens = tables["train"].tokens + tables["validation"].tokens
@@ -509,33 +545,37 @@ def prepare(options: PrepareOptions) -> Manifest:
         "tokens": total_tokens,
         "dropped_tail_tokens": dropped,
         "seconds": round(seconds, 3),
-        "worker_startup_seconds": round(startup_seconds, 3),
-        "tokenize_seconds": round(tokenize_seconds, 3),
-        "write_seconds": round(write_seconds, 3),
+        **{name: round(value, 3) for name, value in timings.items()},
         "tokens_per_s": round(total_tokens / seconds, 1) if seconds else None,
         "workers": workers,
     }
-    run_only = ("output", "overwrite", "workers", "ray_address", "in_process")  # how it ran, not what it made
-    settings = {k: v for k, v in asdict(options).items() if k not in run_only}
-    manifest = Manifest(
-        seq_len=options.seq_len,
-        dtype=dtype,
-        vocab_size=vocab_size,
-        eot_id=end_token_id(tok),
-        tokenizer_file="tokenizer.json",
-        tokenizer_sha256=file_sha256(tokenizer_path),
-        tokenizer_kind=tokenizer_kind(tok),
-        splits=splits,
-        stats=stats,
-        settings=json.loads(json.dumps(settings, default=str)),
-        format=options.format,
-        special_tokens=special_ids,
-    )
+    manifest = _manifest(options, tok, packing, splits, stats)
     shutil.rmtree(work_dir)
     for partial in (out / "shards").glob(".*.tmp*"):
         partial.unlink()  # left by a shard writer whose worker died; its retry wrote the shard itself
     manifest.write(out)  # last: a manifest means a complete dataset
     return manifest
+
+
+def _manifest(
+    options: PrepareOptions, tok: Tokenizer, packing: Packing, splits: dict[str, SplitRecord], stats: dict[str, Any]
+) -> Manifest:
+    run_only = ("output", "overwrite", "workers", "ray_address", "in_process")  # how it ran, not what it made
+    settings = {k: v for k, v in asdict(options).items() if k not in run_only}
+    return Manifest(
+        seq_len=options.seq_len,
+        dtype=packing.dtype,
+        vocab_size=tok.get_vocab_size(),
+        eot_id=end_token_id(tok),
+        tokenizer_file="tokenizer.json",
+        tokenizer_sha256=file_sha256(options.output / "tokenizer.json"),
+        tokenizer_kind=tokenizer_kind(tok),
+        splits=splits,
+        stats=stats,
+        settings=json.loads(json.dumps(settings, default=str)),
+        format=options.format,
+        special_tokens=special_token_ids(tok),
+    )
 
 
 def summary(manifest: Manifest, output: Path) -> str:
