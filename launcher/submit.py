@@ -11,7 +11,6 @@ request, and submits nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -20,12 +19,13 @@ from types import ModuleType
 from launcher import jobs, preflight
 from launcher.jobs import Submission
 from launcher.preflight import Resources
-from launcher.train import kept_config, launch_record, resolve_config, write_run_dir
-from lmscale.config import Config, ConfigError, grad_accum_steps
+from launcher.resolve import kept_config, plan_for_target, resolve_config
+from launcher.train import launch_record, write_run_dir
+from lmscale.config import Config
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.footprint import GB
 from lmscale.train.ds_config import deepspeed_config
-from lmscale.train.plan import RunPlan, plan_run, read_manifests
+from lmscale.train.plan import RunPlan
 
 DEFAULT_SIGNAL_LEAD_SECONDS = 300
 
@@ -62,21 +62,6 @@ def resources(args: argparse.Namespace) -> Resources:
         time_seconds=preflight.parse_time(args.time),
         signal_lead_seconds=args.signal_lead,
     )
-
-
-def plan_for_target(cfg: Config, res: Resources) -> tuple[RunPlan, str | None]:
-    """The plan, or, when the dataset cannot be read yet, a plan without it and the reason (a dry run still
-    renders everything that does not depend on the data)."""
-    try:
-        read_manifests(cfg)
-    except ConfigError as err:
-        accum = grad_accum_steps(cfg, res.world_size)
-        unresolved = [f for f, v in (("model.vocab_size", cfg.model.vocab_size), ("model.seq_len", cfg.model.seq_len))
-                      if v is None]  # fmt: skip
-        reason = str(err) + (f"; unresolved until it is: {', '.join(unresolved)}" if unresolved else "")
-        resolved = dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, grad_accum_steps=accum))
-        return RunPlan(resolved, res.world_size, []), reason
-    return plan_run(cfg, res.world_size), None
 
 
 def preflight_failures(cfg: Config, plan: RunPlan | None, data_problem: str | None, res: Resources) -> list[str]:

@@ -14,7 +14,6 @@ Without a GPU the ranks are CPU processes talking over gloo (``DS_ACCELERATOR=cp
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -32,16 +31,16 @@ from torch.distributed import TCPStore
 
 from launcher.nodes import NodeSpec, cpu_rank_env, open_store, publish_run_dir, run_node, wait_for_run_dir
 from launcher.rank_command import RANK_MODULE, rank_args, rank_argv
+from launcher.resolve import resolve_for_ranks
 from lmscale import run_layout
-from lmscale.config import Config, load_config, pin_run_dir
+from lmscale.config import Config, load_config
 from lmscale.data.manifest import is_remote
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.files import replacing, write_text
 from lmscale.footprint import GB, estimate_memory
 from lmscale.job.signals import StopRequest
 from lmscale.train import checkpoint
-from lmscale.train.ds_config import deepspeed_config
-from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning, plan_run
+from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning
 
 DEFAULT_MULTI_NODE_PORT = 29500
 
@@ -50,45 +49,6 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def resolve_config(config: str, overrides: list[str], finetune: bool | None = None, write_task: bool = True) -> Config:
-    """The validated config with local paths made absolute, so that ranks started from any directory (srun,
-    another node) find them. A fine-tuning config (with a finetune section) gets its data prepared by this process
-    (``write_task``) or waits for it; ``finetune`` says which kind the command takes (None: either)."""
-    cfg = load_config(config, overrides)
-    cfg = pin_run_dir(cfg, cfg.run.path.absolute())
-    if finetune is not None and finetune != (cfg.finetune is not None):
-        raise UsageError(
-            f"{config}: a fine-tuning config (with a finetune section) runs with `lmscale finetune`"
-            if cfg.finetune is not None
-            else f"{config}: `lmscale finetune` needs a finetune section (finetune.train: labelled examples)"
-        )
-    if cfg.finetune is not None:
-        from launcher.finetune import resolve_task
-
-        cfg = resolve_task(cfg, write_task)
-    if cfg.data.path is not None and not is_remote(cfg.data.path):
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(Path(cfg.data.path).absolute())))
-    sources = [
-        s if is_remote(s.path) else dataclasses.replace(s, path=str(Path(s.path).absolute())) for s in cfg.data.sources
-    ]
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
-
-
-def kept_config(plan: RunPlan) -> Config:
-    """The config as the run directory keeps it: the global batch (micro x accumulation x world size when the
-    YAML gave no global batch) and no accumulation, which every start of a rank derives from its world size."""
-    trainer = dataclasses.replace(plan.cfg.trainer, global_batch_size=plan.global_batch_size, grad_accum_steps=None)
-    return dataclasses.replace(plan.cfg, trainer=trainer)
-
-
-def resolve(
-    args: argparse.Namespace, overrides: list[str], world_size: int, accelerator: str
-) -> tuple[Config, RunPlan, dict]:
-    """The config as the run directory keeps it, its plan for ``world_size`` ranks, and the DeepSpeed config."""
-    plan = plan_run(resolve_config(args.config, overrides, args.finetune, args.node_rank == 0), world_size)
-    return kept_config(plan), plan, deepspeed_config(plan, accelerator)
 
 
 def launch_record(world_size: int, route: str) -> dict[str, str | int | None]:
@@ -187,7 +147,9 @@ def train(args: argparse.Namespace, early: StopRequest | None = None) -> int:
     overrides = [*args.set, *([f"logging.peak_flops={args.peak_flops}"] if args.peak_flops else [])]
     # A config prepared on a login node without GPUs is still for the GPU nodes that will run it.
     accelerator = "cpu" if not gpus and not args.prepare_only else "cuda"
-    cfg, plan, ds_config = resolve(args, overrides, world_size, accelerator)
+    cfg, plan, ds_config = resolve_for_ranks(
+        args.config, overrides, world_size, accelerator, args.finetune, write_labelled=args.node_rank == 0
+    )
     if args.dry_run:
         print("# resolved lmscale config")
         print(cfg.to_yaml())
