@@ -10,7 +10,8 @@ import torch
 from lmscale.models import GPT, Bert, BertConfig, GPTConfig
 from lmscale.train.levers import apply_activation_checkpointing, recomputed_blocks
 
-from .conftest import FORTY_STEPS, metrics_records, run_cli, train_args
+from .conftest import FORTY_STEPS, metrics_records, run_cli
+from .distributed import train_in_process
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -85,8 +86,7 @@ def test_activation_checkpointing_under_zero2_logs_the_losses_of_a_run_without_i
         [*common, "trainer.activation_checkpointing=full", "trainer.max_steps=20"],
         [*common, "trainer.activation_checkpointing=2"],
     ):
-        result = run_cli(*train_args(dataset, run_dir, 2, *job))
-        assert result.returncode == 0, result.stderr[-3000:]
+        train_in_process(dataset, run_dir, 2, *job)
     assert losses(run_dir) == losses(forty_step_reference)
     assert sorted(losses(run_dir)) == list(range(1, 41))
     assert [e["recomputed_blocks"] for e in start_events(run_dir)] == [2, 1]
@@ -102,14 +102,12 @@ def test_compiled_blocks_train_as_eager_ones_and_checkpoints_resume_across_the_t
     reference = losses(two_rank_reference)
     compiled_first = tmp_path / "compiled_first"
     for job in (["trainer.compile=true", "trainer.max_steps=3"], ["trainer.max_steps=6"]):
-        result = run_cli(*train_args(dataset, compiled_first, 2, "zero.stage=1", *job))
-        assert result.returncode == 0, result.stderr[-3000:]
+        train_in_process(dataset, compiled_first, 2, "zero.stage=1", *job)
     eager_first = tmp_path / "eager_first"  # the eager reference's step-3 checkpoint, resumed compiled
     shutil.copytree(two_rank_reference, eager_first)
     shutil.rmtree(eager_first / "checkpoints" / "step_00000006")
     (eager_first / "checkpoints" / "latest").write_text("step_00000003")
-    result = run_cli(*train_args(dataset, eager_first, 2, "trainer.max_steps=6", "trainer.compile=true"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(dataset, eager_first, 2, "trainer.max_steps=6", "trainer.compile=true")
     for run_dir in (compiled_first, eager_first):
         assert losses(run_dir) == pytest.approx(reference, rel=1e-5)
     first, second = start_events(compiled_first)
@@ -154,13 +152,11 @@ def test_a_bf16_zero1_run_on_cpu_ranks_accumulates_in_fp32_resumes_exactly_and_e
 
     common = ["zero.stage=1", "trainer.precision=bf16", "model.dropout=0.1"]
     full, part, out = tmp_path / "full", tmp_path / "part", tmp_path / "exported"
-    result = run_cli(*train_args(dataset, full, 2, *common, "trainer.max_steps=6"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(dataset, full, 2, *common, "trainer.max_steps=6")
     shutil.copytree(full, part)  # resume from its step-3 checkpoint
     shutil.rmtree(part / "checkpoints" / "step_00000006")
     (part / "checkpoints" / "latest").write_text("step_00000003")
-    result = run_cli(*train_args(dataset, part, 2, *common, "trainer.max_steps=6"))
-    assert result.returncode == 0, result.stderr[-3000:]
+    train_in_process(dataset, part, 2, *common, "trainer.max_steps=6")
     assert losses(part) == losses(full) and sorted(losses(full)) == list(range(1, 7))
     assert losses(full)[6] < losses(full)[1]
     assert written_by_bf16_optimizer(full / "checkpoints" / "step_00000006")

@@ -1,4 +1,5 @@
-"""Real DeepSpeed engines on 2 CPU ranks over gloo, started by the CLI as a user would."""
+"""Real DeepSpeed engines on 2 CPU ranks over gloo: spawned from pytest for what the trainer does, started by the
+CLI as a user would for signals, hangs and what the console shows."""
 
 import json
 import os
@@ -27,18 +28,18 @@ from .conftest import (
     run_cli,
     train_args,
 )
+from .distributed import train_in_process, train_ranks
 from .test_cli_e2e import wandb_records
 
 pytestmark = pytest.mark.slow
 
 
 def train(run_dir: Path, dataset: Path, nproc: int, *overrides: str) -> None:
-    args = ["train", "configs/gpt-tiny.yaml", "--nproc", str(nproc)]
-    for item in [*TINY_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", "data.log_sample_keys=true",
-                 "trainer.eval_every_steps=4", "schedule.total_steps=8", *overrides]:  # fmt: skip
-        args += ["--set", item]
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr[-4000:]
+    """A run on ``nproc`` ranks spawned from pytest (where the command line is not what a test is about)."""
+    sets = [*TINY_OVERRIDES, f"data.path={dataset}", "data.log_sample_keys=true", "trainer.eval_every_steps=4",
+            "schedule.total_steps=8", *overrides]  # fmt: skip
+    results = train_ranks(run_dir, nproc, sets)
+    assert [r["code"] for r in results] == [0] * nproc, results
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -243,8 +244,7 @@ def test_spike_protection_skips_steps_on_every_rank_and_a_resume_skips_the_same(
     # strict (half a standard deviation) takes that noise for spikes: many steps are skipped, deterministically.
     sets = ["trainer.max_steps=30", "schedule.total_steps=30", "checkpoint.every_steps=15", "optim.lr=1e-6",
             "schedule.warmup_steps=0", "trainer.spike_sigma=0.5", "trainer.spike_window=20", "model.dropout=0.1"]  # fmt: skip
-    first = run_cli(*train_args(dataset, run_dir, 2, *sets))
-    assert first.returncode == 0, first.stderr[-3000:]
+    train_in_process(dataset, run_dir, 2, *sets)
     records = metrics_records(run_dir)
     skipped = {r["step"]: r["skipped_spikes"] for r in records if "loss" in r}
     assert set(skipped[s] for s in range(1, 21)) == {0}  # 20 steps of history before any judgement
@@ -258,8 +258,7 @@ def test_spike_protection_skips_steps_on_every_rank_and_a_resume_skips_the_same(
     before = losses(run_dir), skipped
     shutil.rmtree(run_dir / "checkpoints" / "step_00000030")
     (run_dir / "checkpoints" / LATEST).write_text("step_00000015")
-    again = run_cli(*train_args(dataset, run_dir, 2, *sets))
-    assert again.returncode == 0, again.stderr[-3000:]
+    train_in_process(dataset, run_dir, 2, *sets)
     after = {r["step"]: r["skipped_spikes"] for r in metrics_records(run_dir) if "loss" in r}
     assert (losses(run_dir), after) == before
 
