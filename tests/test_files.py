@@ -58,3 +58,16 @@ def test_one_line_says_what_went_wrong() -> None:
     assert one_line("progress...\nsbatch: error: invalid partition\n\n") == "sbatch: error: invalid partition"
     assert one_line("") == "no output"
     assert one_line(ValueError("x" * 500), limit=300) == "x" * 297 + "..."
+
+
+def test_a_manifest_of_a_format_no_task_reads_is_named_in_one_line(tmp_path: Path) -> None:
+    """Formats are the task registry's names: anything else is refused when the manifest is read, not later
+    as a KeyError in the middle of a rank's start-up."""
+    import json
+
+    from lmscale.data.manifest import FORMAT_VERSION, read_manifest
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "format": "seq2seq",
+                                                       "splits": {}}))  # fmt: skip
+    with pytest.raises(LmscaleError, match=r"manifest\.json: format 'seq2seq' is none of causal, mlm, classification$"):
+        read_manifest(tmp_path)

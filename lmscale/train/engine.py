@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -15,14 +16,22 @@ from typing import Any
 
 import torch
 
-if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
-    # DeepSpeed would choose the CPU too, but warns of it on every import (export, eval, a CPU rank).
-    os.environ["DS_ACCELERATOR"] = "cpu"
 
-import deepspeed
-from deepspeed.accelerator import get_accelerator
+class _QuietCpuFallback(logging.Filter):
+    """Drops the warning DeepSpeed logs on every import where it finds no accelerator and falls back to the
+    CPU (export, eval, the CPU ranks): that fallback is how lmscale runs without a GPU, not a problem. Its
+    logger exists before DeepSpeed configures it, so the filter holds; its detection is left as it is."""
 
-from lmscale.job.topology import Topology
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Setting accelerator to CPU" not in record.getMessage()
+
+
+logging.getLogger("DeepSpeed").addFilter(_QuietCpuFallback())
+
+import deepspeed  # noqa: E402
+from deepspeed.accelerator import get_accelerator  # noqa: E402
+
+from lmscale.job.topology import Topology  # noqa: E402
 
 
 def accelerator_name() -> str:
