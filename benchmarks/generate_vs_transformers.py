@@ -24,7 +24,7 @@ from lmscale.data.tokenizer import train_tokenizer
 from lmscale.export.export import write_hf_dir
 from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
-from lmscale.models import GPT, GPTConfig
+from lmscale.models.gpt import GPT, GPTConfig
 
 
 def timed(fn, device: str) -> tuple[float, object]:

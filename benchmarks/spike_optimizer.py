@@ -19,7 +19,7 @@ import torch
 
 from lmscale.config import load_config
 from lmscale.families import build_model
-from lmscale.models import GPTConfig
+from lmscale.models.gpt import GPTConfig
 from lmscale.train.build import param_groups
 from lmscale.train.spike import SkipStepAdamW, SpikeGuard
 

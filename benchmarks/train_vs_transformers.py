@@ -52,7 +52,7 @@ class Case:
     zero_stage: int
 
     def model_config(self) -> Any:
-        from lmscale.models import GPTConfig
+        from lmscale.models.gpt import GPTConfig
 
         s = {k: v for k, v in SHAPES[self.shape].items() if k != "micro_batch"}
         if self.flavor == "llama":

@@ -49,7 +49,7 @@ def prepare_dataset(workdir: Path, seq_len: int, vocab_size: int) -> Path:
 
 def bare_step_tokens_per_s(args: argparse.Namespace, vocab_size: int) -> float:
     from lmscale.families import build_model
-    from lmscale.models import GPTConfig
+    from lmscale.models.gpt import GPTConfig
 
     cfg = GPTConfig(d_model=args.d_model, n_layers=args.n_layers, n_heads=args.n_heads, seq_len=args.seq_len,
                     vocab_size=vocab_size)  # fmt: skip

@@ -17,7 +17,9 @@ from typing import Any, Literal
 import yaml
 
 from lmscale.errors import UsageError
-from lmscale.models import GPTConfig, ModelConfig
+from lmscale.families import FAMILIES
+from lmscale.models import ModelConfig
+from lmscale.models.gpt import GPTConfig
 from lmscale.tasks import task_of
 
 
@@ -239,8 +241,8 @@ def _type_name(tp: Any) -> str:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and return it (ints widen to floats)."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType) and all(dataclasses.is_dataclass(o) for o in typing.get_args(tp)):
-        return _build_tagged(typing.get_args(tp), value, where)
+    if tp is ModelConfig:
+        return _build_tagged(tuple(family.config for family in FAMILIES.values()), value, where)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(tp)
         if value is None and type(None) in options:
@@ -295,7 +297,7 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
 
 
 def _build_tagged(options: tuple[Any, ...], value: Any, where: str) -> Any:
-    """A union of sections tells them apart by their ``family`` key; without one, the first option's."""
+    """The model section: its ``family`` key picks the family's dataclass; without one, the first family's."""
     by_tag = {o.__dataclass_fields__["family"].default: o for o in options}
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: expected a mapping, got {value!r}")

@@ -16,7 +16,8 @@ from lmscale.data.stream import read_shard, split_shards
 from lmscale.data.tokenizer import BERT_SPECIALS, load_tokenizer
 from lmscale.errors import UsageError
 from lmscale.families import build_model, flops_per_token
-from lmscale.models import Bert, BertConfig, GPTConfig
+from lmscale.models.bert import Bert, BertConfig
+from lmscale.models.gpt import GPTConfig
 
 SPECIALS = {token: i for i, token in enumerate(BERT_SPECIALS)}  # as WordPiece training assigns them
 PAD, CLS, SEP, MASK = SPECIALS["[PAD]"], SPECIALS["[CLS]"], SPECIALS["[SEP]"], SPECIALS["[MASK]"]

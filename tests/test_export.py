@@ -17,7 +17,7 @@ from lmscale.export.export import check_parity, write_hf_dir
 from lmscale.hf.convert import from_hf, to_hf
 from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
-from lmscale.models import GPT, GPTConfig
+from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.train.checkpoint_manifest import digest
 
 from .conftest import TINY_OVERRIDES, run_cli

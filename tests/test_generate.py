@@ -3,7 +3,7 @@
 import torch
 
 from lmscale.inference.generate import SamplingOptions, generate, next_token
-from lmscale.models import GPT, GPTConfig
+from lmscale.models.gpt import GPT, GPTConfig
 
 LOGITS = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0, -1.0]])
 

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmscale.models import GPT, Bert, BertConfig, GPTConfig
+from lmscale.models.bert import Bert, BertConfig
+from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.train.levers import apply_activation_checkpointing, recomputed_blocks
 
 from .conftest import FORTY_STEPS, metrics_records, run_cli

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmscale.models import GPT, GPTConfig
+from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.models.loss import default_chunk_tokens, linear_cross_entropy
 
 

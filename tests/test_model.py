@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from lmscale.families import flops_per_token
-from lmscale.models import GPT, GPTConfig
+from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.models.layers import KVCache
 
 

@@ -21,7 +21,8 @@ from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_doc
 from lmscale.data.stream import read_shard, split_shards
 from lmscale.data.tokenizer import end_token_id, special_token_ids
 from lmscale.errors import LmscaleError
-from lmscale.models import GPT, Bert
+from lmscale.models.bert import Bert
+from lmscale.models.gpt import GPT
 from lmscale.progress import Progress
 
 

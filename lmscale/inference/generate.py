@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lmscale.models import GPT
+from lmscale.models.gpt import GPT
 from lmscale.models.layers import KVCache
 
 

@@ -10,13 +10,43 @@ compilation act on (``lmscale.train.levers``)."""
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import nn
 
-from lmscale.models.bert import Bert, BertConfig
-from lmscale.models.gpt import GPT, GPTConfig
 
-ModelConfig = GPTConfig | BertConfig
+class ModelConfig(Protocol):
+    """What code outside a family's own files reads of any family's ``model`` section (a frozen dataclass in
+    the family's model file, listed in ``lmscale.families``)."""
+
+    family: str
+    flavor: str
+    vocab_size: int | None
+    seq_len: int | None
+    d_model: int
+    n_layers: int
+    n_heads: int
+    dropout: float
+    init_std: float
+    init_from: str | None
+
+    @property
+    def data_format(self) -> str:
+        """The ``lmscale.tasks`` entry it trains on, as ``manifest.json`` records it."""
+        ...
+
+    def problems(self) -> list[str]:
+        """What is wrong with the section, each as ``field: reason``."""
+        ...
+
+    def architecture(self) -> dict[str, object]:
+        """The fields that decide what the weights mean."""
+        ...
+
+    def block_activation_elements(self) -> int:
+        """Elements one block keeps per token for its backward pass (the memory estimate's unit)."""
+        ...
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -39,6 +69,3 @@ def load_checked(model: nn.Module, state: dict[str, torch.Tensor], origin: str) 
     if unexpected:
         raise ValueError(f"{origin}: unexpected weight {unexpected[0]!r} (a checkpoint of another model?)")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-
-
-__all__ = ["GPT", "Bert", "BertConfig", "GPTConfig", "ModelConfig", "count_parameters", "load_checked"]
