@@ -88,14 +88,19 @@ def all_jobs() -> list[JobRecord]:
     return _read(state_dir() / run_layout.JOBS)
 
 
+def latest_job(run_dir: Path) -> JobRecord | None:
+    """The last job submitted for ``run_dir``."""
+    jobs = _read(run_dir / run_layout.JOBS)
+    return jobs[-1] if jobs else None
+
+
 def find_job(ref: str) -> JobRecord:
     """The job ``ref`` names: a run directory (its latest job) or a job id this user submitted."""
     path = Path(ref)
     if path.is_dir():
-        jobs = _read(path / run_layout.JOBS)
-        if not jobs:
+        if (job := latest_job(path)) is None:
             raise UsageError(f"{ref}: no job was submitted for this run directory (no {run_layout.JOBS})")
-        return jobs[-1]
+        return job
     matches = [job for job in all_jobs() if job.job_id == ref]
     if not matches:
         raise UsageError(

@@ -27,6 +27,7 @@ from launcher.train import gpu_count
 from lmscale import run_layout
 from lmscale.config import load_config
 from lmscale.errors import LmscaleError
+from lmscale.job import lease as run_dir_lease
 from lmscale.job.exit_codes import EXIT_PREEMPTED
 
 
@@ -83,16 +84,18 @@ def run_job(run_dir: Path, nproc: int, max_requeues: int, job_id: str) -> int:
     timeout = load_config(run_dir / run_layout.CONFIG).trainer.collective_timeout_minutes
     env = dict(os.environ) if gpu_count() else cpu_rank_env(nproc)
     attempt = 0
-    while True:
-        print(f"lmscale: job {job_id} attempt {attempt}: {nproc} ranks on this machine", flush=True)
-        spec = NodeSpec(1, 0, nproc, "127.0.0.1", None, timeout)
-        forwarded: set[int] = set()
-        code = run_node(spec, open_store(spec), run_dir, "auto", env, forwarded)
-        record_exit(run_dir, job_id, attempt, code, ended=bool(forwarded))
-        if code != EXIT_PREEMPTED or forwarded or attempt >= max_requeues:
-            return code
-        attempt += 1
-        print(f"lmscale: the ranks saved after a preemption signal; restarting ({attempt} of {max_requeues})")
+    # The job holds the run directory over all its attempts.
+    with run_dir_lease.claim(run_dir, "local job", job_id).keep() as lease:
+        while True:
+            print(f"lmscale: job {job_id} attempt {attempt}: {nproc} ranks on this machine", flush=True)
+            spec = NodeSpec(1, 0, nproc, "127.0.0.1", None, timeout)
+            forwarded: set[int] = set()
+            code = run_node(spec, open_store(spec), run_dir, "auto", env, forwarded, lease_id=lease.id)
+            record_exit(run_dir, job_id, attempt, code, ended=bool(forwarded))
+            if code != EXIT_PREEMPTED or forwarded or attempt >= max_requeues:
+                return code
+            attempt += 1
+            print(f"lmscale: the ranks saved after a preemption signal; restarting ({attempt} of {max_requeues})")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from launcher.rank_command import rank_argv
 from lmscale import run_layout
 from lmscale.errors import LmscaleError
 from lmscale.job.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, SAVED_AND_STOPPED
+from lmscale.job.parent import LAUNCHER_PID, die_with_parent
 from lmscale.job.signals import STOP_SIGNALS, StopRequest
 
 READY_KEY = "lmscale/run_dir"
@@ -113,6 +114,7 @@ def wait_for_run_dir(store: TCPStore, spec: NodeSpec) -> tuple[Path, str]:
 
 
 def rank_env(spec: NodeSpec, local_rank: int, port: int, base: dict[str, str]) -> dict[str, str]:
+    """``base`` and the rank's place in the job, as torchrun sets them."""
     env = dict(base)
     env.update(
         RANK=str(spec.node_rank * spec.nproc + local_rank),
@@ -124,15 +126,17 @@ def rank_env(spec: NodeSpec, local_rank: int, port: int, base: dict[str, str]) -
         MASTER_PORT=str(port),
         # The store above is the job's: ranks connect to it instead of rank 0 hosting one.
         TORCHELASTIC_USE_AGENT_STORE="True",
-        **{LAUNCHER_REPORTS_PEERS: "1"},
+        **{LAUNCHER_REPORTS_PEERS: "1", LAUNCHER_PID: str(os.getpid())},
     )
     return env
 
 
-def ignore_stop_signals() -> None:
-    """In a rank process before it runs Python: stop signals are ignored (the disposition survives exec) until
-    the rank installs its handler, so that one arriving during its imports does not kill it before it could
-    checkpoint. The launcher re-sends the stop until the ranks exit."""
+def before_rank_starts() -> None:
+    """In a rank process before it runs Python: it dies with this launcher (``lmscale.job.parent``), and stop
+    signals are ignored (the disposition survives exec) until the rank installs its handler, so that one
+    arriving during its imports does not kill it before it could checkpoint. The launcher re-sends the stop
+    until the ranks exit."""
+    die_with_parent()
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -140,11 +144,12 @@ def ignore_stop_signals() -> None:
 class NodeRanks:
     """The rank processes of this node, with signal forwarding and failure propagation through the store."""
 
-    def __init__(self, spec: NodeSpec, store: TCPStore, run_dir: Path, resume: str, base_env: dict[str, str]) -> None:
+    def __init__(self, spec: NodeSpec, store: TCPStore, run_dir: Path, resume: str, base_env: dict[str, str],
+                 lease_id: str | None) -> None:  # fmt: skip
         self.spec, self.store, self.run_dir = spec, store, run_dir
         port = spec.master_port or store.port
-        argv = rank_argv(run_dir, resume)
-        self.procs = [subprocess.Popen(argv, env=rank_env(spec, local, port, base_env), preexec_fn=ignore_stop_signals)
+        argv = rank_argv(run_dir, resume, lease=lease_id)
+        self.procs = [subprocess.Popen(argv, env=rank_env(spec, local, port, base_env), preexec_fn=before_rank_starts)
                       for local in range(spec.nproc)]  # fmt: skip
         self.codes: dict[int, int] = {}
         self.stop_signal: int | None = None
@@ -294,11 +299,13 @@ def run_node(
     env: dict[str, str],
     forwarded: set[int] | None = None,
     early: StopRequest | None = None,
+    lease_id: str | None = None,
 ) -> int:
     """Start this node's ranks and wait for them; SIGTERM, SIGUSR1 and SIGINT go to every rank, which
     checkpoint at the next step and exit with code 3 (130 for SIGINT). The signals this process passed on are
-    added to ``forwarded``; one that ``early`` caught before the ranks existed is passed on as they start."""
-    ranks = NodeRanks(spec, store, run_dir, resume, env)
+    added to ``forwarded``; one that ``early`` caught before the ranks existed is passed on as they start.
+    ``lease_id``: the run directory's lease this process holds for the ranks (node 0's)."""
+    ranks = NodeRanks(spec, store, run_dir, resume, env, lease_id)
     previous: dict[int, Callable | int | None] = {}
 
     def forward(signum: int, frame: object) -> None:

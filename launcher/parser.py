@@ -78,7 +78,8 @@ def submit_parsers(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("jobs", help="the jobs submitted from this machine, with their state")
     p.add_argument("--last", type=int, default=20, help="how many of the latest to show")
     p.set_defaults(handler="jobs")
-    for name, text in (("status", "the state of a job"), ("cancel", "cancel a job")):
+    for name, text in (("status", "the state of a job; for a run directory, also which job holds it now"),
+                       ("cancel", "cancel a job")):  # fmt: skip
         p = sub.add_parser(name, help=text)
         p.add_argument("job", help="a job id or a run directory (its latest job)")
         p.set_defaults(handler=name)

@@ -9,10 +9,12 @@ from pathlib import Path
 RANK_MODULE = "lmscale.train.main"
 
 
-def rank_args(run_dir: Path, resume: str = "auto") -> list[str]:
-    """The arguments of ``RANK_MODULE``; ``--resume auto`` is its default, so it is left out."""
-    return [str(run_dir), *(["--resume", resume] if resume != "auto" else [])]
+def rank_args(run_dir: Path, resume: str = "auto", lease: str | None = None) -> list[str]:
+    """The arguments of ``RANK_MODULE``; ``--resume auto`` is its default, so it is left out. ``lease``: the id
+    of the run directory's lease the launcher holds for the ranks (``lmscale.job.lease``); without it rank 0
+    takes the lease itself."""
+    return [str(run_dir), *(["--resume", resume] if resume != "auto" else []), *(["--lease", lease] if lease else [])]
 
 
-def rank_argv(run_dir: Path, resume: str = "auto", python: str = sys.executable) -> list[str]:
-    return [python, "-m", RANK_MODULE, *rank_args(run_dir, resume)]
+def rank_argv(run_dir: Path, resume: str = "auto", python: str = sys.executable, lease: str | None = None) -> list[str]:
+    return [python, "-m", RANK_MODULE, *rank_args(run_dir, resume, lease)]

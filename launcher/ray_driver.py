@@ -37,18 +37,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from launcher.jobs import record_exit
 from launcher.rank_command import rank_argv
+from lmscale.errors import LmscaleError
+from lmscale.job import lease as run_dir_lease
 from lmscale.job.exit_codes import EXIT_PEER_LOST, SAVED_AND_STOPPED
+from lmscale.job.parent import LAUNCHER_PID, die_with_parent
 
 PLACEMENT_TIMEOUT_SECONDS = 600
 PEER_REPORT_SECONDS = 5.0
 """How long a failure that is only a lost peer waits for the peer's own exit, which names the cause."""
-
-
-def _die_with_parent() -> None:
-    """A rank must not outlive its actor (Ray kills actors, not their children, when a job stops)."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 @ray.remote(max_concurrency=2)
@@ -70,8 +66,10 @@ class Rank:
 
     def run(self, argv: list[str], env: dict[str, str]) -> tuple[int, str]:
         """(exit code, last error line) of the rank; its output goes on to the job's log as it comes."""
-        self.process = subprocess.Popen(argv, env={**os.environ, **env}, stdout=sys.stdout,
-                                        stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)  # fmt: skip
+        # A rank must not outlive its actor (Ray kills actors, not their children, when a job stops).
+        self.process = subprocess.Popen(argv, env={**os.environ, **env, LAUNCHER_PID: str(os.getpid())},
+                                        stdout=sys.stdout, stderr=subprocess.PIPE, text=True,
+                                        preexec_fn=die_with_parent)  # fmt: skip
         last: collections.deque[str] = collections.deque(maxlen=1)
         assert self.process.stderr is not None
         for line in self.process.stderr:
@@ -96,8 +94,8 @@ def outcome(ref: ray.ObjectRef) -> tuple[int, str]:
 class Attempt:
     """One start of the job's ranks: placed, started, watched until they are all done or one fails."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+    def __init__(self, args: argparse.Namespace, lease_id: str) -> None:
+        self.args, self.lease_id = args, lease_id
         bundle = {"CPU": args.nproc * args.cpus_per_rank}
         if args.gpus_per_rank:
             bundle["GPU"] = args.nproc * args.gpus_per_rank
@@ -143,7 +141,7 @@ class Attempt:
     def run(self, stopping: threading.Event) -> tuple[int, str]:
         """(exit code, what went wrong): 0 when every rank finished, 3 when they saved after a preemption
         signal, else the first failing rank's code and last error line."""
-        argv = rank_argv(self.args.run_dir)
+        argv = rank_argv(self.args.run_dir, lease=self.lease_id)
         pending = {rank.run.remote(argv, env): i for i, (rank, env) in enumerate(zip(self.ranks, self.environments(),
                                                                                        strict=True))}  # fmt: skip
         codes: list[int] = []
@@ -189,11 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     stopping = threading.Event()
     # `ray job stop` (lmscale cancel) sends SIGTERM here: the ranks get it and save if they have time.
     signal.signal(signal.SIGTERM, lambda signum, frame: stopping.set())
-    ray.init(logging_level="WARNING")
+    # The driver holds the run directory over all the job's attempts, before it asks the cluster for anything.
+    try:
+        lease = run_dir_lease.claim(args.run_dir, "Ray job driver", args.job_id)
+    except LmscaleError as err:
+        print(f"lmscale: error: {err}", file=sys.stderr, flush=True)
+        return err.exit_code
+    with lease.keep():
+        ray.init(logging_level="WARNING")
+        return run_attempts(args, stopping, lease.id)
+
+
+def run_attempts(args: argparse.Namespace, stopping: threading.Event, lease_id: str) -> int:
     attempt = 0
     while True:
         print(f"lmscale: job {args.job_id} attempt {attempt}: {args.nodes} nodes x {args.nproc} ranks", flush=True)
-        current = Attempt(args)
+        current = Attempt(args, lease_id)
         try:
             code, problem = current.run(stopping)
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +25,7 @@ from launcher.train import launch_record, write_run_dir
 from lmscale.config import Config
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.footprint import GB
+from lmscale.job import lease as run_dir_lease
 from lmscale.train.ds_config import deepspeed_config
 from lmscale.train.plan import RunPlan
 
@@ -64,9 +66,27 @@ def resources(args: argparse.Namespace) -> Resources:
     )
 
 
+def run_dir_busy(run_dir: Path) -> str | None:
+    """Why no job may be submitted for ``run_dir`` now: a live job holds it (``lmscale.job.lease``), or the job
+    submitted for it last is still queued or starting (it takes the lease only as its ranks start)."""
+    if refusal := run_dir_lease.in_use(run_dir):
+        return refusal
+    if (job := jobs.latest_job(run_dir)) is None:
+        return None
+    try:
+        state = backend(job.backend).status(job).state
+    except LmscaleError:
+        return None  # a scheduler that cannot be asked: the lease still stops a second job as it starts
+    if state not in ("PENDING", "RUNNING"):
+        return None
+    return f"{run_dir} has {job.backend} job {job.job_id} {state.lower()}; `lmscale cancel {job.job_id}`, or wait"
+
+
 def preflight_failures(cfg: Config, plan: RunPlan | None, data_problem: str | None, res: Resources) -> list[str]:
     """Every check that fails, one line each. ``plan`` is None when the global batch does not divide."""
-    failures = [c for c in (preflight.check_batch(cfg, res), data_problem, preflight.check_run_dir(cfg.run.path)) if c]
+    checks = (preflight.check_batch(cfg, res), data_problem, preflight.check_run_dir(cfg.run.path),
+              run_dir_busy(cfg.run.path))  # fmt: skip
+    failures = [c for c in checks if c]
     model = (plan.cfg if plan else cfg).model
     if model.vocab_size is not None and model.seq_len is not None:
         resolved = plan.cfg if plan else cfg
@@ -143,12 +163,29 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    """A job's state; for a run directory, also which job holds it now (which may be none of those submitted:
+    ``lmscale train`` from a shell)."""
+    run_dir = Path(args.job)
+    if run_dir.is_dir():
+        print(holder_line(run_dir))
+        if jobs.latest_job(run_dir) is None:
+            return 0
     job = jobs.find_job(args.job)
     status = backend(job.backend).status(job)
     detail = f" ({status.detail})" if status.detail else ""
     print(f"{job.backend} job {job.job_id} ({job.name}): {status.state}{detail}")
     print(f"  run directory {job.run_dir}")
     return 0
+
+
+def holder_line(run_dir: Path) -> str:
+    holder = run_dir_lease.read(run_dir)
+    if holder is None:
+        return f"{run_dir}: no job holds it"
+    renewed = f"lease renewed {max(0.0, time.time() - holder.renewed_at):.0f} s ago"
+    if (gone := holder.gone(run_dir_lease.Holder.this_process("status", None, None))) is not None:
+        return f"{run_dir}: held by {holder.describe()}, which is gone ({gone}); the next start takes it over"
+    return f"{run_dir}: held by {holder.describe()} ({renewed})"
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from lmscale.data.manifest import is_remote
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.files import replacing, write_text
 from lmscale.footprint import GB, estimate_memory
+from lmscale.job import lease as run_dir_lease
 from lmscale.job.signals import StopRequest
 from lmscale.train import checkpoint
 from lmscale.train.plan import RunPlan, check_same_sample_order, lanes_warning
@@ -51,7 +52,7 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def launch_record(world_size: int, route: str) -> dict[str, str | int | None]:
+def launch_record(world_size: int, route: str) -> dict[str, Any]:
     repo = Path(__file__).resolve().parents[1]
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True)
@@ -118,6 +119,7 @@ def print_prepared(run_dir: Path, world_size: int, cfg: Config, resume: str) -> 
     print("(torchrun, the DeepSpeed launcher) or SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS (srun), e.g.")
     print(f"  srun --ntasks-per-node=GPUS --kill-on-bad-exit=1 {command}")
     print(f"  torchrun --nnodes N --node-rank R --master-addr HOST --nproc-per-node GPUS -m {RANK_MODULE} {run_dir}")
+    print(f"rank 0 takes the run directory's lease ({run_dir / run_layout.LEASE}): one job at a time runs there")
 
 
 def check_topology(args: argparse.Namespace, gpus: int) -> tuple[int, int]:
@@ -164,15 +166,15 @@ def train(args: argparse.Namespace, early: StopRequest | None = None) -> int:
         check_resume(cfg, cfg.run.path / run_layout.CHECKPOINTS, args.resume)
         if warning := lanes_warning(cfg, world_size):
             print(f"lmscale: warning: {warning}", file=sys.stderr)
+    launch = launch_record(world_size, route)
     if args.prepare_only:
-        run_dir = write_run_dir(cfg, plan, ds_config, launch_record(world_size, route))
+        # The ranks that start from it take the lease; a live job there must not have its files rewritten.
+        if refusal := run_dir_lease.in_use(cfg.run.path):
+            raise run_dir_lease.RunDirInUse(refusal)
+        run_dir = write_run_dir(cfg, plan, ds_config, launch)
         print_prepared(run_dir, world_size, cfg, args.resume)
         return 0
     env = cpu_rank_env(nproc) if not gpus else dict(os.environ)
-    if args.hostfile:
-        run_dir = write_run_dir(cfg, plan, ds_config, launch_record(world_size, route))
-        return deepspeed_hostfile_launch(args, run_dir, env)
-
     spec = NodeSpec(
         nnodes=args.nnodes,
         node_rank=args.node_rank,
@@ -182,14 +184,18 @@ def train(args: argparse.Namespace, early: StopRequest | None = None) -> int:
         timeout_minutes=cfg.trainer.collective_timeout_minutes,
         stop_grace_seconds=args.stop_grace_s,
     )
-    store = open_store(spec)
-    if spec.node_rank == 0:
-        launch = launch_record(world_size, route)
+    if spec.node_rank != 0:
+        store = open_store(spec)
+        return run_node(spec, store, join_prepared_run(cfg, store, spec), args.resume, env, early=early)
+    # Node 0 holds the run directory for every node of the job until its ranks have exited.
+    lease = run_dir_lease.claim(cfg.run.path, "lmscale train", run_dir_lease.job_id_from_env(), launch["launch_id"])
+    with lease.keep():
         run_dir = write_run_dir(cfg, plan, ds_config, launch)
-        publish_run_dir(store, run_dir, str(launch["launch_id"]))
-    else:
-        run_dir = join_prepared_run(cfg, store, spec)
-    return run_node(spec, store, run_dir, args.resume, env, early=early)
+        if args.hostfile:
+            return deepspeed_hostfile_launch(args, run_dir, env, lease.id)
+        store = open_store(spec)
+        publish_run_dir(store, run_dir, launch["launch_id"])
+        return run_node(spec, store, run_dir, args.resume, env, early=early, lease_id=lease.id)
 
 
 def join_prepared_run(cfg: Config, store: TCPStore, spec: NodeSpec) -> Path:
@@ -233,14 +239,14 @@ def config_fields(config: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def deepspeed_hostfile_launch(args: argparse.Namespace, run_dir: Path, env: dict[str, str]) -> int:
+def deepspeed_hostfile_launch(args: argparse.Namespace, run_dir: Path, env: dict[str, str], lease_id: str) -> int:
     """DeepSpeed's launcher starts ``lmscale.train.main`` on every host of the hostfile (pdsh/ssh for several
     hosts, which must all mount the run directory); SIGTERM and SIGUSR1 reach this host's ranks."""
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", args.hostfile,
         *(["--master_addr", args.master_addr] if args.master_addr else []),
         "--master_port", str(args.master_port or DEFAULT_MULTI_NODE_PORT),
-        "--module", RANK_MODULE, *rank_args(run_dir, args.resume),
+        "--module", RANK_MODULE, *rank_args(run_dir, args.resume, lease_id),
     ]  # fmt: skip
     runner = subprocess.Popen(command, env=env)
 

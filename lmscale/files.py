@@ -43,9 +43,32 @@ def replacing(target: Path, suffix: str = "", durable: bool = False, unique: boo
         remove(tmp)
 
 
-def write_text(path: Path, text: str, durable: bool = False) -> None:
-    with replacing(path, durable=durable) as tmp:
+def write_text(path: Path, text: str, durable: bool = False, unique: bool = False) -> None:
+    with replacing(path, durable=durable, unique=unique) as tmp:
         tmp.write_text(text)
+
+
+def create_exclusive(path: Path, text: str) -> bool:
+    """Write ``path`` whole if it does not exist; False if it does. A hard link of a complete file with a name of
+    this process's: link(2) fails on an existing name atomically on NFS too (the server does it in one operation;
+    ``O_EXCL`` is atomic there only from v3 with a recent client), and a link whose reply was lost is recognised
+    by the new file's link count."""
+    tmp = path.with_name(f".{path.name}.new{os.getpid()}")
+    tmp.write_text(text)
+    try:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:
+            if os.stat(tmp).st_nlink != 2:
+                raise
+        sync_dir(path.parent)
+        return True
+    finally:
+        remove(tmp)
 
 
 def remove(path: Path) -> None:

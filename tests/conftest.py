@@ -95,6 +95,20 @@ def final_loss(run_dir: Path) -> float:
     return next(r["loss"] for r in reversed(metrics_records(run_dir)) if "loss" in r)
 
 
+def losses(run_dir: Path) -> dict[int, float]:
+    """Step -> training loss of a run's metrics.jsonl (a step trained again after a resume: its last value)."""
+    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
+
+
+def lease_since(run_dir: Path) -> str:
+    """When the job holding ``run_dir`` took it, as a refused start prints it."""
+    from lmscale.job import lease
+
+    holder = lease.read(run_dir)
+    assert holder is not None, f"no job holds {run_dir}"
+    return lease.clock(holder.started_at)
+
+
 def wait_for_step(run_dir: Path, step: int, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -137,8 +137,7 @@ def fit(
     except LmscaleError as err:
         error = str(err)
     finally:
-        trainer.close()
-        trainer.logger.close(code)
+        trainer.close(code)
     return {"code": code, "error": error, "state": trainer.state.to_dict(), "rollbacks": trainer.rollbacks}
 
 

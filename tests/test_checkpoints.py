@@ -25,7 +25,7 @@ from lmscale.train.checkpoint import LATEST, check_tag, fallback_order, resume_t
 from lmscale.train.checkpoint_manifest import MANIFEST, read_manifest
 from lmscale.train.failpoints import ENV, POINTS
 
-from .conftest import FORTY_STEPS, REPO, error_lines, metrics_records, run_cli, train_args
+from .conftest import FORTY_STEPS, REPO, error_lines, losses, metrics_records, run_cli, train_args
 from .test_cli_e2e import wandb_records
 
 pytestmark = pytest.mark.slow
@@ -45,10 +45,6 @@ def saved_run(dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def resume(dataset: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     """The saved run continued to step 6 (its schedule's end) on 2 ranks."""
     return run_cli(*train_args(dataset, run_dir, 2, *SAVED, "trainer.max_steps=6"), *extra)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
 
 
 def events(run_dir: Path, name: str) -> list[dict]:

@@ -11,12 +11,8 @@ from lmscale.models.bert import Bert, BertConfig
 from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.train.levers import apply_activation_checkpointing, recomputed_blocks
 
-from .conftest import FORTY_STEPS, metrics_records, run_cli
+from .conftest import FORTY_STEPS, losses, metrics_records, run_cli
 from .distributed import train_in_process
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
 
 
 def start_events(run_dir: Path) -> list[dict]:

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from .conftest import REPO, ensure_debian_packages, keys_per_step, metrics_records, run_cli, train_args
+from .conftest import REPO, ensure_debian_packages, keys_per_step, losses, metrics_records, run_cli, train_args
 
 pytestmark = pytest.mark.slow
 
@@ -111,10 +111,6 @@ def train_on_nodes(nodes: list[Node], dataset: Path, run_dir: Path, nproc: int, 
         procs.append(start(nodes[rank], [*base, *flags], cpu_env()))
     for code, err in finish(procs):
         assert code == 0, err[-4000:]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
 
 
 def sample_keys(run_dir: Path) -> dict[str, str]:

@@ -16,6 +16,7 @@ from .conftest import (
     FORTY_STEPS,
     GLOBAL_BATCH_OVERRIDES,
     damage_first_training_shard,
+    losses,
     metrics_records,
     run_cli,
 )
@@ -149,7 +150,4 @@ def test_a_ray_job_trains_like_the_local_launcher_and_restarts_from_its_checkpoi
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
 
     # Every step, before the rank died and after the restart, is the local launcher's, loss for loss.
-    def losses(path: Path) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in metrics_records(path) if "loss" in r}
-
     assert losses(run_dir) == pytest.approx(losses(forty_step_reference), rel=1e-5)

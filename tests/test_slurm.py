@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from . import schedulers
-from .conftest import FORTY_STEPS, GLOBAL_BATCH_OVERRIDES, final_loss, metrics_records, run_cli, wait_for_step
+from .conftest import FORTY_STEPS, GLOBAL_BATCH_OVERRIDES, final_loss, losses, metrics_records, run_cli, wait_for_step
 from .schedulers import SlurmCluster
 
 slurm_cluster = schedulers.slurm_cluster
@@ -38,10 +38,6 @@ def wait_for_state(cluster: SlurmCluster, job_id: str, states: set[str], timeout
             return state
         time.sleep(1)
     raise AssertionError(f"job {job_id} is {cluster.job_field(job_id, 'JobState')}, not {states}")
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
 
 
 @pytest.fixture(scope="module")

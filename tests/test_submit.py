@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -17,7 +18,16 @@ from launcher.rank_command import RANK_MODULE
 from lmscale.config import load_config
 from lmscale.footprint import estimate_memory
 
-from .conftest import FORTY_STEPS, GLOBAL_BATCH_OVERRIDES, REPO, final_loss, run_cli, wait_for_step
+from .conftest import (
+    FORTY_STEPS,
+    GLOBAL_BATCH_OVERRIDES,
+    REPO,
+    error_lines,
+    final_loss,
+    lease_since,
+    run_cli,
+    wait_for_step,
+)
 
 
 def dry_run(*args: str) -> tuple[int, str, str]:
@@ -141,6 +151,21 @@ def test_a_local_job_requeues_after_a_preemption_and_is_followed_by_its_id(
                    if RANK_MODULE in (p.info["cmdline"] or []) and str(run_dir) in (p.info["cmdline"] or [])]  # fmt: skip
         ranks = [p for p in started if p.ppid() not in {q.pid for q in started}]  # not their loader workers
         assert len(ranks) == 2
+        # The job holds its run directory over its attempts: a second submission for it is refused (the job
+        # frozen meanwhile, so that it is still training when the preemption comes).
+        job_pid = ranks[0].ppid()
+        os.killpg(os.getpgid(job_pid), signal.SIGSTOP)
+        try:
+            again = run_cli("submit", "configs/gpt-tiny.yaml", "--backend", "local", "--nproc", "2", *sets, env=env)
+            status = run_cli("status", str(run_dir), env=env)
+        finally:
+            os.killpg(os.getpgid(job_pid), signal.SIGCONT)
+        assert again.returncode == 2
+        assert error_lines(again.stderr) == [
+            f"lmscale: error: preflight: {run_dir} is in use by job {job_id} (local job, pid {job_pid}) on "
+            f"{os.uname().nodename} since {lease_since(run_dir)}; `lmscale cancel {job_id}`, or wait"
+        ]
+        assert f"held by job {job_id} (local job, pid {job_pid})" in status.stdout
         for rank in ranks:
             rank.send_signal(signal.SIGUSR1)
         followed = run_cli("logs", job_id, "--follow", env=env)

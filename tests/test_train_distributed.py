@@ -24,6 +24,7 @@ from .conftest import (
     damage_first_training_shard,
     error_lines,
     keys_per_step,
+    losses,
     metrics_records,
     run_cli,
     train_args,
@@ -40,11 +41,6 @@ def train(run_dir: Path, dataset: Path, nproc: int, *overrides: str) -> None:
             "schedule.total_steps=8", *overrides]  # fmt: skip
     results = train_ranks(run_dir, nproc, sets)
     assert [r["code"] for r in results] == [0] * nproc, results
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in lines if "loss" in r}
 
 
 # ZeRO-1 trains through every stage of the GPU check's CPU run (test_gpu_check); its resume is stage 2's

@@ -11,7 +11,7 @@ import pytest
 
 from lmscale.job.exit_codes import EXIT_PREEMPTED
 
-from .conftest import TINY_OVERRIDES, metrics_records
+from .conftest import TINY_OVERRIDES, losses, metrics_records
 from .distributed import train_ranks
 
 pytestmark = pytest.mark.slow
@@ -21,10 +21,6 @@ def train(run_dir: Path, dataset: Path, *overrides: str, **fit_args: Any) -> lis
     sets = [*TINY_OVERRIDES, f"data.path={dataset}", "trainer.eval_every_steps=0", "schedule.warmup_steps=0",
             *overrides]  # fmt: skip
     return train_ranks(run_dir, 2, sets, **fit_args)
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in metrics_records(run_dir) if "loss" in r}
 
 
 def test_zero_1_resumes_bit_for_bit_with_dropout(dataset: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from lmscale.confusion import accuracy_and_macro_f1, confusion_counts
 from lmscale.data.stream import stop_loader_workers
 from lmscale.errors import LmscaleError
 from lmscale.job.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from lmscale.job.lease import Lease
 from lmscale.job.signals import INTERRUPT, NO_STOP, PREEMPTION, StopRequest
 from lmscale.tasks import task_of
 from lmscale.train import checkpoint, memory
@@ -93,8 +94,11 @@ class Trainer:
         stop: StopRequest,
         spike_guard: SpikeGuard | None = None,
         loads_universal: bool = False,
+        lease: Lease | None = None,
     ) -> None:
         self.plan, self.cfg, self.engine = plan, plan.cfg, engine
+        self.lease = lease
+        """The run directory's lease when this rank took it (rank 0 of ranks without an lmscale launcher)."""
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.logger, self.state, self.rank = logger, state, rank
         self.ckpt_dir = run_dir / run_layout.CHECKPOINTS
@@ -392,12 +396,17 @@ class Trainer:
         )
         self.logger.event(step, "rollback", tag=tag, to_step=saved["step"], skipped_samples=skipped)
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
+        """Close everything this rank writes in the run directory (W&B records ``exit_code``), the lease last:
+        the next job may start as soon as it is gone."""
         if self.key_log is not None:
             self.key_log.close()
         # Loader workers ignore SIGTERM (preemption is the rank's to handle), so the interpreter's exit, which
         # terminates and joins them, would wait forever on an error exit: stop them through their queues now.
         stop_loader_workers(self.train_batches)
+        self.logger.close(exit_code)
+        if self.lease is not None:
+            self.lease.release()
 
     def stop_requested(self) -> int:
         """The stop every rank agrees on before the first step: the most pressing any rank was asked for."""

@@ -30,8 +30,11 @@ from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.errors import AgreedError, LmscaleError, one_line
 from lmscale.families import flops_per_token
 from lmscale.footprint import estimate_memory
+from lmscale.job import lease as run_dir_lease
 from lmscale.job import topology
 from lmscale.job.exit_codes import EXIT_PEER_LOST, LAUNCHER_REPORTS_PEERS, collective_failure, exit_process
+from lmscale.job.lease import Lease
+from lmscale.job.parent import die_with_parent, watch_launcher
 from lmscale.job.signals import STOP_SIGNALS, StopRequest
 from lmscale.tasks import Collate, task_of
 from lmscale.train import checkpoint, memory
@@ -51,9 +54,11 @@ log = logging.getLogger("lmscale")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def ignore_stop_signals(worker_id: int) -> None:
+def start_loader_worker(worker_id: int) -> None:
     """Loader workers leave stop requests to their rank: a worker killed by SIGTERM, or interrupted by the
-    Ctrl-C its whole process group gets, would crash the rank before it saves. They exit with the rank."""
+    Ctrl-C its whole process group gets, would crash the rank before it saves. They exit with the rank, at once
+    when it is killed (PyTorch's own check of the parent takes up to 5 s)."""
+    die_with_parent()
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
 
@@ -105,7 +110,7 @@ def data_loaders(
         train,
         batch_size=None,
         num_workers=workers,
-        worker_init_fn=ignore_stop_signals,
+        worker_init_fn=start_loader_worker,
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
         # Page-locked batches let the copy to the GPU run asynchronously (non_blocking) beside the step.
@@ -162,21 +167,62 @@ def rank_log_path(run_dir: Path, rank: int) -> Path:
     return run_dir / run_layout.LOGS / run_layout.RANK_LOG.format(rank=rank)
 
 
-def setup_logging(run_dir: Path, rank: int) -> None:
-    """Rank 0's records on the console, every rank's warnings there too, and all of a rank's records in its
-    log file (when the run directory can take one)."""
+def setup_logging(rank: int) -> None:
+    """Rank 0's records on the console, and every rank's warnings there too; a rank's log file follows once
+    its job holds the run directory (``log_to_file``)."""
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    handlers: list[logging.Handler] = [console]
+    logging.basicConfig(level=logging.INFO, handlers=[console], format=log_format(rank))
+
+
+def log_format(rank: int) -> str:
+    return f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
+
+
+def log_to_file(run_dir: Path, rank: int) -> None:
+    """All of this rank's records in its log file, when the run directory can take one."""
     path = rank_log_path(run_dir, rank)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(path))
+        handler = logging.FileHandler(path)
     except OSError:
-        pass  # the start-up's own checks name an unwritable run directory
-    logging.basicConfig(
-        level=logging.INFO, handlers=handlers, format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s"
-    )
+        return  # the start-up's own checks name an unwritable run directory
+    handler.setFormatter(logging.Formatter(log_format(rank)))
+    logging.getLogger().addHandler(handler)
+
+
+@dataclass(frozen=True)
+class Hold:
+    """How this job holds its run directory."""
+
+    lease: Lease | None
+    """The lease rank 0 took (None on other ranks, and when the launcher holds it)."""
+    took_over: dict[str, Any] | None
+    """The holder whose lease this job took over because it was gone, and why."""
+
+
+def hold_run_dir(plan: RunPlan, rank: int, lease_id: str | None) -> Hold:
+    """Collective, before anything is written: rank 0 takes the run directory's lease, or checks that it still
+    holds the one its launcher took (``lease_id``); another live job there stops every rank in one line."""
+    run_dir, problem = plan.cfg.run.path, None
+    lease: Lease | None = None
+    holder: run_dir_lease.Holder | None = None
+    if rank == 0:
+        try:
+            if lease_id is None:
+                lease = run_dir_lease.claim(run_dir, "rank 0", run_dir_lease.job_id_from_env(),
+                                            launch_info(run_dir).get("launch_id"))  # fmt: skip
+                holder = lease.record
+            elif (holder := run_dir_lease.read(run_dir)) is None or holder.lease_id != lease_id:
+                held = f"holds {holder.describe()}'s" if holder else "is gone"
+                problem = f"{run_dir_lease.lease_path(run_dir)}: the lease this rank's launcher took {held}"
+        except LmscaleError as err:
+            problem = str(err)
+    checkpoint.agree(problem, rank)
+    took_over = holder.took_over if holder else None
+    if took_over:
+        log.warning("took over %s from %s, which is gone (%s)", run_dir, took_over["described"], took_over["reason"])
+    return Hold(lease.keep() if lease else None, took_over)
 
 
 @dataclass(frozen=True)
@@ -313,8 +359,8 @@ def open_metrics(plan: RunPlan, rank: int, state: TrainState, info: dict[str, An
     return MetricsLogger(sinks)
 
 
-def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, start: Start, built: Built,
-              step: int) -> None:  # fmt: skip
+def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, hold: Hold, start: Start,
+              built: Built, step: int) -> None:  # fmt: skip
     """The start event (what the start cost, the memory estimate) and what start-up found."""
     estimate = estimate_memory(plan.cfg, plan.world_size, plan.micro_batch_size, device().type, plan.seq_len)
     compiled = round(built.compile_seconds, 2) if built.compile_seconds is not None else None
@@ -323,6 +369,10 @@ def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, star
         full_model_fp32_gb=round(built.parameters * 4 / 1e9, 4), recomputed_blocks=built.recomputed_blocks,
         memory_estimate_gb=estimate.as_gb(), compile_seconds=compiled,
     )  # fmt: skip
+    if hold.took_over:
+        old = hold.took_over
+        logger.event(step, "lease_taken_over", holder=old["described"], pid=old["pid"], host=old["host"],
+                     job_id=old["job_id"], reason=old["reason"])  # fmt: skip
     if start.removed_partial_saves:
         logger.event(step, "removed_partial_saves", names=start.removed_partial_saves)
     for bad, problem in start.rejected:
@@ -332,10 +382,14 @@ def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, star
                      previous_world_size=start.saved["world_size"])  # fmt: skip
 
 
-def start_trainer(top: topology.Topology, run_dir: Path, resume: str, stop: StopRequest) -> Trainer:
+def start_trainer(
+    top: topology.Topology, run_dir: Path, resume: str, stop: StopRequest, lease_id: str | None = None
+) -> Trainer:
     """A rank's start-up as named steps: the trainer, ready for its first step (tests drive it from here)."""
     rank = top.rank
     plan = join_job(top, run_dir)
+    hold = hold_run_dir(plan, rank, lease_id)
+    log_to_file(plan.cfg.run.path, rank)
     start = choose_start(plan, rank, resume)
     built = build(plan, rank, start)
     state = restore_state(plan, rank, start, built)
@@ -344,28 +398,29 @@ def start_trainer(top: topology.Topology, run_dir: Path, resume: str, stop: Stop
     barrier()  # ranks measure a CPU peak together, as they will share the cores
     info = run_info(plan, built)
     logger = open_metrics(plan, rank, state, info)
-    log_start(logger, top, plan, start, built, state.step)
+    log_start(logger, top, plan, hold, start, built, state.step)
     trainer = Trainer(
         plan, built.engine, iter(train_loader), val_loader, logger, state, rank, plan.cfg.run.path,
         flops_per_token=info["flops_per_token"], peak_flops=info["peak_flops_per_rank"], stop=stop,
-        spike_guard=built.spike_guard, loads_universal=start.elastic,
+        spike_guard=built.spike_guard, loads_universal=start.elastic, lease=hold.lease,
     )  # fmt: skip
     ckpt_dir = plan.cfg.run.path / run_layout.CHECKPOINTS
     seed_dropout(ckpt_dir, start.tag, rank, start.elastic, plan.cfg.run.seed, state.step)
     return trainer
 
 
-def run(top: topology.Topology, run_dir: Path, resume: str) -> int:
+def run(top: topology.Topology, run_dir: Path, resume: str, lease_id: str | None = None) -> int:
+    if top.source != "single":
+        watch_launcher(top.rank)
     # From here a stop signal is a request: honoured before the first step if it comes during start-up.
     stop = StopRequest()
-    setup_logging(run_dir, top.rank)
-    trainer = start_trainer(top, run_dir, resume, stop)
+    setup_logging(top.rank)
+    trainer = start_trainer(top, run_dir, resume, stop, lease_id)
     exit_code = 1  # what W&B records if fit() raises
     try:
         exit_code = trainer.fit()
     finally:
-        trainer.close()
-        trainer.logger.close(exit_code)
+        trainer.close(exit_code)
     shutdown_distributed()
     return exit_code
 
@@ -374,13 +429,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="the run directory `lmscale train` (or --prepare-only) wrote")
     parser.add_argument("--resume", default="auto", help="auto (latest checkpoint if any), none, or a tag")
+    parser.add_argument("--lease", help="the run directory's lease its launcher holds (lmscale's launchers set it)")
     parser.add_argument("--local_rank", type=int, help="set by the DeepSpeed launcher; LOCAL_RANK is used")
     args = parser.parse_args(argv)
     rank = 0
     try:
         top = topology.detect()
         rank = top.rank
-        return run(top, args.run_dir, args.resume)
+        return run(top, args.run_dir, args.resume, args.lease)
     except LmscaleError as err:
         if not (isinstance(err, AgreedError) and err.quiet):
             print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
