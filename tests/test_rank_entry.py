@@ -186,13 +186,13 @@ def test_the_loop_reads_the_device_back_only_on_logging_checkpoint_and_last_step
 def test_zero3_builds_the_model_partitioned_and_the_memory_estimate_holds_for_100m_parameters(
     dataset: Path, tmp_path: Path
 ) -> None:
-    """A 101M-parameter GPT trained for 2 steps on 2 ranks under ZeRO-2 and ZeRO-3.
+    """A 101M-parameter GPT trained for a step on 2 ranks under ZeRO-2 and ZeRO-3 (the step allocates all it holds).
 
     Rank 0's peak while building the model: all of it under ZeRO-2, about half under ZeRO-3 (its partition,
     plus one module at a time before it is partitioned; BENCHMARKS.md has larger models and more ranks,
     benchmarks/zero3_memory.py). Its peak over the run is within 20% of the estimate the start event
     records (lmscale.footprint), the figure --dry-run and lmscale submit's preflight print."""
-    shape = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "trainer.max_steps=2", "data.num_workers=0",
+    shape = ["model.d_model=1024", "model.n_layers=8", "model.n_heads=8", "trainer.max_steps=1", "data.num_workers=0",
              "trainer.micro_batch_size=4", "trainer.grad_accum_steps=1", "trainer.eval_every_steps=0",
              "logging.wandb.mode=disabled", "logging.peak_flops=1e11"]  # fmt: skip
     built, peaks = {}, {}
