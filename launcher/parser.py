@@ -29,7 +29,7 @@ def prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer-sample-mb", type=float, default=64.0, help="text to train the tokenizer on")
     p.add_argument("--shard-size", default="64MB", help="samples per shard (10000) or a size (64MB)")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents in the validation split")
-    p.add_argument("--text-field", default="text", help="JSONL field holding the text")
+    p.add_argument("--text-field", default="text", help="the JSONL field, or parquet or Arrow column, holding the text")
     p.add_argument(
         "--txt-mode",
         choices=["paragraphs", "file"],

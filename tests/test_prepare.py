@@ -142,13 +142,13 @@ def test_killing_a_ray_worker_mid_run_still_gives_the_complete_dataset(tmp_path:
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
         for p in psutil.process_iter(["cmdline"]):
-            for task in ("ray::tokenize_file", "ray::write_shard"):
+            for task in ("ray::tokenize_unit", "ray::write_shard"):
                 if task not in killed and any(task in part for part in (p.info["cmdline"] or [])):
                     p.kill()
                     killed[task] = p.pid
         time.sleep(0.02)
     _, err = proc.communicate(timeout=300)
-    assert "ray::tokenize_file" in killed, "no Ray worker was caught tokenizing"
+    assert "ray::tokenize_unit" in killed, "no Ray worker was caught tokenizing"
     assert proc.returncode == 0, err
     a, b = read_manifest(tmp_path / "ref"), read_manifest(tmp_path / "killed")
     assert a.stats["documents"] == b.stats["documents"] == 4000
@@ -171,3 +171,87 @@ def test_inspect_verifies_checksums_and_decodes_samples(dataset: Path, tmp_path:
     shard.write_bytes(shard.read_bytes()[:-1024])
     result = run_cli("data", "inspect", str(broken), "--samples", "0")
     assert result.returncode == 1 and "CORRUPT shards/train-000001.tar: sha256 does not match" in result.stdout
+
+
+def corpus_documents(corpus_dir: Path) -> list[str]:
+    return [d for path in expand_inputs([str(corpus_dir)]) for d in read_documents(path, ReadOptions(), ReadStats())]
+
+
+def test_parquet_arrow_and_jsonl_of_the_same_documents_give_byte_identical_shards(
+    corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same documents as JSONL, as parquet (small row groups, tokenized by Ray tasks of a few row groups
+    each) and as a directory datasets saved: the same tokenizer and the same shards, byte for byte; a null
+    row is skipped, counted and named by its place in each format."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lmscale.data import sources
+
+    documents = corpus_documents(corpus_dir)
+    rows: list[str | None] = [*documents[:40], None, "   ", *documents[40:]]  # a null and a blank row
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(rows)))
+    table = pa.table({"id": list(range(len(rows))), "text": rows})
+    pq.write_table(table, tmp_path / "docs.parquet", row_group_size=25)
+    datasets.Dataset(table).save_to_disk(str(tmp_path / "saved"))
+    # Units of about two row groups, so that the file is tokenized by many tasks.
+    group_bytes = pq.ParquetFile(tmp_path / "docs.parquet").metadata.row_group(0).total_byte_size
+    monkeypatch.setattr(sources, "UNIT_BYTES", 2 * group_bytes)
+
+    def prepared(name: str, source: str, in_process: bool) -> dict:
+        out = tmp_path / name
+        options = PrepareOptions(inputs=[str(tmp_path / source)], output=out, seq_len=32, vocab_size=400,
+                                 shard_size="40", val_fraction=0.1, workers=2, in_process=in_process)  # fmt: skip
+        manifest = prepare(options)
+        shards = {s.file: s.sha256 for split in manifest.splits.values() for s in split.shards}
+        return {"tokenizer": file_sha256(out / "tokenizer.json"), "shards": shards, "stats": manifest.stats}
+
+    jsonl = prepared("from-jsonl", "docs.jsonl", in_process=True)
+    parquet = prepared("from-parquet", "docs.parquet", in_process=False)
+    arrow = prepared("from-arrow", "saved", in_process=True)
+    assert parquet["stats"]["input_units"] >= 8
+    assert len(jsonl["shards"]) > 5
+    for other in (parquet, arrow):
+        assert other["tokenizer"] == jsonl["tokenizer"] and other["shards"] == jsonl["shards"]
+        assert other["stats"]["documents"] == jsonl["stats"]["documents"] == len(documents)
+        assert other["stats"]["bad_lines"] == jsonl["stats"]["bad_lines"] == 1
+    assert parquet["stats"]["bad_line_examples"] == [f"{tmp_path / 'docs.parquet'}:1:15: no 'text' (null)"]
+    arrow_file = tmp_path / "saved" / "data-00000-of-00001.arrow"
+    assert arrow["stats"]["bad_line_examples"] == [f"{arrow_file}:40: no 'text' (null)"]
+
+
+def test_bad_parquet_and_arrow_inputs_fail_in_one_line_naming_the_file(tmp_path: Path, dataset: Path) -> None:
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tokenizer = str(dataset / "tokenizer.json")
+
+    def attempt(source: Path, **read: object) -> str:
+        options = PrepareOptions(inputs=[str(source)], output=tmp_path / "out", seq_len=8, tokenizer=tokenizer,
+                                 in_process=True, overwrite=True, read=ReadOptions(**read))  # type: ignore[arg-type]  # fmt: skip
+        with pytest.raises(LmscaleError) as caught:
+            prepare(options)
+        assert not (tmp_path / "out" / MANIFEST).exists()
+        return str(caught.value)
+
+    table = pa.table({"body": ["some words here", None, "more words"], "n": [1, 2, 3]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    assert attempt(tmp_path / "t.parquet") == (
+        f"{tmp_path / 't.parquet'}: no column 'text' (columns: body, n; pass --text-field)"
+    )
+    assert attempt(tmp_path / "t.parquet", text_field="n") == (
+        f"{tmp_path / 't.parquet'}: column 'n' holds int64, not text (pass --text-field)"
+    )
+    assert attempt(tmp_path / "t.parquet", text_field="body", strict=True).startswith(
+        f"{tmp_path / 't.parquet'}:0:1: no 'body' (null) (drop --strict"
+    )
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    assert attempt(tmp_path / "broken.parquet").startswith(f"{tmp_path / 'broken.parquet'}: cannot read as parquet (")
+    splits = datasets.DatasetDict({"train": datasets.Dataset(table), "test": datasets.Dataset(table)})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    assert attempt(tmp_path / "dict") == (
+        f"{tmp_path / 'dict'}: a dataset of the splits train, test: give one split's directory "
+        f"(e.g. {tmp_path / 'dict' / 'train'})"
+    )

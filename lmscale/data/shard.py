@@ -2,8 +2,9 @@
 
 Two rounds of Ray tasks, both idempotent so Ray may retry them when a worker dies:
 
-1. one task per input file tokenizes its documents (appending the end-of-text id) into a token file
-   with document boundaries, split assignment and content hashes;
+1. one task per input unit (a file; a run of row groups of a parquet file) tokenizes its documents
+   (appending the end-of-text id) into a token file with document boundaries, split assignment and content
+   hashes;
 2. the driver concatenates the documents in input order (dropping exact duplicates if asked), cuts the
    stream into samples, and one task per shard writes its tar. A causal sample (``--format causal``, GPT) is
    the next ``seq_len + 1`` tokens of the stream. A masked-LM sample (``--format mlm``, BERT) packs documents
@@ -33,7 +34,7 @@ from tokenizers import Tokenizer
 
 from lmscale.data.manifest import MANIFEST, Manifest, ShardRecord, SplitRecord, token_dtype
 from lmscale.data.ray_cluster import check_cluster, start_ray
-from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_documents
+from lmscale.data.sources import InputUnit, ReadOptions, ReadStats, expand_inputs, input_units, read_documents
 from lmscale.data.tokenizer import (
     BERT_SPECIALS,
     TokenizerKind,
@@ -109,7 +110,7 @@ def samples_per_shard(shard_size: str, sample_len: int, itemsize: int) -> int:
     return count
 
 
-# ---------------------------------------------------------------- round 1: tokenize one file per task
+# ---------------------------------------------------------------- round 1: tokenize one input unit per task
 
 
 def _warm_up() -> None:
@@ -127,10 +128,10 @@ def unit_index_path(work_dir: Path, index: int) -> Path:
     return work_dir / f"unit-{index:06d}.npz"
 
 
-def tokenize_file(
-    index: int, path: str, tokenizer_json: str, read: ReadOptions, work_dir: str, val_fraction: float, dtype: str
+def tokenize_unit(
+    index: int, unit: InputUnit, tokenizer_json: str, read: ReadOptions, work_dir: str, val_fraction: float, dtype: str
 ) -> dict[str, Any]:
-    """Tokenize one input file into ``unit-<index>.tokens.npy`` (the token stream, end-of-text after each
+    """Tokenize one input unit into ``unit-<index>.tokens.npy`` (the token stream, end-of-text after each
     document) and ``unit-<index>.npz`` (document ends, hashes, split); returns its read statistics.
 
     Tokens are held as numpy arrays of the dataset's dtype (2 or 4 bytes a token, not a Python int's 28+),
@@ -159,7 +160,7 @@ def tokenize_file(
         total += len(ids)
         batch.clear()
 
-    for document in read_documents(Path(path), read, stats):
+    for document in read_documents(unit.path, read, stats, unit.row_groups):
         batch.append(document)
         if len(batch) >= ENCODE_BATCH_DOCS:
             flush()
@@ -458,18 +459,19 @@ def _start_workers(ray: Any, options: PrepareOptions, workers: int) -> float:
     return time.perf_counter() - started
 
 
-def _tokenize_files(
-    ray: Any, files: list[Path], tok: Tokenizer, options: PrepareOptions, packing: Packing, workers: int
+def _tokenize_units(
+    ray: Any, units: list[InputUnit], tok: Tokenizer, options: PrepareOptions, packing: Packing, workers: int
 ) -> tuple[list[dict[str, Any]], float]:
-    """Every file tokenized into the work directory by one task each; their read statistics and the seconds."""
-    tokenize = _task(ray, tokenize_file, num_cpus=1, max_retries=5, retry_exceptions=False)
+    """Every input unit tokenized into the work directory by one task each; their read statistics and the
+    seconds."""
+    tokenize = _task(ray, tokenize_unit, num_cpus=1, max_retries=5, retry_exceptions=False)
     tok_json, work_dir = tok.to_str(), str(options.output / WORK_DIR)
     calls = [
-        (tokenize, (i, str(p), tok_json, options.read, work_dir, options.val_fraction, packing.dtype))
-        for i, p in enumerate(files)
+        (tokenize, (i, unit, tok_json, options.read, work_dir, options.val_fraction, packing.dtype))
+        for i, unit in enumerate(units)
     ]
     started = time.perf_counter()
-    with Progress("tokenize", total=len(calls), unit="files") as progress:
+    with Progress("tokenize", total=len(calls), unit="inputs") as progress:
         unit_stats = _run_tasks(ray, calls, workers, progress)
     return unit_stats, time.perf_counter() - started
 
@@ -507,6 +509,7 @@ def prepare(options: PrepareOptions) -> Manifest:
     manifest, written last: a manifest means a complete dataset."""
     started = time.perf_counter()
     files = expand_inputs(options.inputs)
+    units = input_units(files)
     _check_output(options)
     if options.ray_address and not options.in_process:
         check_cluster(options.ray_address)  # before the tokenizer is trained: a wrong address fails at once
@@ -521,8 +524,8 @@ def prepare(options: PrepareOptions) -> Manifest:
     ray = None if options.in_process else _start_ray(options, workers)
     try:
         timings = {"worker_startup_seconds": _start_workers(ray, options, workers)}
-        unit_stats, timings["tokenize_seconds"] = _tokenize_files(ray, files, tok, options, packing, workers)
-        tables, duplicates, documents = _build_tables(work_dir, len(files), options.dedup)
+        unit_stats, timings["tokenize_seconds"] = _tokenize_units(ray, units, tok, options, packing, workers)
+        tables, duplicates, documents = _build_tables(work_dir, len(units), options.dedup)
         if documents == 0:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
         splits, dropped, timings["write_seconds"] = _write_shards(ray, tables, options, packing, workers)
@@ -538,6 +541,7 @@ def prepare(options: PrepareOptions) -> Manifest:
     total_tokens = tables["train"].tokens + tables["validation"].tokens
     stats = {
         "input_files": len(files),
+        "input_units": len(units),
         "documents": documents,
         "duplicates_removed": duplicates,
         "bad_lines": sum(s["bad_lines"] for s in unit_stats),
