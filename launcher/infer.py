@@ -97,6 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(_device())
     cfg = model.cfg
     task = task_of(cfg)
+    if args.task is not None:
+        return eval_choices(args, model, tok)
     if task.labelled:
         return eval_classifier(args, model, tokenizer_file, tok)
     prepared = len(args.data) == 1 and evaluate.is_prepared(args.data[0])
@@ -118,6 +120,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     result = evaluate.evaluate(model, windows, args.batch_size, args.max_batches)
     print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens)")
+    return 0
+
+
+def eval_choices(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:
+    """acc and acc_norm on a multiple-choice task, as lm-evaluation-harness scores it."""
+    from lmscale.inference.choices import read_task, score_task
+
+    if not task_of(model.cfg).scores_continuations:
+        raise UsageError(f"--task: a {model.cfg.family} model gives no likelihood of a continuation (a causal LM does)")
+    examples = read_task(args.task)
+    result = score_task(model, tok, examples, end_token_id(tok), args.batch_size)
+    choices = sorted({len(e.choices) for e in examples})
+    print(f"acc {result.acc:.4f}  acc_norm {result.acc_norm:.4f}  ({result.examples:,} examples, "
+          f"{'/'.join(map(str, choices))} choices)")  # fmt: skip
     return 0
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from lmscale.tasks import text_formats
 
@@ -166,13 +167,18 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
         "eval", help="score an exported model or a run's checkpoint: LM loss, masked-LM accuracy, classification"
     )
     p.add_argument("model", help="an exported model directory or runs/<name>")
-    p.add_argument(
-        "--data", nargs="+", required=True,
+    scored = p.add_mutually_exclusive_group(required=True)
+    scored.add_argument(
+        "--data", nargs="+",
         help="a prepared dataset directory or text files (language models); a .csv or .jsonl of labelled examples "
         "(a classifier)",
     )  # fmt: skip
+    scored.add_argument(
+        "--task", type=Path,
+        help='a multiple-choice task: JSONL rows {"context": ..., "choices": [...], "label": N} (acc, acc_norm)',
+    )  # fmt: skip
     p.add_argument("--split", default="validation", help="split of a prepared dataset")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows, examples or scored choices per forward pass")
     p.add_argument("--max-batches", type=int, help="stop after this many batches")
     p.add_argument("--mlm-probability", type=float, default=0.15, help="share of tokens a masked LM is scored on")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (masked LM)")

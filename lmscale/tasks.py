@@ -50,6 +50,8 @@ class Task:
     """The metric of a training step's right predictions (``val_`` + it at validation), if it has one."""
     accuracy_label: str | None = None
     """How ``lmscale report`` names the best validation accuracy."""
+    scores_continuations: bool = False
+    """The model gives the likelihood of a text after a context: it can take multiple-choice tasks."""
 
 
 def causal_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
@@ -77,6 +79,7 @@ TASKS: dict[str, Task] = {
         collator=causal_collator,
         how_to_prepare="prepare the data with `lmscale prepare --format causal`",
         prepared_from_text=True,
+        scores_continuations=True,
     ),
     "mlm": Task(
         "mlm",
