@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def eval_choices(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:
     """acc and acc_norm on a multiple-choice task, as lm-evaluation-harness scores it."""
-    from lmscale.inference.choices import read_task, score_task
+    from lmscale.choices import read_task, score_task
 
     if not task_of(model.cfg).scores_continuations:
         raise UsageError(f"--task: a {model.cfg.family} model gives no likelihood of a continuation (a causal LM does)")

@@ -41,7 +41,13 @@ def resolve_config(
     sources = [
         s if is_remote(s.path) else dataclasses.replace(s, path=str(Path(s.path).absolute())) for s in cfg.data.sources
     ]
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+    downstream = []
+    for i, task in enumerate(cfg.trainer.downstream):
+        if not Path(task.path).is_file():
+            raise ConfigError(f"trainer.downstream[{i}].path: {task.path}: file not found")
+        downstream.append(dataclasses.replace(task, path=str(Path(task.path).absolute())))
+    trainer = dataclasses.replace(cfg.trainer, downstream=downstream)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources), trainer=trainer)
 
 
 def kept_config(plan: RunPlan) -> Config:

@@ -116,6 +116,16 @@ class ZeroConfig:
 
 
 @dataclass
+class DownstreamTask:
+    """A multiple-choice task scored during training (``lmscale eval --task``'s JSONL): acc and acc_norm logged
+    as ``downstream/<name>/acc`` and ``downstream/<name>/acc_norm``."""
+
+    name: str
+    path: str
+    every_steps: int = 500
+
+
+@dataclass
 class TrainerConfig:
     max_steps: int = 1000
     """Optimizer steps to train for (a resumed run continues to this step)."""
@@ -151,6 +161,8 @@ class TrainerConfig:
     step_timeout_minutes: float = 5.0
     """The same bound once the first step is done, outside saves and loads: must cover the slowest step,
     evaluation pass and data-loader stall. A hung peer stops the job after this long."""
+    downstream: list[DownstreamTask] = field(default_factory=list)
+    """Multiple-choice tasks scored on every rank every ``every_steps`` (a causal LM's)."""
 
 
 @dataclass
@@ -425,11 +437,25 @@ def validate_trainer(cfg: Config) -> None:
         raise ConfigError(
             f"trainer.spike_window: must be >= 20 (the history a spike is judged against), got {t.spike_window}"
         )
+    validate_downstream(cfg)
     if t.spike_sigma is not None and cfg.zero.offload_optimizer != "none":
         raise ConfigError(
             "trainer.spike_sigma: not available with zero.offload_optimizer (the offloaded optimizer is DeepSpeed's "
             "CPU Adam, which cannot skip a step)"
         )
+
+
+def validate_downstream(cfg: Config) -> None:
+    names = [task.name for task in cfg.trainer.downstream]
+    for i, task in enumerate(cfg.trainer.downstream):
+        where = f"trainer.downstream[{i}]"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", task.name) or names.count(task.name) > 1:
+            raise ConfigError(f"{where}.name: {task.name!r} must be unique, of letters, digits, '_', '.', '-'")
+        _positive(task.every_steps, f"{where}.every_steps")
+        if not task_of(cfg.model).scores_continuations:
+            raise ConfigError(
+                f"{where}: a {cfg.model.family} model gives no likelihood of a continuation (a causal LM does)"
+            )
 
 
 def validate_schedule_and_the_rest(cfg: Config) -> None:

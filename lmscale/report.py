@@ -6,7 +6,7 @@ import base64
 import html
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,8 @@ class Summary:
     resumes: int
     best_val_accuracy: tuple[str, float, int] | None = None
     """An encoder's (metric, best value, step): val_mlm_accuracy of a masked LM, val_accuracy of a classifier."""
+    downstream: dict[str, tuple[float, float, int]] = field(default_factory=dict)
+    """Each ``trainer.downstream`` task's last (acc, acc_norm, step)."""
 
     def rows(self) -> list[tuple[str, str]]:
         def fmt(value: float | None, spec: str) -> str:
@@ -41,12 +43,15 @@ class Summary:
         if self.best_val_accuracy is not None:
             key, value, step = self.best_val_accuracy
             accuracy.append((ACCURACY_NAMES[key], f"{value:.4f} (step {step})"))
+        downstream = [(f"{name} acc / acc_norm", f"{acc:.4f} / {norm:.4f} (step {step})")
+                      for name, (acc, norm, step) in self.downstream.items()]  # fmt: skip
         return [
             ("steps", f"{self.steps:,}"),
             ("tokens seen", f"{self.tokens_seen:,}"),
             ("final loss", fmt(self.final_loss, ".4f")),
             ("best val loss", best),
             *accuracy,
+            *downstream,
             ("mean tokens/s", fmt(self.mean_tokens_per_s, ",.0f")),
             ("mean MFU", fmt(self.mean_mfu, ".2%")),
             ("training time", f"{self.train_time_s / 60:.1f} min"),
@@ -90,7 +95,23 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         train_time_s=time_s,
         resumes=sum(1 for r in records if r.get("event") == "resume"),
         best_val_accuracy=best_accuracy(steps),
+        downstream=last_downstream(steps),
     )
+
+
+def last_downstream(steps: list[dict[str, Any]]) -> dict[str, tuple[float, float, int]]:
+    """Each downstream task's last (acc, acc_norm, step)."""
+    last = {}
+    for name in downstream_names(steps):
+        r = next(r for r in reversed(steps) if f"downstream/{name}/acc" in r)
+        last[name] = (r[f"downstream/{name}/acc"], r[f"downstream/{name}/acc_norm"], r["step"])
+    return last
+
+
+def downstream_names(steps: list[dict[str, Any]]) -> list[str]:
+    """The downstream tasks the run logged, in the order they first appear."""
+    keys = (key for r in steps for key in r if key.startswith("downstream/") and key.endswith("/acc"))
+    return list(dict.fromkeys(key.removeprefix("downstream/").removesuffix("/acc") for key in keys))
 
 
 def best_accuracy(steps: list[dict[str, Any]]) -> tuple[str, float, int] | None:
@@ -104,7 +125,8 @@ def best_accuracy(steps: list[dict[str, Any]]) -> tuple[str, float, int] | None:
 
 
 def plot(records: list[dict[str, Any]], title: str) -> bytes:
-    """A PNG: loss and validation loss against tokens, learning rate, throughput, MFU against steps."""
+    """A PNG: loss and validation loss against tokens, learning rate, throughput, MFU against steps, and the
+    downstream tasks' acc and acc_norm against tokens when the run scored any."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -112,7 +134,8 @@ def plot(records: list[dict[str, Any]], title: str) -> bytes:
 
     steps = [r for r in records if "loss" in r]
     vals = [r for r in steps if r.get("val_loss") is not None]
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    tasks = downstream_names(steps)
+    fig, axes = plt.subplots(3 if tasks else 2, 2, figsize=(11, 10.5 if tasks else 7))
     ax = axes[0][0]
     ax.plot([r["tokens_seen"] for r in steps], [r["loss"] for r in steps], label="train")
     if vals:
@@ -130,6 +153,13 @@ def plot(records: list[dict[str, Any]], title: str) -> bytes:
         else:
             ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
         ax.set(xlabel="step", title=label)
+    for ax, metric in zip(axes[2] if tasks else [], ("acc", "acc_norm"), strict=False):
+        for name in tasks:
+            points = [(r["tokens_seen"], r[f"downstream/{name}/{metric}"]) for r in steps
+                      if f"downstream/{name}/{metric}" in r]  # fmt: skip
+            ax.plot(*zip(*points, strict=True), "o-", label=name)
+        ax.set(xlabel="tokens", title=f"downstream {metric}")
+        ax.legend()
     for r in records:
         if r.get("event") == "resume":
             for ax in (axes[0][1], axes[1][0], axes[1][1]):

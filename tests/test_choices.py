@@ -6,17 +6,19 @@ import inspect
 import json
 import random
 import re
+import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 
+from lmscale.choices import read_task, request_tokens, score_task
 from lmscale.data.tokenizer import end_token_id, load_tokenizer
 from lmscale.errors import UsageError
 from lmscale.hf.directory import load_hf_model
-from lmscale.inference.choices import read_task, request_tokens, score_task
 
-from .conftest import error_lines, run_cli
+from .conftest import error_lines, metrics_records, run_cli
+from .distributed import train_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -124,3 +126,39 @@ def test_a_bad_task_file_fails_in_one_line(two_rank_reference: Path, tmp_path: P
     result = run_cli("eval", str(two_rank_reference), "--task", str(bad))
     assert result.returncode == 2
     assert error_lines(result.stderr) == [f"lmscale: error: {bad}:2: 'choices' must be a list of at least two strings"]
+
+
+def test_downstream_tasks_score_on_every_rank_during_training_as_eval_scores_the_checkpoint(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """trainer.downstream under ZeRO-3 on 2 ranks, with an odd number of requests (one rank scores one more,
+    the other a repeat): the acc and acc_norm logged at a step are what ``lmscale eval --task`` gives the
+    checkpoint of that step."""
+    task_file = tmp_path / "docstrings.jsonl"
+    docstring_task(task_file, examples=40)
+    with task_file.open("a") as f:
+        f.write(json.dumps({"context": "Return the absolute value.\nbuiltins.", "choices": ["abs", "max", "len"],
+                            "label": 0}) + "\n")  # fmt: skip
+    run_dir = tmp_path / "run"
+    task = f"[{{name: docs, path: {task_file}, every_steps: 3}}]"
+    train_in_process(dataset, run_dir, 2, "zero.stage=3", "trainer.max_steps=6", f"trainer.downstream={task}")
+    logged = {r["step"]: r for r in metrics_records(run_dir) if "downstream/docs/acc" in r}
+    assert sorted(logged) == [3, 6]
+    at_step_3 = tmp_path / "at-step-3"  # eval scores a run's latest checkpoint
+    shutil.copytree(run_dir, at_step_3)
+    shutil.rmtree(at_step_3 / "checkpoints" / "step_00000006")
+    (at_step_3 / "checkpoints" / "latest").write_text("step_00000003")
+    for step, scored_dir in ((3, at_step_3), (6, run_dir)):
+        scored = run_cli("eval", str(scored_dir), "--task", str(task_file))
+        assert scored.returncode == 0, scored.stderr[-2000:]
+        printed = re.fullmatch(r"acc (\S+)  acc_norm (\S+)  \(41 examples, 3/4 choices\)\n", scored.stdout)
+        assert printed is not None, scored.stdout
+        assert float(printed.group(1)) == pytest.approx(logged[step]["downstream/docs/acc"], abs=5e-5)
+        assert float(printed.group(2)) == pytest.approx(logged[step]["downstream/docs/acc_norm"], abs=5e-5)
+    report = run_cli("report", str(run_dir), "--output", str(tmp_path / "report.png"))
+    assert report.returncode == 0, report.stderr[-2000:]
+    acc, norm = logged[6]["downstream/docs/acc"], logged[6]["downstream/docs/acc_norm"]
+    assert re.search(rf"docs acc / acc_norm +{acc:.4f} / {norm:.4f} \(step 6\)", report.stdout), report.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "report.png").size == (1100, 1050)  # a row of downstream panels

@@ -24,7 +24,8 @@ from lmscale.job.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.job.lease import Lease
 from lmscale.job.signals import INTERRUPT, NO_STOP, PREEMPTION, StopRequest
 from lmscale.tasks import task_of
-from lmscale.train import checkpoint, memory
+from lmscale.train import checkpoint, downstream, memory
+from lmscale.train.downstream import ScoredTask
 from lmscale.train.engine import set_collective_timeout
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
@@ -95,10 +96,13 @@ class Trainer:
         spike_guard: SpikeGuard | None = None,
         loads_universal: bool = False,
         lease: Lease | None = None,
+        downstream: list[ScoredTask] | None = None,
     ) -> None:
         self.plan, self.cfg, self.engine = plan, plan.cfg, engine
         self.lease = lease
         """The run directory's lease when this rank took it (rank 0 of ranks without an lmscale launcher)."""
+        self.downstream = downstream or []
+        """``trainer.downstream``'s multiple-choice tasks, loaded."""
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.logger, self.state, self.rank = logger, state, rank
         self.ckpt_dir = run_dir / run_layout.CHECKPOINTS
@@ -140,6 +144,7 @@ class Trainer:
             or step == t.max_steps
             or bool(t.eval_every_steps and step % t.eval_every_steps == 0)
             or bool(every_ckpt and step % every_ckpt == 0)
+            or any(step % task.config.every_steps == 0 for task in self.downstream)
         )
 
     def start_window(self) -> None:
@@ -280,6 +285,20 @@ class Trainer:
                 return self.evaluate_classifier() if self.task.labelled else self.evaluate_lm()
             finally:
                 self.engine.train()
+
+    @torch.no_grad()
+    def score_downstream(self, step: int) -> dict[str, float]:
+        """Collective: the downstream tasks due at ``step``, scored on every rank (no random draws)."""
+        due = [task for task in self.downstream if step % task.config.every_steps == 0]
+        if not due:
+            return {}
+        self.engine.eval()
+        try:
+            return {name: value for task in due for name, value in
+                    downstream.score(task, self.engine, self.device, self.plan.seq_len, self.rank,
+                                     self.plan.world_size).items()}  # fmt: skip
+        finally:
+            self.engine.train()
 
     def evaluate_lm(self) -> dict[str, float]:
         total = torch.zeros((), device=self.device)
@@ -445,7 +464,9 @@ class Trainer:
                 continue
             if every_eval and step % every_eval == 0:
                 metrics.update(self.evaluate())
-            if step % cfg.logging.every_steps == 0 or "val_loss" in metrics or step == cfg.trainer.max_steps:
+            metrics.update(self.score_downstream(step))
+            evaluated = any(name.startswith(("val_", "downstream/")) for name in metrics)
+            if step % cfg.logging.every_steps == 0 or evaluated or step == cfg.trainer.max_steps:
                 self.report_spikes(step, metrics)
                 self.logger.log(step, metrics)
             best = self.new_best(metrics)

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from lmscale import run_layout
 from lmscale.config import load_config, pin_run_dir
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
+from lmscale.data.tokenizer import end_token_id, load_tokenizer
 from lmscale.errors import AgreedError, LmscaleError, one_line
 from lmscale.families import flops_per_token
 from lmscale.footprint import estimate_memory
@@ -39,6 +40,7 @@ from lmscale.job.signals import STOP_SIGNALS, StopRequest
 from lmscale.tasks import Collate, task_of
 from lmscale.train import checkpoint, memory
 from lmscale.train.build import build_engine, build_model
+from lmscale.train.downstream import ScoredTask, load_tasks
 from lmscale.train.engine import barrier, device, init_distributed, shutdown_distributed
 from lmscale.train.init_from import initial_weights
 from lmscale.train.levers import apply_activation_checkpointing, compile_blocks
@@ -382,6 +384,17 @@ def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, hold
                      previous_world_size=start.saved["world_size"])  # fmt: skip
 
 
+def downstream_tasks(plan: RunPlan) -> list[ScoredTask]:
+    """``trainer.downstream``'s tasks, encoded with the run's tokenizer (the copy in the run directory)."""
+    if not plan.cfg.trainer.downstream:
+        return []
+    tokenizer_file = plan.cfg.run.path / run_layout.TOKENIZER
+    if not tokenizer_file.is_file():
+        raise LmscaleError(f"trainer.downstream: {tokenizer_file} is missing (the run's copy of its tokenizer)")
+    tokenizer = load_tokenizer(tokenizer_file)
+    return load_tasks(plan.cfg.trainer.downstream, tokenizer, end_token_id(tokenizer))
+
+
 def start_trainer(
     top: topology.Topology, run_dir: Path, resume: str, stop: StopRequest, lease_id: str | None = None
 ) -> Trainer:
@@ -403,6 +416,7 @@ def start_trainer(
         plan, built.engine, iter(train_loader), val_loader, logger, state, rank, plan.cfg.run.path,
         flops_per_token=info["flops_per_token"], peak_flops=info["peak_flops_per_rank"], stop=stop,
         spike_guard=built.spike_guard, loads_universal=start.elastic, lease=hold.lease,
+        downstream=downstream_tasks(plan),
     )  # fmt: skip
     ckpt_dir = plan.cfg.run.path / run_layout.CHECKPOINTS
     seed_dropout(ckpt_dir, start.tag, rank, start.elastic, plan.cfg.run.seed, state.step)

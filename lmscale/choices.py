@@ -13,6 +13,7 @@ per character of the choice.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,33 +84,42 @@ def request_tokens(tokenizer: Tokenizer, context: str, choice: str, prefix_id: i
     return ([prefix_id] if not context else context_ids) + continuation_ids, len(continuation_ids)
 
 
+Forward = Callable[[torch.Tensor], torch.Tensor]
+"""Token ids (B, T) -> logits (B, T, vocab): a model, or a training engine's module under ZeRO."""
+
+
 @torch.no_grad()
-def loglikelihoods(model: GPT, requests: list[tuple[list[int], int]], seq_len: int, batch_size: int) -> list[float]:
-    """Each request's summed log-probability of its continuation, batched (right-padded)."""
-    device = next(model.parameters()).device
+def loglikelihoods(forward: Forward, device: torch.device, requests: list[tuple[list[int], int]], seq_len: int,
+                   batch_size: int, progress: bool = True) -> list[float]:  # fmt: skip
+    """Each request's summed log-probability of its continuation, in batches (right-padded) of ``batch_size``:
+    ``ceil(len(requests) / batch_size)`` forward passes, whatever the requests."""
     scores: list[float] = []
-    with Progress("score", total=-(-len(requests) // batch_size), unit="batches") as progress:
-        for first in range(0, len(requests), batch_size):
-            batch = [(tokens[-(seq_len + 1) :], n) for tokens, n in requests[first : first + batch_size]]
-            width = max(len(tokens) for tokens, _ in batch) - 1
-            inputs = np.zeros((len(batch), width), dtype=np.int64)
-            for row, (tokens, _) in enumerate(batch):
-                inputs[row, : len(tokens) - 1] = tokens[:-1]
-            logits, _ = model(torch.from_numpy(inputs).to(device))
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            for row, (tokens, n) in enumerate(batch):
-                end = len(tokens) - 1
-                targets = torch.tensor(tokens[-n:], device=device)
-                scores.append(float(logprobs[row, end - n : end].gather(-1, targets[:, None]).sum()))
-            progress.advance()
+    bar = Progress("score", total=-(-len(requests) // batch_size), unit="batches") if progress else None
+    for first in range(0, len(requests), batch_size):
+        batch = [(tokens[-(seq_len + 1) :], n) for tokens, n in requests[first : first + batch_size]]
+        width = max(len(tokens) for tokens, _ in batch) - 1
+        inputs = np.zeros((len(batch), width), dtype=np.int64)
+        for row, (tokens, _) in enumerate(batch):
+            inputs[row, : len(tokens) - 1] = tokens[:-1]
+        logprobs = torch.log_softmax(forward(torch.from_numpy(inputs).to(device)).float(), dim=-1)
+        for row, (tokens, n) in enumerate(batch):
+            end = len(tokens) - 1
+            targets = torch.tensor(tokens[-n:], device=device)
+            scores.append(float(logprobs[row, end - n : end].gather(-1, targets[:, None]).sum()))
+        if bar is not None:
+            bar.advance()
+    if bar is not None:
+        bar.close()
     return scores
 
 
-def score_task(model: GPT, tokenizer: Tokenizer, examples: list[Example], prefix_id: int,
-               batch_size: int = 16) -> ChoiceResult:  # fmt: skip
-    """acc and acc_norm of ``model`` on the examples."""
-    requests = [request_tokens(tokenizer, e.context, choice, prefix_id) for e in examples for choice in e.choices]
-    flat = loglikelihoods(model, requests, model.cfg.seq_len, batch_size)
+def task_requests(tokenizer: Tokenizer, examples: list[Example], prefix_id: int) -> list[tuple[list[int], int]]:
+    """Every choice of every example as a request, example by example."""
+    return [request_tokens(tokenizer, e.context, choice, prefix_id) for e in examples for choice in e.choices]
+
+
+def choice_result(examples: list[Example], flat: list[float]) -> ChoiceResult:
+    """acc and acc_norm from the log-likelihoods of ``task_requests``' requests."""
     per_example, right, right_norm, at = [], 0, 0, 0
     for example in examples:
         lls = np.asarray(flat[at : at + len(example.choices)])
@@ -119,3 +129,12 @@ def score_task(model: GPT, tokenizer: Tokenizer, examples: list[Example], prefix
         right_norm += int(np.argmax(lls / lengths) == example.label)
         per_example.append(lls.tolist())
     return ChoiceResult(right / len(examples), right_norm / len(examples), len(examples), per_example)
+
+
+def score_task(model: GPT, tokenizer: Tokenizer, examples: list[Example], prefix_id: int,
+               batch_size: int = 16) -> ChoiceResult:  # fmt: skip
+    """acc and acc_norm of ``model`` on the examples."""
+    device = next(model.parameters()).device
+    flat = loglikelihoods(lambda ids: model(ids)[0], device, task_requests(tokenizer, examples, prefix_id),
+                          model.cfg.seq_len, batch_size)  # fmt: skip
+    return choice_result(examples, flat)
