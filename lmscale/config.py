@@ -193,6 +193,8 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; default: a table of known GPUs, or measured on CPU."""
+    tensorboard: bool = False
+    """Also write the metrics and events as TensorBoard scalars in RUN_DIR/tensorboard (needs tensorboard)."""
 
 
 @dataclass

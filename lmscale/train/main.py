@@ -45,7 +45,7 @@ from lmscale.train.engine import barrier, device, init_distributed, shutdown_dis
 from lmscale.train.init_from import initial_weights
 from lmscale.train.levers import apply_activation_checkpointing, compile_blocks
 from lmscale.train.loop import Trainer
-from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, WandbSink
+from lmscale.train.metrics import ConsoleSink, JsonlSink, MetricsLogger, Sink, TensorboardSink, WandbSink
 from lmscale.train.peak import peak_flops, slow_precision
 from lmscale.train.plan import RunPlan, check_same_sample_order, plan_run
 from lmscale.train.spike import SpikeGuard
@@ -341,13 +341,16 @@ def run_info(plan: RunPlan, built: Built) -> dict[str, Any]:
 
 
 def open_metrics(plan: RunPlan, rank: int, state: TrainState, info: dict[str, Any]) -> MetricsLogger:
-    """Rank 0's sinks (console, metrics.jsonl, W&B unless disabled); the other ranks log nothing."""
+    """Rank 0's sinks (console, metrics.jsonl, TensorBoard if asked, W&B unless disabled); the other ranks log
+    nothing."""
     if rank != 0:
         return MetricsLogger([])
     cfg, run_dir, model_cfg = plan.cfg, plan.cfg.run.path, plan.model_config
     state.wandb_id = wandb_run_id(run_dir, state.wandb_id or None)
     metrics_path = run_dir / run_layout.METRICS
     sinks: list[Sink] = [ConsoleSink(cfg.trainer.max_steps, state.step), JsonlSink(metrics_path, start_step=state.step)]
+    if cfg.logging.tensorboard:
+        sinks.append(TensorboardSink(run_dir / run_layout.TENSORBOARD, state.step))
     if cfg.logging.wandb.mode != "disabled":
         # What W&B may lack from earlier jobs, up to this job's first step (the JSONL sink kept those lines).
         replay = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]

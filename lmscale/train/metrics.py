@@ -20,6 +20,7 @@ from typing import Any, Protocol, TextIO
 
 from lmscale import run_layout
 from lmscale.config import Config
+from lmscale.errors import LmscaleError
 from lmscale.job.exit_codes import SAVED_AND_STOPPED
 from lmscale.progress import Progress
 
@@ -113,6 +114,33 @@ class JsonlSink:
 
     def close(self, exit_code: int = 0) -> None:
         self.file.close()
+
+
+class TensorboardSink:
+    """The metrics and events as TensorBoard scalars (events as ``events/<name>`` and their numeric details),
+    one event file per job. A job that resumes at step s purges what an earlier one wrote past s (the
+    writer's ``purge_step``, which TensorBoard applies on reading), so every step is there once."""
+
+    def __init__(self, log_dir: Path, start_step: int) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise LmscaleError("logging.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+
+    def _scalars(self, step: int, values: dict[str, Any]) -> None:
+        for name, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                self.writer.add_scalar(name, value, step)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        self._scalars(step, metrics)
+
+    def event(self, step: int, name: str, detail: dict[str, Any]) -> None:
+        self._scalars(step, event_values(name, step, detail))
+
+    def close(self, exit_code: int = 0) -> None:
+        self.writer.close()
 
 
 def wandb_mode(requested: str) -> str:
