@@ -2,7 +2,6 @@
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -99,32 +98,3 @@ def test_plain_progress_lines_carry_the_eta_when_not_on_a_terminal(caplog: pytes
     assert re.fullmatch(
         r"step 5/10 \| loss 3\.2500 \| tokens_per_s 1,000 \| mfu 50\.0% \| eta \d+s", caplog.records[-1].getMessage()
     )
-
-
-@pytest.mark.slow
-def test_tensorboard_holds_every_step_once_across_a_resume_that_retrains_steps(dataset: Path, tmp_path: Path) -> None:
-    """logging.tensorboard beside metrics.jsonl: a job that died after step 6 with its last checkpoint at 3 is
-    followed by one that retrains 4-6; read back with TensorBoard's own reader, each step is there once, with
-    the values metrics.jsonl ends with, and the events beside them."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from .conftest import losses
-    from .distributed import train_in_process
-
-    run_dir = tmp_path / "run"
-    train_in_process(dataset, run_dir, 2, "trainer.max_steps=6", "logging.tensorboard=true")
-    first_job = losses(run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "step_00000006")
-    (run_dir / "checkpoints" / "latest").write_text("step_00000003")
-    train_in_process(dataset, run_dir, 2, "trainer.max_steps=6", "logging.tensorboard=true")
-    assert losses(run_dir) == first_job  # exact resume: the same values again
-
-    board = EventAccumulator(str(run_dir / "tensorboard"))
-    board.Reload()
-    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per job
-    loss = board.Scalars("loss")
-    assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]
-    assert [e.value for e in loss] == pytest.approx([first_job[s] for s in range(1, 7)], rel=1e-6)
-    assert [e.step for e in board.Scalars("tokens_seen")] == [1, 2, 3, 4, 5, 6]
-    assert [e.step for e in board.Scalars("events/resume")] == [3]
-    assert [e.step for e in board.Scalars("events/checkpoint")] == [3, 6]

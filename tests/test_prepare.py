@@ -180,9 +180,9 @@ def corpus_documents(corpus_dir: Path) -> list[str]:
 def test_parquet_arrow_and_jsonl_of_the_same_documents_give_byte_identical_shards(
     corpus_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same documents as JSONL, as parquet (small row groups, tokenized by Ray tasks of a few row groups
-    each) and as a directory datasets saved: the same tokenizer and the same shards, byte for byte; a null
-    row is skipped, counted and named by its place in each format."""
+    """The same documents as JSONL, as parquet (small row groups, tokenized in units of two row groups) and as
+    a directory datasets saved: the same tokenizer and the same shards, byte for byte; a null row is skipped,
+    counted and named by its place in each format. (In process: the units are the same bytes on Ray.)"""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -199,17 +199,17 @@ def test_parquet_arrow_and_jsonl_of_the_same_documents_give_byte_identical_shard
     group_bytes = pq.ParquetFile(tmp_path / "docs.parquet").metadata.row_group(0).total_byte_size
     monkeypatch.setattr(sources, "UNIT_BYTES", 2 * group_bytes)
 
-    def prepared(name: str, source: str, in_process: bool) -> dict:
+    def prepared(name: str, source: str) -> dict:
         out = tmp_path / name
         options = PrepareOptions(inputs=[str(tmp_path / source)], output=out, seq_len=32, vocab_size=400,
-                                 shard_size="40", val_fraction=0.1, workers=2, in_process=in_process)  # fmt: skip
+                                 shard_size="40", val_fraction=0.1, in_process=True)  # fmt: skip
         manifest = prepare(options)
         shards = {s.file: s.sha256 for split in manifest.splits.values() for s in split.shards}
         return {"tokenizer": file_sha256(out / "tokenizer.json"), "shards": shards, "stats": manifest.stats}
 
-    jsonl = prepared("from-jsonl", "docs.jsonl", in_process=True)
-    parquet = prepared("from-parquet", "docs.parquet", in_process=False)
-    arrow = prepared("from-arrow", "saved", in_process=True)
+    jsonl = prepared("from-jsonl", "docs.jsonl")
+    parquet = prepared("from-parquet", "docs.parquet")
+    arrow = prepared("from-arrow", "saved")
     assert parquet["stats"]["input_units"] >= 8
     assert len(jsonl["shards"]) > 5
     for other in (parquet, arrow):

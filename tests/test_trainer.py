@@ -4,6 +4,7 @@ the command line out of the way (``test_train_distributed`` has the runs a user 
 
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +24,36 @@ def train(run_dir: Path, dataset: Path, *overrides: str, **fit_args: Any) -> lis
     return train_ranks(run_dir, 2, sets, **fit_args)
 
 
-def test_zero_1_resumes_bit_for_bit_with_dropout(dataset: Path, tmp_path: Path) -> None:
-    """Stage 1's optimizer partitions are saved and restored per rank, and each rank's random state with them."""
-    common = ["zero.stage=1", "model.dropout=0.1", "schedule.total_steps=6", "checkpoint.every_steps=3"]
+def test_zero_1_resumes_bit_for_bit_with_dropout_and_tensorboard_holds_each_step_once(
+    dataset: Path, tmp_path: Path
+) -> None:
+    """Stage 1's optimizer partitions are saved and restored per rank, and each rank's random state with them:
+    a copy of a finished run cut back to its step-3 checkpoint retrains steps 4-6 to the same losses. Its
+    TensorBoard files (logging.tensorboard), read back with TensorBoard's own reader, hold each step once:
+    the second job purged what the first wrote past its checkpoint."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["zero.stage=1", "model.dropout=0.1", "schedule.total_steps=6", "checkpoint.every_steps=3",
+              "trainer.max_steps=6", "logging.tensorboard=true"]  # fmt: skip
     full, part = tmp_path / "full", tmp_path / "part"
-    assert [r["code"] for r in train(full, dataset, "trainer.max_steps=6", *common)] == [0, 0]
-    train(part, dataset, "trainer.max_steps=3", *common)
-    results = train(part, dataset, "trainer.max_steps=6", *common)
+    assert [r["code"] for r in train(full, dataset, *common)] == [0, 0]
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step_00000006")
+    (part / "checkpoints" / "latest").write_text("step_00000003")
+    results = train(part, dataset, *common)
     assert losses(part) == losses(full) and sorted(losses(full)) == list(range(1, 7))
     assert [r["state"]["step"] for r in results] == [6, 6] and results[0]["state"]["resumes"] == 1
     saved = json.loads((part / "checkpoints" / "step_00000006" / "lmscale_state.json").read_text())
     assert {k: saved[k] for k in results[0]["state"]} == results[0]["state"]  # the state's one schema
+
+    board = EventAccumulator(str(part / "tensorboard"))
+    board.Reload()
+    assert len(list((part / "tensorboard").glob("events.out.tfevents.*"))) == 2  # one file per job
+    loss = board.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4, 5, 6]
+    assert [e.value for e in loss] == pytest.approx([losses(full)[s] for s in range(1, 7)], rel=1e-6)
+    assert [e.step for e in board.Scalars("events/resume")] == [3]
+    assert [e.step for e in board.Scalars("events/checkpoint")] == [3, 6]
 
 
 def test_a_stop_asked_of_one_rank_is_agreed_and_saved_by_every_rank(dataset: Path, tmp_path: Path) -> None:
