@@ -219,6 +219,10 @@ def test_parquet_arrow_and_jsonl_of_the_same_documents_give_byte_identical_shard
     assert parquet["stats"]["bad_line_examples"] == [f"{tmp_path / 'docs.parquet'}:1:15: no 'text' (null)"]
     arrow_file = tmp_path / "saved" / "data-00000-of-00001.arrow"
     assert arrow["stats"]["bad_line_examples"] == [f"{arrow_file}:40: no 'text' (null)"]
+    # A directory holding a saved dataset: its Arrow files, never its state.json or dataset_info.json.
+    assert [p.name for p in expand_inputs([str(tmp_path)]) if "from-" not in str(p)] == [
+        "docs.jsonl", "docs.parquet", "data-00000-of-00001.arrow",
+    ]  # fmt: skip
 
 
 def test_bad_parquet_and_arrow_inputs_fail_in_one_line_naming_the_file(tmp_path: Path, dataset: Path) -> None:

@@ -104,8 +104,10 @@ def _directory_inputs(directory: Path) -> list[Path]:
             )
     if (directory / SAVED_DATASET).is_file():
         return saved_dataset_files(directory)
-    found = [p for p in directory.rglob("*") if p.is_file() and _is_input(p)]
-    found += [p for state in directory.rglob(SAVED_DATASET) for p in saved_dataset_files(state.parent)]
+    saved = {state.parent for state in directory.rglob(SAVED_DATASET)}
+    # A saved dataset's own .json files (state.json, dataset_info.json) are not JSONL documents.
+    found = [p for p in directory.rglob("*") if p.is_file() and _is_input(p) and not saved & set(p.parents)]
+    found += [p for folder in saved for p in saved_dataset_files(folder)]
     return sorted(found)
 
 

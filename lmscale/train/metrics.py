@@ -126,7 +126,9 @@ class TensorboardSink:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise LmscaleError("logging.tensorboard: needs the tensorboard package (pip install tensorboard)") from None
-        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1 if start_step else None)
+        # From step 1 on a new run too: a job that died before its first checkpoint left steps a new start
+        # trains again.
+        self.writer = SummaryWriter(str(log_dir), purge_step=start_step + 1)
 
     def _scalars(self, step: int, values: dict[str, Any]) -> None:
         for name, value in values.items():
