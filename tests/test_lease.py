@@ -16,6 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from lmscale.errors import LmscaleError
 from lmscale.job import lease as run_dir_lease
 from lmscale.job.lease import TIMEOUT_SECONDS, Holder, LeaseLost, RunDirInUse
 
@@ -138,10 +139,35 @@ def test_contenders_for_a_gone_holders_lease_end_with_exactly_one_holder(tmp_pat
             c.wait()
     winners = [c.pid for c, line in zip(contenders, lines, strict=True) if line.startswith("held")]
     assert len(winners) == 1, lines
-    # The winner may have found the gone holder's lease already renamed away by a loser, which then found the
+    # The winner may have found the gone holder's lease already removed by a loser, which then found the
     # winner's: only the exclusion is guaranteed, not who records the takeover.
     assert lines.count("held True") <= 1
     assert all(f"in use by `test holder` (pid {winners[0]})" in line for line in lines if line.startswith("refused"))
+
+
+def test_a_slow_contender_never_removes_the_lease_that_replaced_the_gone_one(tmp_path: Path) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    written(tmp_path, pid=gone.pid)
+    stale = run_dir_lease.read(tmp_path)
+    assert stale is not None
+    path = run_dir_lease.lease_path(tmp_path)
+    marker = path.with_name(f".{path.name}.gone-{stale.lease_id}")
+    # Another contender is in the middle of removing it (its marker is there): this one leaves it alone...
+    os.link(path, marker)
+    run_dir_lease._remove_stale(path, stale)
+    assert run_dir_lease.read(tmp_path) == stale
+    # ...and one whose start dies there leaves a run directory that says what to remove.
+    with pytest.raises(LmscaleError, match=rf"{marker} marks it as being taken over; remove both"):
+        run_dir_lease.claim(tmp_path, "pytest")
+    marker.unlink()
+    # A contender that read the gone holder's lease before a faster one replaced it by its own.
+    with run_dir_lease.claim(tmp_path, "pytest") as faster:
+        run_dir_lease._remove_stale(path, stale)
+        assert run_dir_lease.read(tmp_path) == faster.record
+        with pytest.raises(RunDirInUse):
+            run_dir_lease.claim(tmp_path, "slower")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_renewal_finds_a_lease_taken_over_and_stops_the_holder(tmp_path: Path) -> None:

@@ -19,13 +19,13 @@ the holder lives. It takes the lease over when the holder is gone:
 - the holder is an earlier attempt of the same submitted job (the same job id, a lower attempt: a Slurm requeue,
   which starts only once the earlier attempt has ended), at once.
 
-Only link(2) and rename(2) are relied on, both atomic on local filesystems and on those clusters share (NFS does
+Only link(2) and rename(2) are relied on, each atomic on local filesystems and on those clusters share (NFS does
 each on the server in one operation, Lustre on its metadata server): the lease is created by a hard link, which
-fails if it exists (``lmscale.files.create_exclusive``); a gone holder's lease is renamed away to a unique name,
-which exactly one of several contenders can do; renewal replaces the file by rename. flock and fcntl locks are
-not used: NFS serves them through a separate lock manager whose lock of a crashed client lives on until the
-server notices, and Lustre grants them only when mounted with ``-o flock``. A gone holder must be recognisable
-from the file alone.
+fails if it exists (``lmscale.files.create_exclusive``); a gone holder's lease is removed only by the one
+contender whose hard link of it to a name of that lease's own succeeded; renewal replaces the file by rename.
+flock and fcntl locks are not used: NFS serves them through a separate lock manager whose lock of a crashed
+client lives on until the server notices, and Lustre grants them only when mounted with ``-o flock``. A gone
+holder must be recognisable from the file alone.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ RENEW_SECONDS = 30.0
 TIMEOUT_SECONDS = 300.0
 """How long a lease held on another machine stays live without a renewal: ten renewals, and well above what
 an NFS client's attribute cache (60 s at most by default) can delay a renewal's visibility by."""
-CLAIM_TRIES = 5
+CLAIM_TRIES = 20
 JOB_ID_VARIABLES = ("LMSCALE_JOB_ID", "SLURM_JOB_ID")
 """Where a process finds the id of the submitted job it belongs to (lmscale's local and Ray jobs set the first)."""
 
@@ -266,20 +266,28 @@ def claim(run_dir: Path, holder: str, job_id: str | None = None, launch_id: str 
         previous = {k: v for k, v in dataclasses.asdict(current).items() if k != "took_over"}
         mine = dataclasses.replace(mine, took_over={**previous, "described": current.describe(), "reason": reason})
         _remove_stale(path, current)
+    markers = sorted(path.parent.glob(f".{path.name}.gone-*"))
+    if markers:  # left by a start that died between marking a gone holder's lease and removing it
+        raise LmscaleError(f"{path}: {markers[0]} marks it as being taken over; remove both if no other start runs")
     raise LmscaleError(f"{path}: other jobs kept taking it while this one tried; start one job at a time")
 
 
 def _remove_stale(path: Path, stale: Holder) -> None:
-    """Rename ``stale``'s lease away, as exactly one contender can. A contender that got there first may have
-    written its own lease meanwhile: one renamed by mistake is linked back, to be found live."""
-    moved = path.with_name(f".{path.name}.stale{uuid.uuid4().hex[:8]}")
+    """Remove ``stale``'s lease, as exactly one contender can: a hard link to a name of that lease's own, which
+    fails for every contender but the first, marks it as being removed. The marker's content says whether the
+    file linked was still ``stale``'s (a faster contender may have replaced it by its own meanwhile), and only
+    then is it removed: nobody but the marker's maker removes a gone holder's lease, and the gone holder
+    itself no longer renews or releases it."""
+    marker = path.with_name(f".{path.name}.gone-{stale.lease_id}")
     try:
-        os.rename(path, moved)
+        os.link(path, marker)
     except FileNotFoundError:
+        return  # removed meanwhile
+    except FileExistsError:
+        time.sleep(0.05)  # another contender is removing it: give it the moment that takes
         return
     try:
-        if (_parse(moved) or stale).lease_id != stale.lease_id:
-            with contextlib.suppress(FileExistsError):
-                os.link(moved, path)
+        if (_parse(marker) or stale).lease_id == stale.lease_id:
+            remove(path)
     finally:
-        remove(moved)
+        remove(marker)
