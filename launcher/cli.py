@@ -16,12 +16,13 @@ log = logging.getLogger("lmscale")
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
+    from lmscale.data.object_store import is_s3
     from lmscale.data.shard import PrepareOptions, prepare, summary
     from lmscale.data.sources import ReadOptions
 
     options = PrepareOptions(
         inputs=args.input,
-        output=Path(args.output),
+        output=args.output if is_s3(args.output) else Path(args.output),
         seq_len=args.seq_len,
         vocab_size=args.vocab_size,
         tokenizer=args.tokenizer,
@@ -36,6 +37,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         in_process=args.in_process,
         read=ReadOptions(text_field=args.text_field, txt_mode=args.txt_mode, strict=args.strict),
         overwrite=args.overwrite,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
     )
     manifest = prepare(options)
     print(summary(manifest, options.output))
@@ -45,7 +47,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from launcher.inspect_data import inspect_dataset
 
-    return inspect_dataset(Path(args.directory), samples=args.samples, verify=not args.no_verify)
+    return inspect_dataset(args.dataset, samples=args.samples, verify=not args.no_verify)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return eval_classifier(args, model, tokenizer_file, tok)
     prepared = len(args.data) == 1 and evaluate.is_prepared(args.data[0])
     if prepared:
-        windows, seq_len = evaluate.prepared_windows(Path(args.data[0]), args.split, tok, task.name)
+        windows, seq_len = evaluate.prepared_windows(args.data[0], args.split, tok, task.name)
         if seq_len > cfg.seq_len:
             raise UsageError(f"--data: samples of {seq_len} tokens exceed the model's {cfg.seq_len} positions")
     elif task.wraps_documents:

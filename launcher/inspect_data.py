@@ -1,38 +1,43 @@
-"""``lmscale data inspect DIR``: the manifest's numbers, every shard's checksum, and samples decoded to text."""
+"""``lmscale data inspect DATASET``: the manifest's numbers, every shard's checksum, and samples decoded to
+text; DATASET is a directory or a URL (``s3://``, ``https://``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from tokenizers import Tokenizer
 
-from lmscale.data.manifest import read_manifest
+from lmscale.data.manifest import dataset_tokenizer, read_manifest
 from lmscale.data.shard import summary
-from lmscale.data.stream import CorruptShard, read_shard, split_shards
-from lmscale.data.tokenizer import file_sha256, load_tokenizer
+from lmscale.data.stream import CorruptShard, read_shard, shard_bytes, shard_ref, split_shards
+from lmscale.errors import LmscaleError
 from lmscale.progress import Progress
 
 
-def inspect_dataset(directory: Path, samples: int, verify: bool) -> int:
-    manifest = read_manifest(directory)
-    print(summary(manifest, directory))
-    bad = []
+def inspect_dataset(dataset: str, samples: int, verify: bool) -> int:
+    manifest = read_manifest(dataset)
+    print(summary(manifest, dataset))
+    bad: list[str] = []
+    tokenizer_json = None
+    try:
+        tokenizer_json = dataset_tokenizer(dataset, manifest)
+    except LmscaleError as err:
+        bad.append(f"{manifest.tokenizer_file}: {str(err).rpartition(': ')[2]}")
     if verify:
-        if file_sha256(directory / manifest.tokenizer_file) != manifest.tokenizer_sha256:
-            bad.append(f"{manifest.tokenizer_file}: sha256 does not match the manifest")
-        shards = [s for name in manifest.splits for s in manifest.splits[name].shards]
+        shards = [s for split in manifest.splits.values() for s in split.shards]
+        corrupt = []
         with Progress("verify", total=len(shards), unit="shards") as progress:
             for shard in shards:
-                path = directory / shard.file
-                if not path.is_file():
-                    bad.append(f"{shard.file}: missing")
-                elif file_sha256(path) != shard.sha256:
-                    bad.append(f"{shard.file}: sha256 does not match the manifest")
+                try:
+                    shard_bytes(shard_ref(dataset, shard))
+                except CorruptShard as err:
+                    corrupt.append(f"{shard.file}: {err}")
                 progress.advance()
-        for line in bad:
-            print(f"  CORRUPT {line}")
-        print(f"  checksums: {len(shards) - len(bad)}/{len(shards)} shards ok")
-    if samples:
-        tok = load_tokenizer(directory / manifest.tokenizer_file)
-        first = split_shards(str(directory), manifest, "train")[0]
+        print(f"  checksums: {len(shards) - len(corrupt)}/{len(shards)} shards ok")
+        bad += corrupt
+    for line in bad:
+        print(f"  CORRUPT {line}")
+    if samples and tokenizer_json is not None:
+        tok = Tokenizer.from_str(tokenizer_json.decode("utf-8"))
+        first = split_shards(dataset, manifest, "train")[0]
         try:
             tokens, keys = read_shard(first, manifest.sample_len, manifest.np_dtype)
         except CorruptShard as err:

@@ -11,10 +11,12 @@ from lmscale.tasks import text_formats
 
 def prepare_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="tokenize raw text into WebDataset shards with Ray workers")
-    p.add_argument(
-        "--input", nargs="+", required=True, help="files, directories or glob patterns (.txt/.jsonl, .gz/.zst)"
-    )
-    p.add_argument("--output", required=True, help="dataset directory to write")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="files, directories or glob patterns, local or s3://: .txt/.jsonl (.gz/.zst), .parquet, "
+                        "Arrow and datasets.save_to_disk directories")  # fmt: skip
+    p.add_argument("--output", required=True, help="dataset directory to write, or s3://BUCKET/PREFIX")
+    p.add_argument("--work-dir", help="where the tokenized inputs are kept while prepare runs (default: in the "
+                                      "output; for an s3:// output a temporary directory)")  # fmt: skip
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sample (context length)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
@@ -44,7 +46,7 @@ def prepare_parser(sub: argparse._SubParsersAction) -> None:
         "--in-process", action="store_true", help="run the tasks in this process, without Ray (small corpora)"
     )
     p.add_argument("--strict", action="store_true", help="fail on the first bad input line instead of skipping it")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory or prefix")
     p.set_defaults(handler="prepare")
 
 
@@ -94,7 +96,7 @@ def inspect_parser(sub: argparse._SubParsersAction) -> None:
     """Dataset tools: `lmscale data inspect`."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="summarise a prepared dataset, verify checksums, decode samples")
-    p.add_argument("directory")
+    p.add_argument("dataset", help="a dataset directory, or its URL (s3://BUCKET/PREFIX, https://...)")
     p.add_argument("--samples", type=int, default=2, help="samples to decode back to text")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every shard")
     p.set_defaults(handler="inspect")

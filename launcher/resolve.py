@@ -47,7 +47,9 @@ def resolve_config(
             raise ConfigError(f"trainer.downstream[{i}].path: {task.path}: file not found")
         downstream.append(dataclasses.replace(task, path=str(Path(task.path).absolute())))
     trainer = dataclasses.replace(cfg.trainer, downstream=downstream)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources), trainer=trainer)
+    cache_dir = str(Path(cfg.data.cache_dir).absolute()) if cfg.data.cache_dir else None
+    data = dataclasses.replace(cfg.data, sources=sources, cache_dir=cache_dir)
+    return dataclasses.replace(cfg, data=data, trainer=trainer)
 
 
 def kept_config(plan: RunPlan) -> Config:

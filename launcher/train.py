@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +33,7 @@ from launcher.rank_command import RANK_MODULE, rank_args, rank_argv
 from launcher.resolve import resolve_for_ranks
 from lmscale import run_layout
 from lmscale.config import Config, load_config
-from lmscale.data.manifest import is_remote
+from lmscale.data.manifest import dataset_tokenizer
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.files import replacing, write_text
 from lmscale.footprint import GB, estimate_memory
@@ -81,11 +80,11 @@ def write_run_dir(cfg: Config, plan: RunPlan, ds_config: dict, launch: dict) -> 
     # Other nodes read these files over a shared filesystem: never let them see half of one.
     write_text(run_dir / run_layout.CONFIG, cfg.to_yaml())
     write_text(run_dir / run_layout.DEEPSPEED, json.dumps(ds_config, indent=2) + "\n")
-    data_path = cfg.data.resolved_sources()[0].path
-    if not is_remote(data_path):
-        # Export needs the tokenizer; keep it with the run in case the dataset moves.
-        with replacing(run_dir / run_layout.TOKENIZER) as tmp:
-            shutil.copyfile(Path(data_path) / plan.manifests[0].tokenizer_file, tmp)
+    # Export and eval need the tokenizer; keep it with the run (checked against the manifest), wherever the
+    # dataset is and in case it moves.
+    tokenizer = dataset_tokenizer(cfg.data.resolved_sources()[0].path, plan.manifests[0])
+    with replacing(run_dir / run_layout.TOKENIZER) as tmp:
+        tmp.write_bytes(tokenizer)
     write_text(run_dir / run_layout.LAUNCH, json.dumps(launch, indent=2) + "\n")
     return run_dir
 

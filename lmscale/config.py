@@ -65,6 +65,11 @@ class DataConfig:
     worker holds one shard per lane it reads in memory. Part of the sample order: keep it for the run's life."""
     strict: bool = False
     """Fail on a corrupt shard instead of skipping it with a counted warning."""
+    cache_dir: str | None = None
+    """A local directory that keeps the shards of remote datasets (s3://, https://) once read, so that later
+    epochs and restarts read them from disk; one per node, shared by its ranks (lmscale.data.shard_cache)."""
+    cache_limit_gb: float = 100.0
+    """The most the cache holds; the least recently read shards go first."""
     log_sample_keys: bool = False
     """Write the sample keys of every step to <run>/sample_keys/rank_<r>.jsonl (data provenance)."""
     mlm_probability: float = 0.15
@@ -482,6 +487,7 @@ def validate_schedule_and_the_rest(cfg: Config) -> None:
     _positive(cfg.logging.peak_flops, "logging.peak_flops")
     _positive(cfg.data.num_workers, "data.num_workers", allow_zero=True)
     _positive(cfg.data.lanes, "data.lanes")
+    _positive(cfg.data.cache_limit_gb, "data.cache_limit_gb")
     if cfg.zero.offload_params != "none" and cfg.zero.stage != 3:
         raise ConfigError("zero.offload_params: parameter offload needs zero.stage: 3")
     for i, source in enumerate(cfg.data.sources):

@@ -293,6 +293,6 @@ def test_init_from_refuses_what_it_cannot_continue(dataset: Path, tmp_path: Path
     vocab[a], vocab[b] = vocab[b], vocab[a]
     (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match="model.init_from: .* has another vocabulary than the dataset's"):
-        check_init_from_tokenizer(GPTConfig(init_from=str(other)), dataset / "tokenizer.json")
+        check_init_from_tokenizer(GPTConfig(init_from=str(other)), str(dataset), read_manifest(dataset))
     shutil.copy(dataset / "tokenizer.json", other / "tokenizer.json")
-    check_init_from_tokenizer(GPTConfig(init_from=str(other)), dataset / "tokenizer.json")
+    check_init_from_tokenizer(GPTConfig(init_from=str(other)), str(dataset), read_manifest(dataset))

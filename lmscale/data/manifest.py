@@ -5,6 +5,7 @@ It is written last, by atomic rename, so its presence means the dataset is compl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from dataclasses import asdict, dataclass, field
@@ -13,7 +14,9 @@ from typing import IO, Any
 
 import numpy as np
 
-from lmscale.errors import LmscaleError, UsageError
+from lmscale.data import object_store
+from lmscale.data.object_store import is_s3
+from lmscale.errors import LmscaleError, UsageError, one_line
 from lmscale.files import write_text
 from lmscale.tasks import TASKS
 
@@ -110,21 +113,49 @@ HTTP_FETCH += "--retry 3 --retry-delay 2 "
 
 
 def open_dataset_file(url: str) -> IO[bytes]:
-    """A dataset file (manifest or shard) for reading, through webdataset's ``gopen``: a path, ``file://``,
-    ``pipe:``, or ``http(s)://`` (by ``curl`` with the limits above)."""
+    """A dataset file (manifest or shard) for reading: ``s3://`` through boto3 (``object_store``), anything
+    else through webdataset's ``gopen``: a path, ``file://``, ``pipe:``, or ``http(s)://`` (by ``curl`` with
+    the limits above)."""
     from webdataset import gopen
 
+    if is_s3(url):
+        return object_store.open_object(url)
     if url.startswith(("http://", "https://")):
         url = "pipe:" + HTTP_FETCH + shlex.quote(url)
     return gopen(url, "rb")
 
 
+def read_dataset_file(url: str) -> bytes:
+    """A whole dataset file. Object-store errors raise ``ObjectStoreError`` (a transport error only once its
+    retries are spent); the others raise what ``gopen`` raises."""
+    if is_s3(url):
+        return object_store.read_object(url)
+    with open_dataset_file(url) as stream:
+        return stream.read()
+
+
 def _read_remote(url: str) -> str:
     try:
-        with open_dataset_file(url) as stream:
-            return stream.read().decode("utf-8")
+        return read_dataset_file(url).decode("utf-8")
+    except object_store.ObjectStoreError:
+        raise  # already one line naming the URL
     except Exception as err:  # gopen raises OSError or a pipe command's failure
         raise UsageError(f"{url}: cannot read the manifest ({err})") from None
+
+
+def dataset_tokenizer(dataset: str, manifest: Manifest) -> bytes:
+    """The dataset's tokenizer.json, local or remote, checked against the manifest: a run, its export and its
+    evaluation must use the tokenizer the shards were made with."""
+    url = dataset_url(dataset, manifest.tokenizer_file)
+    try:
+        data = read_dataset_file(url)
+    except object_store.ObjectStoreError:
+        raise
+    except Exception as err:
+        raise LmscaleError(f"{url}: cannot read the tokenizer ({one_line(err)})") from None
+    if hashlib.sha256(data).hexdigest() != manifest.tokenizer_sha256:
+        raise LmscaleError(f"{url}: sha256 does not match the manifest's tokenizer_sha256")
+    return data
 
 
 def read_manifest(directory: str | Path) -> Manifest:

@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,9 +33,18 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from lmscale.data import object_store
 from lmscale.data.manifest import MANIFEST, Manifest, ShardRecord, SplitRecord, token_dtype
 from lmscale.data.ray_cluster import check_cluster, start_ray
-from lmscale.data.sources import InputUnit, ReadOptions, ReadStats, expand_inputs, input_units, read_documents
+from lmscale.data.sources import (
+    InputFile,
+    InputUnit,
+    ReadOptions,
+    ReadStats,
+    expand_inputs,
+    input_units,
+    read_documents,
+)
 from lmscale.data.tokenizer import (
     BERT_SPECIALS,
     TokenizerKind,
@@ -59,7 +69,8 @@ ENCODE_BATCH_DOCS = 512
 @dataclass(frozen=True)
 class PrepareOptions:
     inputs: list[str]
-    output: Path
+    output: Path | str
+    """A local directory, or an ``s3://BUCKET/PREFIX`` that the shards are uploaded to as they are written."""
     seq_len: int = 1024
     vocab_size: int = 8192
     tokenizer: str | None = None
@@ -82,6 +93,9 @@ class PrepareOptions:
     without Ray (the GPU check). The shards are the same bytes either way."""
     read: ReadOptions = field(default_factory=ReadOptions)
     overwrite: bool = False
+    work_dir: Path | None = None
+    """Where the tokenized inputs (and, for an ``s3://`` output, each shard until it is uploaded) are kept while
+    prepare runs: default inside a local output, or a temporary directory. Every Ray node must see it."""
 
 
 def document_hash(text: str) -> int:
@@ -263,14 +277,20 @@ def write_shard(
     sample_len: int,
     dtype: str,
     wrap: tuple[int, int, int] | None,
+    upload_to: str | None = None,
 ) -> ShardRecord:
     """Write the samples of the stream spans ``starts``/``ends`` as one tar; ``wrap`` (the [CLS], [SEP] and
-    [PAD] ids) turns each span into a masked-LM sample, else a span is a causal sample as it is."""
+    [PAD] ids) turns each span into a masked-LM sample, else a span is a causal sample as it is. With
+    ``upload_to`` (an ``s3://`` dataset) the tar is uploaded there and its local copy removed."""
     first = int(starts[0])
     span = _stream_tokens(table, Path(work_dir), first, int(ends[-1]), dtype)
     samples = pack_samples(span, starts - first, ends - first, sample_len, wrap)
     real_tokens = int((ends - starts).sum()) + (2 * len(starts) if wrap else 0)
-    return write_sample_tar(samples, Path(output), relpath, real_tokens)
+    record = write_sample_tar(samples, Path(output), relpath, real_tokens)
+    if upload_to is not None:
+        object_store.upload_file(Path(output) / relpath, f"{upload_to}/{relpath}")
+        (Path(output) / relpath).unlink()
+    return record
 
 
 def write_sample_tar(samples: np.ndarray, output: Path, relpath: str, tokens: int) -> ShardRecord:
@@ -299,7 +319,7 @@ def write_sample_tar(samples: np.ndarray, output: Path, relpath: str, tokens: in
 # ---------------------------------------------------------------- the driver
 
 
-def _tokenizer_sample(files: list[Path], options: PrepareOptions) -> list[str]:
+def _tokenizer_sample(files: list[InputFile], options: PrepareOptions) -> list[str]:
     """Documents taken round-robin over the files until ``tokenizer_sample_mb`` of text."""
     budget = int(options.tokenizer_sample_mb * 1e6)
     quiet = ReadOptions(options.read.text_field, options.read.txt_mode, strict=False)
@@ -393,9 +413,14 @@ def _start_ray(options: PrepareOptions, workers: int) -> Any:
 
 def _check_output(options: PrepareOptions) -> None:
     out = options.output
-    if out.exists() and not out.is_dir():
+    if isinstance(out, str):
+        if object_store.list_objects(out):
+            if not options.overwrite:
+                raise UsageError(f"{out}: the output prefix holds objects (pass --overwrite to replace them)")
+            object_store.delete_prefix(out)
+    elif out.exists() and not out.is_dir():
         raise UsageError(f"{out}: output exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         if not options.overwrite:
             raise UsageError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
@@ -420,7 +445,7 @@ class Packing:
     per_shard: int
 
 
-def _tokenizer(files: list[Path], options: PrepareOptions) -> Tokenizer:
+def _tokenizer(files: list[InputFile], options: PrepareOptions) -> Tokenizer:
     """The given tokenizer, or one trained on a sample of the corpus; checked against what the format needs."""
     if options.tokenizer:
         tok = load_tokenizer(options.tokenizer)
@@ -460,12 +485,13 @@ def _start_workers(ray: Any, options: PrepareOptions, workers: int) -> float:
 
 
 def _tokenize_units(
-    ray: Any, units: list[InputUnit], tok: Tokenizer, options: PrepareOptions, packing: Packing, workers: int
-) -> tuple[list[dict[str, Any]], float]:
+    ray: Any, units: list[InputUnit], tok: Tokenizer, options: PrepareOptions, work_dir: str, packing: Packing,
+    workers: int,
+) -> tuple[list[dict[str, Any]], float]:  # fmt: skip
     """Every input unit tokenized into the work directory by one task each; their read statistics and the
     seconds."""
     tokenize = _task(ray, tokenize_unit, num_cpus=1, max_retries=5, retry_exceptions=False)
-    tok_json, work_dir = tok.to_str(), str(options.output / WORK_DIR)
+    tok_json = tok.to_str()
     calls = [
         (tokenize, (i, unit, tok_json, options.read, work_dir, options.val_fraction, packing.dtype))
         for i, unit in enumerate(units)
@@ -477,12 +503,13 @@ def _tokenize_units(
 
 
 def _write_shards(
-    ray: Any, tables: dict[str, DocTable], options: PrepareOptions, packing: Packing, workers: int
+    ray: Any, tables: dict[str, DocTable], options: PrepareOptions, staging: Path, packing: Packing, workers: int
 ) -> tuple[dict[str, SplitRecord], dict[str, int], float]:
     """Every split cut into samples and written as shards by one task each; the splits, the tokens each
     dropped from its stream's tail, and the seconds."""
     writer = _task(ray, write_shard, num_cpus=1, max_retries=5)
-    out, work_dir = options.output, options.output / WORK_DIR
+    out, work_dir = staging, staging / WORK_DIR
+    upload_to = options.output.rstrip("/") if isinstance(options.output, str) else None
     dropped: dict[str, int] = {}
     calls = []
     for name, table in tables.items():
@@ -496,7 +523,7 @@ def _write_shards(
             relpath = f"shards/{name}-{k:06d}.tar"
             span = slice(first, first + packing.per_shard)
             calls.append((writer, (table_ref, str(work_dir), str(out), relpath, starts[span], ends[span],
-                                   packing.sample_len, packing.dtype, packing.wrap)))  # fmt: skip
+                                   packing.sample_len, packing.dtype, packing.wrap, upload_to)))  # fmt: skip
     started = time.perf_counter()
     with Progress("write shards", total=len(calls), unit="shards") as progress:
         records = _run_tasks(ray, calls, workers, progress)
@@ -513,22 +540,39 @@ def prepare(options: PrepareOptions) -> Manifest:
     _check_output(options)
     if options.ray_address and not options.in_process:
         check_cluster(options.ray_address)  # before the tokenizer is trained: a wrong address fails at once
-    out = options.output
-    work_dir = out / WORK_DIR
+    staging = _staging_dir(options)
+    try:
+        manifest = _build(options, files, units, staging, started)
+    except BaseException:
+        if staging != options.output and options.work_dir is None:
+            shutil.rmtree(staging, ignore_errors=True)  # a temporary directory of this run's
+        raise
+    _publish(options, staging, manifest)
+    return manifest
+
+
+def _build(
+    options: PrepareOptions, files: list[InputFile], units: list[InputUnit], staging: Path, started: float
+) -> Manifest:
+    """The dataset in ``staging`` (its shards uploaded already where the output is remote), but for the
+    manifest, which is returned."""
+    work_dir = staging / WORK_DIR
     work_dir.mkdir(parents=True, exist_ok=True)
-    (out / "shards").mkdir(exist_ok=True)
+    (staging / "shards").mkdir(exist_ok=True)
     tok = _tokenizer(files, options)
-    tok.save(str(out / "tokenizer.json"))
+    tok.save(str(staging / "tokenizer.json"))
     packing = _packing(tok, options)
     workers = 1 if options.in_process else options.workers or os.cpu_count() or 1
     ray = None if options.in_process else _start_ray(options, workers)
     try:
         timings = {"worker_startup_seconds": _start_workers(ray, options, workers)}
-        unit_stats, timings["tokenize_seconds"] = _tokenize_units(ray, units, tok, options, packing, workers)
+        unit_stats, timings["tokenize_seconds"] = _tokenize_units(
+            ray, units, tok, options, str(work_dir), packing, workers
+        )
         tables, duplicates, documents = _build_tables(work_dir, len(units), options.dedup)
         if documents == 0:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
-        splits, dropped, timings["write_seconds"] = _write_shards(ray, tables, options, packing, workers)
+        splits, dropped, timings["write_seconds"] = _write_shards(ray, tables, options, staging, packing, workers)
     finally:
         if ray is not None:
             ray.shutdown()
@@ -553,18 +597,40 @@ def prepare(options: PrepareOptions) -> Manifest:
         "tokens_per_s": round(total_tokens / seconds, 1) if seconds else None,
         "workers": workers,
     }
-    manifest = _manifest(options, tok, packing, splits, stats)
+    manifest = _manifest(options, tok, staging / "tokenizer.json", packing, splits, stats)
     shutil.rmtree(work_dir)
-    for partial in (out / "shards").glob(".*.tmp*"):
+    for partial in (staging / "shards").glob(".*.tmp*"):
         partial.unlink()  # left by a shard writer whose worker died; its retry wrote the shard itself
-    manifest.write(out)  # last: a manifest means a complete dataset
     return manifest
 
 
+def _staging_dir(options: PrepareOptions) -> Path:
+    """The local directory prepare writes into: the output itself, or for an ``s3://`` output the work
+    directory (a temporary one by default)."""
+    if isinstance(options.output, Path):
+        return options.output
+    if options.work_dir is not None:
+        return options.work_dir
+    return Path(tempfile.mkdtemp(prefix="lmscale-prepare-"))
+
+
+def _publish(options: PrepareOptions, staging: Path, manifest: Manifest) -> None:
+    """The manifest last: a manifest means a complete dataset. An ``s3://`` output gets the tokenizer (the
+    shards are there already) and then the manifest, and the staging directory is removed."""
+    if isinstance(options.output, Path):
+        manifest.write(options.output)
+        return
+    out = options.output.rstrip("/")
+    object_store.upload_file(staging / "tokenizer.json", f"{out}/tokenizer.json")
+    object_store.put_bytes(f"{out}/{MANIFEST}", manifest.to_json().encode("utf-8"))
+    shutil.rmtree(staging)
+
+
 def _manifest(
-    options: PrepareOptions, tok: Tokenizer, packing: Packing, splits: dict[str, SplitRecord], stats: dict[str, Any]
-) -> Manifest:
-    run_only = ("output", "overwrite", "workers", "ray_address", "in_process")  # how it ran, not what it made
+    options: PrepareOptions, tok: Tokenizer, tokenizer_file: Path, packing: Packing, splits: dict[str, SplitRecord],
+    stats: dict[str, Any],
+) -> Manifest:  # fmt: skip
+    run_only = ("output", "overwrite", "workers", "ray_address", "in_process", "work_dir")  # how it ran, not what
     settings = {k: v for k, v in asdict(options).items() if k not in run_only}
     return Manifest(
         seq_len=options.seq_len,
@@ -572,7 +638,7 @@ def _manifest(
         vocab_size=tok.get_vocab_size(),
         eot_id=end_token_id(tok),
         tokenizer_file="tokenizer.json",
-        tokenizer_sha256=file_sha256(options.output / "tokenizer.json"),
+        tokenizer_sha256=file_sha256(tokenizer_file),
         tokenizer_kind=tokenizer_kind(tok),
         splits=splits,
         stats=stats,
@@ -582,7 +648,7 @@ def _manifest(
     )
 
 
-def summary(manifest: Manifest, output: Path) -> str:
+def summary(manifest: Manifest, output: str | Path) -> str:
     s = manifest.stats
     lines = [f"prepared {output}/{MANIFEST}"]
     for name, split in manifest.splits.items():

@@ -1,5 +1,6 @@
 """Find input files and read documents out of them: .txt and .jsonl (plain, gzip or zstd), parquet files, and
-Arrow: the directories ``datasets.save_to_disk`` writes, or single ``.arrow`` files.
+Arrow: the directories ``datasets.save_to_disk`` writes, or single ``.arrow`` files; each on local disk or in
+object storage (``s3://BUCKET/PREFIX``, read through ``lmscale.data.object_store``: a prefix is a folder).
 
 Parquet and Arrow are read one column at a time in bounded batches (a 2 GB parquet file costs a batch of
 rows in memory, not the file), and a parquet file is split into runs of row groups that tokenize as separate
@@ -15,11 +16,13 @@ import gzip
 import io
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from lmscale.data import object_store
+from lmscale.data.object_store import is_s3
 from lmscale.errors import LmscaleError, UsageError, one_line
 
 log = logging.getLogger(__name__)
@@ -65,56 +68,97 @@ class ReadStats:
             log.warning("skipped: %s", message)
 
 
+InputFile = Path | str
+"""A local file, or an object's ``s3://`` URL."""
+
+
 @dataclass(frozen=True)
 class InputUnit:
     """What one tokenize task reads: a whole file, or a run of a parquet file's row groups."""
 
-    path: Path
+    path: InputFile
     row_groups: tuple[int, int] | None = None
     """[first, last) row groups of a parquet file; None: all of the file."""
 
 
-def _is_input(path: Path) -> bool:
-    name = path.name.lower()
+def input_name(path: InputFile) -> str:
+    """The file's name, lower case: what its format is told by."""
+    return str(path).rsplit("/", 1)[-1].lower()
+
+
+def _is_input(path: InputFile) -> bool:
+    name = input_name(path)
     return name.endswith(PARQUET) or any(name.endswith(s + c) for s in TEXT_SUFFIXES for c in COMPRESSED_SUFFIXES)
 
 
-def saved_dataset_files(directory: Path) -> list[Path]:
-    """The Arrow files of a directory ``datasets.save_to_disk`` wrote, in the dataset's order."""
-    state = directory / SAVED_DATASET
-    try:
-        names = [entry["filename"] for entry in json.loads(state.read_text())["_data_files"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{state}: not a dataset saved by datasets ({one_line(err)})") from None
-    missing = [name for name in names if not (directory / name).is_file()]
-    if missing:
-        raise UsageError(f"{directory / missing[0]}: missing (listed in {state})")
-    return [directory / name for name in names]
-
-
-def _directory_inputs(directory: Path) -> list[Path]:
-    """A directory's inputs: a saved dataset's Arrow files, or every text and parquet file below it and the
-    Arrow files of the saved datasets below it (never other .arrow files: datasets' caches sit beside them)."""
-    for dict_file in [directory / DATASET_DICT, *directory.rglob(DATASET_DICT)]:
-        if dict_file.is_file():
-            splits = json.loads(dict_file.read_text()).get("splits", [])
+def _folder_inputs(folder: str, names: list[str], read_text: Callable[[str], str]) -> list[str]:
+    """The inputs of a folder (a directory, or an object-store prefix) given every file below it as names
+    relative to it: a saved dataset's Arrow files in the dataset's order, or every text and parquet file and
+    the Arrow files of the saved datasets below it (never other .arrow files: datasets' caches sit beside
+    them)."""
+    for name in names:
+        if input_name(name) == DATASET_DICT:
+            where = f"{folder}/{name.removesuffix(DATASET_DICT).rstrip('/')}".rstrip("/")
+            splits = json.loads(read_text(name)).get("splits", [])
             raise UsageError(
-                f"{dict_file.parent}: a dataset of the splits {', '.join(splits)}: give one split's directory "
-                f"(e.g. {dict_file.parent / (splits[0] if splits else 'train')})"
+                f"{where}: a dataset of the splits {', '.join(splits)}: give one split's directory "
+                f"(e.g. {where}/{splits[0] if splits else 'train'})"
             )
-    if (directory / SAVED_DATASET).is_file():
-        return saved_dataset_files(directory)
-    saved = {state.parent for state in directory.rglob(SAVED_DATASET)}
+    saved = sorted(name.removesuffix(SAVED_DATASET) for name in names if input_name(name) == SAVED_DATASET)
+    if "" in saved:
+        return _saved_dataset_files(folder, "", set(names), read_text)
     # A saved dataset's own .json files (state.json, dataset_info.json) are not JSONL documents.
-    found = [p for p in directory.rglob("*") if p.is_file() and _is_input(p) and not saved & set(p.parents)]
-    found += [p for folder in saved for p in saved_dataset_files(folder)]
+    found = [n for n in names if _is_input(n) and not any(n.startswith(prefix) for prefix in saved)]
+    found += [name for prefix in saved for name in _saved_dataset_files(folder, prefix, set(names), read_text)]
     return sorted(found)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files, directories (searched recursively) and glob patterns, in a sorted, de-duplicated order."""
-    found: list[Path] = []
+def _saved_dataset_files(folder: str, prefix: str, names: set[str], read_text: Callable[[str], str]) -> list[str]:
+    """The Arrow files of the dataset ``datasets.save_to_disk`` wrote at ``prefix`` (relative names), in order."""
+    state = f"{folder}/{prefix}{SAVED_DATASET}"
+    try:
+        files = [prefix + entry["filename"] for entry in json.loads(read_text(prefix + SAVED_DATASET))["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{state}: not a dataset saved by datasets ({one_line(err)})") from None
+    missing = [name for name in files if name not in names]
+    if missing:
+        raise UsageError(f"{folder}/{missing[0]}: missing (listed in {state})")
+    return files
+
+
+def _local_folder_inputs(directory: Path) -> list[Path]:
+    names = sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file())
+    return [directory / name for name in _folder_inputs(str(directory), names, lambda n: (directory / n).read_text())]
+
+
+def _remote_inputs(item: str) -> list[str]:
+    """An ``s3://`` input: an object, a glob pattern over objects, or a prefix read as a folder."""
+    if any(ch in item for ch in "*?["):
+        matches = object_store.glob_objects(item)
+        if not matches:
+            raise UsageError(f"{item}: the pattern matches no object")
+        return matches
+    if object_store.exists(item):
+        if not (_is_input(item) or input_name(item).endswith(ARROW)):
+            raise UsageError(f"{item}: unsupported input (expected {SUPPORTED})")
+        return [item]
+    folder = item.rstrip("/")
+    objects = object_store.list_objects(folder)
+    if not objects:
+        raise UsageError(f"{item}: no such object, and no object below it")
+    names = [url.removeprefix(folder + "/") for url in objects]
+    found = _folder_inputs(folder, names, lambda n: object_store.read_object(f"{folder}/{n}").decode("utf-8"))
+    return [f"{folder}/{name}" for name in found]
+
+
+def expand_inputs(inputs: list[str]) -> list[InputFile]:
+    """Files, directories (searched recursively), glob patterns and ``s3://`` URLs of any of those, in a sorted,
+    de-duplicated order."""
+    found: list[InputFile] = []
     for item in inputs:
+        if is_s3(item):
+            found.extend(_remote_inputs(item))
+            continue
         if any(ch in item for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(item, recursive=True))
             if not matches:
@@ -125,33 +169,37 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if not path.exists():
             raise UsageError(f"{path}: input path does not exist")
         if path.is_dir():
-            found.extend(_directory_inputs(path))
+            found.extend(_local_folder_inputs(path))
         elif _is_input(path) or path.name.lower().endswith(ARROW):
             found.append(path)
         else:
             raise UsageError(f"{path}: unsupported input (expected {SUPPORTED})")
-    unique = list(dict.fromkeys(p.resolve() for p in found))
+    unique = list(dict.fromkeys(p if isinstance(p, str) else p.resolve() for p in found))
     if not unique:
         raise UsageError(f"{' '.join(inputs)}: no input files found (expected {SUPPORTED})")
     return unique
 
 
-def _parquet_file(path: Path) -> Any:
+def _open_raw(path: InputFile) -> IO[bytes]:
+    return object_store.open_object(path) if isinstance(path, str) else open(path, "rb")
+
+
+def _parquet_file(path: InputFile) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(_open_raw(path) if isinstance(path, str) else path)
     except (OSError, pa.ArrowException) as err:
         raise LmscaleError(f"{path}: cannot read as parquet ({one_line(err)})") from None
 
 
-def input_units(files: list[Path]) -> list[InputUnit]:
+def input_units(files: list[InputFile]) -> list[InputUnit]:
     """The tokenize tasks' inputs, in stream order: a parquet file as runs of row groups of about UNIT_BYTES
     (so that one large file tokenizes in parallel), any other file whole."""
     units = []
     for path in files:
-        if not path.name.lower().endswith(PARQUET):
+        if not input_name(path).endswith(PARQUET):
             units.append(InputUnit(path))
             continue
         metadata = _parquet_file(path).metadata
@@ -164,18 +212,18 @@ def input_units(files: list[Path]) -> list[InputUnit]:
     return units
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    name = path.name.lower()
+def _open_binary(path: InputFile) -> IO[bytes]:
+    name = input_name(path)
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=_open_raw(path), mode="rb")
     if name.endswith(".zst"):
         import zstandard
 
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-    return open(path, "rb")
+        return zstandard.ZstdDecompressor().stream_reader(_open_raw(path), closefd=True)
+    return _open_raw(path)
 
 
-def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+def _lines(path: InputFile) -> Iterator[tuple[int, bytes]]:
     try:
         with _open_binary(path) as raw:
             yield from enumerate(io.BufferedReader(raw), start=1)
@@ -188,7 +236,7 @@ def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
         raise
 
 
-def _decode(path: Path, number: int, line: bytes, stats: ReadStats, strict: bool) -> str | None:
+def _decode(path: InputFile, number: int, line: bytes, stats: ReadStats, strict: bool) -> str | None:
     try:
         return line.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -197,10 +245,10 @@ def _decode(path: Path, number: int, line: bytes, stats: ReadStats, strict: bool
 
 
 def read_documents(
-    path: Path, options: ReadOptions, stats: ReadStats, row_groups: tuple[int, int] | None = None
+    path: InputFile, options: ReadOptions, stats: ReadStats, row_groups: tuple[int, int] | None = None
 ) -> Iterator[str]:
     """Yield the non-empty documents of one input file (of its ``row_groups`` where it is parquet)."""
-    name = path.name.lower().removesuffix(".gz").removesuffix(".zst")
+    name = input_name(path).removesuffix(".gz").removesuffix(".zst")
     if name.endswith(PARQUET):
         yield from _parquet_documents(path, options, stats, row_groups)
     elif name.endswith(ARROW):
@@ -221,7 +269,7 @@ def read_documents(
         yield from _paragraph_documents(path, options, stats)
 
 
-def _paragraph_documents(path: Path, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
+def _paragraph_documents(path: InputFile, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
     paragraph: list[str] = []
     for number, line in _lines(path):
         decoded = _decode(path, number, line, stats, options.strict)
@@ -238,7 +286,7 @@ def _paragraph_documents(path: Path, options: ReadOptions, stats: ReadStats) -> 
         yield "".join(paragraph).strip()
 
 
-def _jsonl_documents(path: Path, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
+def _jsonl_documents(path: InputFile, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
     for number, line in _lines(path):
         decoded = _decode(path, number, line, stats, options.strict)
         if decoded is None or not decoded.strip():
@@ -257,7 +305,7 @@ def _jsonl_documents(path: Path, options: ReadOptions, stats: ReadStats) -> Iter
             yield text
 
 
-def _text_column(path: Path, schema: Any, field: str) -> None:
+def _text_column(path: InputFile, schema: Any, field: str) -> None:
     """A table without the text column, or with one that is not text, is a wrong ``--text-field`` for all its
     rows: one line naming the file, not a skip per row."""
     import pyarrow as pa
@@ -281,7 +329,7 @@ def _table_documents(values: list[Any], place: str, first_row: int, field: str, 
 
 
 def _parquet_documents(
-    path: Path, options: ReadOptions, stats: ReadStats, row_groups: tuple[int, int] | None
+    path: InputFile, options: ReadOptions, stats: ReadStats, row_groups: tuple[int, int] | None
 ) -> Iterator[str]:
     import pyarrow as pa
 
@@ -299,13 +347,14 @@ def _parquet_documents(
             raise LmscaleError(f"{path}: row group {group}: cannot read ({one_line(err)})") from None
 
 
-def _arrow_documents(path: Path, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
-    """An Arrow IPC file, memory-mapped: the stream format ``datasets`` writes, or the random-access one."""
+def _arrow_documents(path: InputFile, options: ReadOptions, stats: ReadStats) -> Iterator[str]:
+    """An Arrow IPC file, memory-mapped where it is local: the stream format ``datasets`` writes, or the
+    random-access one."""
     import pyarrow as pa
 
     field, done = options.text_field, 0
     try:
-        source = pa.memory_map(str(path))
+        source = pa.PythonFile(_open_raw(path)) if isinstance(path, str) else pa.memory_map(str(path))
         try:
             reader: Any = pa.ipc.open_stream(source)
             batches = iter(reader)

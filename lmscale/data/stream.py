@@ -38,7 +38,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lmscale.data.collate import causal_batch
-from lmscale.data.manifest import Manifest, dataset_url, open_dataset_file
+from lmscale.data.manifest import Manifest, ShardRecord, dataset_url, is_remote, read_dataset_file
+from lmscale.data.object_store import ObjectStoreError
+from lmscale.data.shard_cache import ShardCache
 from lmscale.errors import LmscaleError
 
 log = logging.getLogger(__name__)
@@ -59,7 +61,11 @@ def split_shards(dataset: str, manifest: Manifest, split: str) -> list[ShardRef]
     record = manifest.splits.get(split)
     if record is None or not record.shards:
         raise LmscaleError(f"{dataset}: the dataset has no {split!r} samples")
-    return [ShardRef(dataset_url(dataset, s.file), Path(s.file).name, s.samples, s.sha256) for s in record.shards]
+    return [shard_ref(dataset, s) for s in record.shards]
+
+
+def shard_ref(dataset: str, shard: ShardRecord) -> ShardRef:
+    return ShardRef(dataset_url(dataset, shard.file), Path(shard.file).name, shard.samples, shard.sha256)
 
 
 class Lanes:
@@ -171,19 +177,38 @@ class CorruptShard(Exception):
     pass
 
 
-def read_shard(shard: ShardRef, sample_len: int, dtype: np.dtype) -> tuple[np.ndarray, list[str]]:
-    """All samples of a shard as a (samples, sample_len) array with their keys, checked against the manifest."""
+def shard_bytes(shard: ShardRef, cache: ShardCache | None = None) -> bytes:
+    """A shard's bytes, checked against the manifest's sha256: from ``cache`` where it holds them, else
+    downloaded (and then kept there). A transport error that outlasts its retries, or a missing object,
+    raises ``ObjectStoreError`` and stops the run: the shard may be fine, and skipping it would change the
+    sample order."""
     import hashlib
 
-    from webdataset.tariterators import tar_file_iterator
-
+    if cache is None or not shard.sha256 or not is_remote(shard.url):
+        cache = None  # a local shard is read where it is
+    cached = cache.get(shard.sha256) if cache is not None else None
+    if cached is not None:
+        return cached
     try:
-        with open_dataset_file(shard.url) as stream:
-            data = stream.read()
+        data = read_dataset_file(shard.url)
+    except ObjectStoreError:
+        raise
     except Exception as err:  # gopen raises OSError, or IOError-like errors from a pipe: command
         raise CorruptShard(f"cannot open ({err})") from None
     if shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
         raise CorruptShard("sha256 does not match the manifest")
+    if cache is not None:
+        cache.put(shard.sha256, data)
+    return data
+
+
+def read_shard(
+    shard: ShardRef, sample_len: int, dtype: np.dtype, cache: ShardCache | None = None
+) -> tuple[np.ndarray, list[str]]:
+    """All samples of a shard as a (samples, sample_len) array with their keys, checked against the manifest."""
+    from webdataset.tariterators import tar_file_iterator
+
+    data = shard_bytes(shard, cache)
     tokens = np.empty((shard.samples, sample_len), dtype=dtype)
     keys: list[str] = []
     payload = sample_len * tokens.itemsize
@@ -239,9 +264,11 @@ class ShardStream(IterableDataset):
         max_micro_batches: int | None = None,
         lanes: int = 1,
         collate: Callable[[np.ndarray, Sequence[int]], dict[str, torch.Tensor]] = causal_batch,
+        cache: ShardCache | None = None,
     ) -> None:
         super().__init__()
         self.sources = sources
+        self.cache = cache
         self.collate = collate
         # A mixture's keys name their source (its position in data.sources): two datasets may hold shards and
         # samples of the same name, and every logged key must trace back to one file.
@@ -280,7 +307,7 @@ class ShardStream(IterableDataset):
             return None
         ref = self.sources[source].shards[shard]
         try:
-            loaded = read_shard(ref, self.sample_len, self.dtype)
+            loaded = read_shard(ref, self.sample_len, self.dtype, self.cache)
             self.shards_read += 1
         except CorruptShard as err:
             if self.strict:

@@ -14,8 +14,10 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer
 
 from lmscale.confusion import accuracy_and_macro_f1, confusion_counts
+from lmscale.data import object_store
 from lmscale.data.collate import ClassificationBatch, MaskedLMBatch
-from lmscale.data.manifest import MANIFEST, read_manifest
+from lmscale.data.manifest import MANIFEST, dataset_url, is_remote, read_manifest
+from lmscale.data.object_store import is_s3
 from lmscale.data.shard import DocTable, mlm_pieces, pack_samples
 from lmscale.data.sources import ReadOptions, ReadStats, expand_inputs, read_documents
 from lmscale.data.stream import read_shard, split_shards
@@ -45,7 +47,7 @@ class ClassifierResult:
 
 
 def prepared_windows(
-    directory: Path, split: str, tokenizer: Tokenizer, data_format: str
+    directory: str, split: str, tokenizer: Tokenizer, data_format: str
 ) -> tuple[list[np.ndarray], int]:
     """The split's samples; refuses a dataset of another format or tokenized with another vocabulary."""
     manifest = read_manifest(directory)
@@ -56,7 +58,7 @@ def prepared_windows(
             f"{directory}: tokenized with a {manifest.vocab_size}-token vocabulary, the model's tokenizer has "
             f"{tokenizer.get_vocab_size()}"
         )
-    shards = split_shards(str(directory), manifest, split)
+    shards = split_shards(directory, manifest, split)
     rows = [read_shard(s, manifest.sample_len, manifest.np_dtype)[0] for s in shards]
     return [row for block in rows for row in block], manifest.seq_len
 
@@ -163,4 +165,9 @@ def evaluate_classifier(model: Bert, rows: np.ndarray, pad_id: int, batch_size: 
 
 
 def is_prepared(path: str) -> bool:
+    """A dataset written by ``lmscale prepare`` (rather than text files): a directory or a URL with a manifest."""
+    if is_s3(path):
+        return object_store.exists(dataset_url(path, MANIFEST))
+    if is_remote(path):
+        return True  # https:// or pipe:, which only datasets are given as
     return (Path(path) / MANIFEST).is_file()

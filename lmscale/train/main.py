@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 
 from lmscale import run_layout
 from lmscale.config import load_config, pin_run_dir
+from lmscale.data.shard_cache import ShardCache
 from lmscale.data.stream import ShardStream, StreamSource, split_shards
 from lmscale.data.tokenizer import end_token_id, load_tokenizer
 from lmscale.errors import AgreedError, LmscaleError, one_line
@@ -82,6 +83,7 @@ def stream_options(plan: RunPlan, rank: int) -> dict[str, Any]:
         world_size=plan.world_size,
         seed=cfg.run.seed,
         strict=cfg.data.strict,
+        cache=ShardCache(Path(cfg.data.cache_dir), int(cfg.data.cache_limit_gb * 1e9)) if cfg.data.cache_dir else None,
     )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lmscale import run_layout
 from lmscale.config import Config, ConfigError, grad_accum_steps
-from lmscale.data.manifest import Manifest, is_remote, read_manifest
+from lmscale.data.manifest import Manifest, dataset_tokenizer, dataset_url, read_manifest
 from lmscale.errors import LmscaleError
 from lmscale.models import ModelConfig
 from lmscale.tasks import task_of
@@ -98,8 +98,7 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
     model = dataclasses.replace(m, vocab_size=vocab_size, seq_len=seq_len)
     if model.init_from:
         check_init_from(model)
-        if not is_remote(sources[0].path):
-            check_init_from_tokenizer(model, Path(sources[0].path) / first.tokenizer_file)
+        check_init_from_tokenizer(model, sources[0].path, first)
     resolved = dataclasses.replace(cfg, model=model, trainer=trainer)
     return RunPlan(resolved, world_size, manifests)
 
@@ -144,15 +143,18 @@ def lanes_warning(cfg: Config, world_size: int) -> str | None:
     )
 
 
-def check_init_from_tokenizer(m: ModelConfig, dataset_tokenizer: Path) -> None:
+def check_init_from_tokenizer(m: ModelConfig, dataset: str, manifest: Manifest) -> None:
     """Token ids mean nothing across vocabularies: the model must have been trained with the data's tokenizer."""
+    from tokenizers import Tokenizer
+
     from lmscale.data.tokenizer import load_tokenizer
 
     theirs_path = Path(str(m.init_from)) / run_layout.TOKENIZER  # an exported directory's and a run's alike
     if not theirs_path.is_file():
         return  # weights without a tokenizer: nothing to compare against
-    if load_tokenizer(theirs_path).get_vocab() != load_tokenizer(dataset_tokenizer).get_vocab():
+    ours = Tokenizer.from_str(dataset_tokenizer(dataset, manifest).decode("utf-8"))
+    if load_tokenizer(theirs_path).get_vocab() != ours.get_vocab():
         raise ConfigError(
-            f"model.init_from: {theirs_path} has another vocabulary than the dataset's {dataset_tokenizer}; "
-            "prepare the data with --tokenizer " + str(theirs_path)
+            f"model.init_from: {theirs_path} has another vocabulary than the dataset's "
+            f"{dataset_url(dataset, manifest.tokenizer_file)}; prepare the data with --tokenizer {theirs_path}"
         )
