@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from lmscale import run_layout
-from lmscale.data.collate import MaskedLMBatch
 from lmscale.data.tokenizer import end_token_id, load_tokenizer, special_token_ids
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.families import family_of
@@ -102,25 +102,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if task.labelled:
         return eval_classifier(args, model, tokenizer_file, tok)
     prepared = len(args.data) == 1 and evaluate.is_prepared(args.data[0])
+    seq_len = cfg.seq_len
     if prepared:
         windows, seq_len = evaluate.prepared_windows(args.data[0], args.split, tok, task.name)
-        if seq_len > cfg.seq_len:
+        if cfg.seq_len is not None and seq_len > cfg.seq_len:
             raise UsageError(f"--data: samples of {seq_len} tokens exceed the model's {cfg.seq_len} positions")
+    elif cfg.seq_len is None:
+        raise UsageError(f"--data: {args.model} does not say its input length: give a prepared dataset")
     elif task.wraps_documents:
         windows = evaluate.mlm_windows(args.data, tok, cfg.seq_len)
     else:
-        windows = evaluate.text_windows(args.data, tok, cfg.seq_len)
-    if task.masked:
-        if not 0 < args.mlm_probability < 1:
-            raise UsageError(f"--mlm-probability {args.mlm_probability}: must be in (0, 1)")
-        collate = MaskedLMBatch(special_token_ids(tok), tok.get_vocab_size(), args.mlm_probability, args.seed)
-        result = evaluate.evaluate_mlm(model, windows, collate, args.batch_size, args.max_batches)
-        print(f"loss {result.loss:.4f}  mlm_accuracy {result.accuracy:.4f}  perplexity {result.perplexity:.2f}  "
-              f"({result.tokens:,} masked tokens, {args.mlm_probability:g} masked)")  # fmt: skip
+        windows = evaluate.text_windows(args.data, tok, task.sample_len(cfg.seq_len))
+    if task.scores_continuations:  # a causal LM: every next token
+        result = evaluate.evaluate(model, windows, args.batch_size, args.max_batches)
+        print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens)")
         return 0
-    result = evaluate.evaluate(model, windows, args.batch_size, args.max_batches)
-    print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens)")
+    if task.masked and not 0 < args.mlm_probability < 1:
+        raise UsageError(f"--mlm-probability {args.mlm_probability}: must be in (0, 1)")
+    layout = TokenizerLayout(special_token_ids(tok), tok.get_vocab_size(), seq_len)
+    collate = task.collator(layout, args.seed, args.mlm_probability, None)
+    result = evaluate.evaluate_collated(model, windows, collate, args.batch_size, args.max_batches)
+    accuracy = f"  {task.accuracy_metric} {result.accuracy:.4f}" if task.accuracy_metric else ""
+    scored = f"{result.tokens:,} masked tokens, {args.mlm_probability:g} masked" if task.masked else (
+        f"{result.tokens:,} target tokens")  # fmt: skip
+    print(f"loss {result.loss:.4f}{accuracy}  perplexity {result.perplexity:.2f}  ({scored})")
     return 0
+
+
+@dataclass(frozen=True)
+class TokenizerLayout:
+    """What a task's collator reads of a dataset (``lmscale.tasks.SampleLayout``), from the model's tokenizer."""
+
+    special_tokens: dict[str, int]
+    vocab_size: int
+    seq_len: int
 
 
 def eval_choices(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:

@@ -20,14 +20,14 @@ def prepare_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sample (context length)")
     p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained tokenizer")
     p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    p.add_argument(
-        "--tokenizer-kind", choices=["bpe", "wordpiece"], default="bpe", help="bpe (GPT) or wordpiece (BERT)"
-    )
+    p.add_argument("--tokenizer-kind", choices=["bpe", "wordpiece", "unigram"], default="bpe",
+                   help="bpe (GPT), wordpiece (BERT) or unigram with T5's sentinels (T5)")  # fmt: skip
     p.add_argument(
         "--format",
         choices=text_formats(),
         default="causal",
-        help="causal: GPT samples of seq-len + 1 tokens; mlm: BERT samples [CLS] ... [SEP], documents packed",
+        help="causal: GPT samples of seq-len + 1 tokens; mlm: BERT samples [CLS] ... [SEP], documents packed; "
+        "span_corruption: T5 samples corrupted into inputs of seq-len as they are read",
     )
     p.add_argument("--tokenizer-sample-mb", type=float, default=64.0, help="text to train the tokenizer on")
     p.add_argument("--shard-size", default="64MB", help="samples per shard (10000) or a size (64MB)")

@@ -1,4 +1,4 @@
-"""The family registry: one entry per model family (``gpt``, ``bert``), holding everything the rest of the
+"""The family registry: one entry per model family (``gpt``, ``bert``, ``t5``), holding everything the rest of the
 code asks about it.
 
 A run's ``model`` section names its family, whose config dataclass (in the family's model file) is the single
@@ -19,12 +19,15 @@ from torch import nn
 
 from lmscale.hf import bert as hf_bert
 from lmscale.hf import gpt as hf_gpt
+from lmscale.hf import t5 as hf_t5
 from lmscale.hf.adapter import HFAdapter
 from lmscale.models import ModelConfig
 from lmscale.models.bert import Bert, BertConfig
 from lmscale.models.bert import flops_per_token as bert_flops
 from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.models.gpt import flops_per_token as gpt_flops
+from lmscale.models.t5 import T5, T5Config
+from lmscale.models.t5 import flops_per_token as t5_flops
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class Family:
 FAMILIES: dict[str, Family] = {
     "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, hf_gpt.ADAPTER, generates=True),
     "bert": Family("bert", BertConfig, Bert, bert_flops, hf_bert.ADAPTER, fine_tunes=True),
+    "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER),
 }
 
 

@@ -126,10 +126,10 @@ def estimate_memory(
 
     tokens = micro_batch * (seq_len or m.seq_len)
     per_block = block_activation_bytes(m, element) * tokens
-    recomputed = len(recomputed_blocks(cfg.trainer.activation_checkpointing, m.n_layers))
+    recomputed = len(recomputed_blocks(cfg.trainer.activation_checkpointing, m.block_count))
     edges = 3 * tokens * m.d_model * element  # embeddings, the final norm's input and output
-    without = m.n_layers * per_block + edges
-    kept = (m.n_layers - recomputed) * per_block + recomputed * tokens * m.d_model * element
+    without = m.block_count * per_block + edges
+    kept = (m.block_count - recomputed) * per_block + recomputed * tokens * m.d_model * element
     activations = kept + (per_block if recomputed else 0) + edges
 
     scored = tokens * cfg.predicted_fraction

@@ -1,11 +1,11 @@
 """The task registry: what a model is trained to predict, one entry per kind of prepared data.
 
 A task is named by the ``format`` its dataset's ``manifest.json`` records (``causal``, ``mlm``,
-``classification``); a model's config says which one it trains on (``data_format``). The entry holds
-everything the rest of the code asks about a task: how long a sample is, how ``lmscale prepare`` packs it,
-the collator that turns samples into the model's inputs, the accuracy a training step and a validation pass
-report, and whether validation scores every labelled example. Code outside the registries asks the entry;
-it never compares a task's name.
+``span_corruption``, ``classification``); a model's config says which one it trains on (``data_format``).
+The entry holds everything the rest of the code asks about a task: how long a sample is, how ``lmscale
+prepare`` packs it and which tokenizer it needs, the collator that turns samples into the model's inputs,
+the accuracy a training step and a validation pass report, and whether validation scores every labelled
+example. Code outside the registries asks the entry; it never compares a task's name.
 """
 
 from __future__ import annotations
@@ -52,6 +52,13 @@ class Task:
     """How ``lmscale report`` names the best validation accuracy."""
     scores_continuations: bool = False
     """The model gives the likelihood of a text after a context: it can take multiple-choice tasks."""
+    tokenizer_kind: str | None = None
+    """The kind of tokenizer ``lmscale prepare`` must train for it (``--tokenizer-kind``), if it needs one."""
+    required_tokens: Callable[[int], list[str]] = lambda seq_len: []
+    """The special tokens its samples of ``seq_len`` need the tokenizer to have."""
+    model_fields: Callable[[int, dict[str, int]], dict[str, Any]] = lambda seq_len, special_tokens: {}
+    """Fields of the model section it decides from the dataset's ``seq_len`` and special token ids (beyond
+    vocab_size and seq_len, which every model takes)."""
 
 
 def causal_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
@@ -64,6 +71,48 @@ def masked_lm_collator(layout: SampleLayout, seed: int, probability: float, exam
     from lmscale.data.collate import MaskedLMBatch
 
     return MaskedLMBatch(layout.special_tokens, layout.vocab_size, probability, seed)
+
+
+def span_lengths(seq_len: int) -> Any:
+    """The raw, input and target lengths of span corruption for inputs of ``seq_len``."""
+    from lmscale.data.span_corruption import Lengths
+
+    return Lengths.for_inputs(seq_len)
+
+
+def span_sentinels(seq_len: int) -> list[str]:
+    from lmscale.data.span_corruption import MEAN_SPAN, NOISE_DENSITY, noise_counts
+    from lmscale.data.tokenizer import sentinel
+
+    _, spans = noise_counts(span_lengths(seq_len).raw, NOISE_DENSITY, MEAN_SPAN)
+    return [sentinel(i) for i in range(spans)]
+
+
+def span_tokens(seq_len: int) -> list[str]:
+    from lmscale.data.tokenizer import T5_EOS, T5_PAD, T5_UNK
+
+    return [T5_PAD, T5_EOS, T5_UNK, *span_sentinels(seq_len)]
+
+
+def bert_tokens(seq_len: int) -> list[str]:
+    from lmscale.data.tokenizer import BERT_SPECIALS
+
+    return list(BERT_SPECIALS)
+
+
+def span_corruption_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
+    from lmscale.data.span_corruption import SpanCorruptionBatch
+    from lmscale.data.tokenizer import T5_EOS
+
+    sentinels = [layout.special_tokens[name] for name in span_sentinels(layout.seq_len)]
+    return SpanCorruptionBatch(sentinels, layout.special_tokens[T5_EOS], seed)
+
+
+def span_model_fields(seq_len: int, special_tokens: dict[str, int]) -> dict[str, Any]:
+    from lmscale.data.tokenizer import T5_PAD
+
+    lengths = span_lengths(seq_len)
+    return {"seq_len": lengths.inputs, "target_len": lengths.targets, "decoder_start_id": special_tokens[T5_PAD]}
 
 
 def classification_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
@@ -91,6 +140,18 @@ TASKS: dict[str, Task] = {
         masked=True,
         accuracy_metric="mlm_accuracy",
         accuracy_label="best val MLM acc",
+        tokenizer_kind="wordpiece",
+        required_tokens=bert_tokens,
+    ),
+    "span_corruption": Task(
+        "span_corruption",
+        sample_len=lambda seq_len: span_lengths(seq_len).raw,  # corrupted into inputs of seq_len at most
+        collator=span_corruption_collator,
+        how_to_prepare="prepare the data with `lmscale prepare --format span_corruption --tokenizer-kind unigram`",
+        prepared_from_text=True,
+        tokenizer_kind="unigram",
+        required_tokens=span_tokens,
+        model_fields=span_model_fields,
     ),
     "classification": Task(
         "classification",

@@ -164,6 +164,15 @@ def mlm_dataset(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
+@pytest.fixture(scope="session")
+def t5_dataset(corpus_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The corpus as span-corruption shards with a Unigram tokenizer and T5's sentinels (what T5 trains on)."""
+    out = tmp_path_factory.mktemp("prepared-t5") / "tiny"
+    prepare(PrepareOptions(inputs=[str(corpus_dir)], output=out, seq_len=64, vocab_size=600, shard_size="50",
+                           val_fraction=0.1, tokenizer_kind="unigram", format="span_corruption", in_process=True))  # fmt: skip
+    return out
+
+
 CONCURRENCY = ("asyncio", "concurrent", "multiprocessing", "threading", "queue", "selectors", "subprocess", "socket")
 TEXT_FORMATS = ("email", "html", "xml", "json", "csv", "configparser", "tomllib", "plistlib", "mailbox", "string",
                 "base64", "quopri", "textwrap")  # fmt: skip

@@ -37,8 +37,8 @@ def test_the_config_section_selects_the_family_and_names_bad_fields() -> None:
     assert isinstance(model_section({}), GPTConfig)
     bert = model_section({"family": "bert", "flavor": "pre_ln", "d_model": 64, "n_heads": 4})
     assert isinstance(bert, BertConfig) and bert.flavor == "pre_ln" and bert.norm_eps == 1e-12
-    with pytest.raises(ConfigError, match=r"^model\.family: expected one of 'gpt' \| 'bert', got 't5'$"):
-        model_section({"family": "t5"})
+    with pytest.raises(ConfigError, match=r"^model\.family: expected one of 'gpt' \| 'bert' \| 't5', got 'rnn'$"):
+        model_section({"family": "rnn"})
     with pytest.raises(ConfigError, match=r"^model\.n_kv_heads: unknown key"):
         model_section({"family": "bert", "n_kv_heads": 2})
     with pytest.raises(ConfigError, match=r"^model\.labels: none \(masked LM\) or at least 2 distinct classes"):
@@ -176,7 +176,9 @@ def test_mlm_samples_cover_every_token_of_the_document_stream() -> None:
 
 
 def test_prepare_refuses_mlm_without_a_wordpiece_tokenizer(corpus_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match=r"^--format mlm: needs a WordPiece tokenizer"):
+    with pytest.raises(
+        UsageError, match=r"^--format mlm: needs a wordpiece tokenizer \(add --tokenizer-kind wordpiece\)"
+    ):
         prepare(PrepareOptions(inputs=[str(corpus_dir)], output=tmp_path / "x", format="mlm", in_process=True))
 
 

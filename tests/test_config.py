@@ -73,8 +73,8 @@ def test_seq_len_larger_than_model_positions(tmp_path: Path, dataset: Path) -> N
 
 # bert-tiny-cls.yaml fine-tunes a pretrained model: the fine-tuning tests run it (tests/test_bert_train.py).
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml") if "cls" not in p.name))
-def test_every_shipped_config_dry_runs(config: str, dataset: Path, mlm_dataset: Path) -> None:
-    data = mlm_dataset if config.startswith("bert") else dataset
+def test_every_shipped_config_dry_runs(config: str, dataset: Path, mlm_dataset: Path, t5_dataset: Path) -> None:
+    data = {"bert": mlm_dataset, "t5": t5_dataset}.get(config.split("-")[0], dataset)
     result = run_cli("train", f"configs/{config}", "--dry-run", "--nproc", "2", "--set", f"data.path={data}")
     assert result.returncode == 0, result.stderr
     assert "train_micro_batch_size_per_gpu" in result.stdout and "zero_optimization" in result.stdout

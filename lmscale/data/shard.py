@@ -46,7 +46,6 @@ from lmscale.data.sources import (
     read_documents,
 )
 from lmscale.data.tokenizer import (
-    BERT_SPECIALS,
     TokenizerKind,
     end_token_id,
     file_sha256,
@@ -412,6 +411,20 @@ def _start_ray(options: PrepareOptions, workers: int) -> Any:
 
 
 def _check_output(options: PrepareOptions) -> None:
+    """The options against the format, then the output: refused if it holds anything, unless overwritten."""
+    task = TASKS[options.format]
+    least = 3 if task.wraps_documents else 2  # a wrapped sample holds [CLS], a token and [SEP]
+    if options.seq_len < least:
+        raise UsageError(f"--seq-len {options.seq_len}: must be at least {least} for --format {options.format}")
+    try:
+        task.sample_len(options.seq_len)
+    except ValueError as err:
+        raise UsageError(f"--seq-len {options.seq_len}: {err} (--format {options.format})") from None
+    kind = task.tokenizer_kind
+    if kind is not None and not options.tokenizer and options.tokenizer_kind != kind:
+        raise UsageError(f"--format {options.format}: needs a {kind} tokenizer (add --tokenizer-kind {kind})")
+    if not 0.0 <= options.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction {options.val_fraction}: must be in [0, 1)")
     out = options.output
     if isinstance(out, str):
         if object_store.list_objects(out):
@@ -424,14 +437,6 @@ def _check_output(options: PrepareOptions) -> None:
         if not options.overwrite:
             raise UsageError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
         shutil.rmtree(out)
-    wraps = TASKS[options.format].wraps_documents
-    least = 3 if wraps else 2  # a wrapped sample holds [CLS], a token and [SEP]
-    if options.seq_len < least:
-        raise UsageError(f"--seq-len {options.seq_len}: must be at least {least} for --format {options.format}")
-    if wraps and not options.tokenizer and options.tokenizer_kind != "wordpiece":
-        raise UsageError(f"--format {options.format}: needs a WordPiece tokenizer (add --tokenizer-kind wordpiece)")
-    if not 0.0 <= options.val_fraction < 1.0:
-        raise UsageError(f"--val-fraction {options.val_fraction}: must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -458,10 +463,13 @@ def _tokenizer(files: list[InputFile], options: PrepareOptions) -> Tokenizer:
         if not sample:
             raise LmscaleError(f"{' '.join(options.inputs)}: the corpus holds no documents")
         tok = train_tokenizer(sample, options.vocab_size, options.tokenizer_kind)
-    missing = [token for token in BERT_SPECIALS if token not in special_token_ids(tok)]
-    if TASKS[options.format].wraps_documents and missing:
+    task = TASKS[options.format]
+    missing = [token for token in task.required_tokens(options.seq_len) if tok.token_to_id(token) is None]
+    if missing:
+        shown = " ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
         raise UsageError(
-            f"{options.tokenizer}: --format {options.format} needs the special tokens {' '.join(missing)} (WordPiece)"
+            f"{options.tokenizer}: --format {options.format} needs the special tokens {shown} "
+            f"(a {task.tokenizer_kind} tokenizer)"
         )
     return tok
 

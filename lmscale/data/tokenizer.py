@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
@@ -13,12 +14,32 @@ from lmscale.errors import LmscaleError, UsageError
 
 EOT = "<|endoftext|>"
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-TokenizerKind = Literal["bpe", "wordpiece"]
+T5_PAD, T5_EOS, T5_UNK = "<pad>", "</s>", "<unk>"
+T5_SENTINELS = 100
+"""Span-corruption sentinels a trained T5 tokenizer holds, ``<extra_id_0>`` ... (as transformers' T5 has)."""
+TokenizerKind = Literal["bpe", "wordpiece", "unigram"]
+
+
+def sentinel(i: int) -> str:
+    """The i-th span-corruption sentinel, named as transformers' T5 tokenizers name them."""
+    return f"<extra_id_{i}>"
+
+
+T5_SPECIALS = [T5_PAD, T5_EOS, T5_UNK, *(sentinel(i) for i in range(T5_SENTINELS))]
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: TokenizerKind = "bpe") -> Tokenizer:
-    """Byte-level BPE with an end-of-text token (GPT), or uncased WordPiece with BERT's specials."""
-    if kind == "bpe":
+    """Byte-level BPE with an end-of-text token (GPT), uncased WordPiece with BERT's specials, or a
+    SentencePiece-style Unigram with T5's (padding, end of sequence, unknown, the sentinels)."""
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.NFKC()
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer: trainers.Trainer = trainers.UnigramTrainer(
+            vocab_size=vocab_size, special_tokens=T5_SPECIALS, unk_token=T5_UNK, show_progress=False
+        )
+    elif kind == "bpe":
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
@@ -61,8 +82,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
 
 def end_token_id(tok: Tokenizer) -> int:
-    """The id appended after every document: <|endoftext|> (GPT) or [SEP] (BERT)."""
-    for special in (EOT, "[SEP]"):
+    """The id appended after every document: <|endoftext|> (GPT), [SEP] (BERT) or </s> (T5)."""
+    for special in (EOT, "[SEP]", T5_EOS):
         token_id = tok.token_to_id(special)
         if token_id is not None:
             return token_id
@@ -70,12 +91,14 @@ def end_token_id(tok: Tokenizer) -> int:
 
 
 def special_token_ids(tok: Tokenizer) -> dict[str, int]:
-    """The special tokens lmscale knows (GPT's end-of-text, BERT's five) that ``tok`` has, with their ids."""
-    return {token: i for token in [EOT, *BERT_SPECIALS] if (i := tok.token_to_id(token)) is not None}
+    """The special tokens lmscale knows (GPT's end-of-text, BERT's five, T5's) that ``tok`` has, with their ids."""
+    known = [EOT, *BERT_SPECIALS, *T5_SPECIALS]
+    return {token: i for token in known if (i := tok.token_to_id(token)) is not None}
 
 
 def tokenizer_kind(tok: Tokenizer) -> TokenizerKind:
-    return "wordpiece" if tok.token_to_id("[MASK]") is not None else "bpe"
+    model = json.loads(tok.to_str())["model"]["type"]
+    return {"WordPiece": "wordpiece", "Unigram": "unigram"}.get(model, "bpe")  # type: ignore[return-value]
 
 
 def file_sha256(path: str | Path) -> str:

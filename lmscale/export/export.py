@@ -96,25 +96,40 @@ def transformers_class(cfg: ModelConfig) -> Any:
 
 def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: str, max_shard_size: str) -> str:
     """Write ``model`` as a Hugging Face directory; returns the transformers class name."""
+    from huggingface_hub import save_torch_state_dict
     from transformers import AutoConfig, GenerationConfig
 
     cfg = model.cfg
     special_tokens = special_token_ids(load_tokenizer(tokenizer_file))
     config_dict = hf_config_dict(cfg, special_tokens)
-    architecture = config_dict.pop("architectures")[0]
-    hf_config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    hf_model = transformers_class(cfg).from_config(hf_config)
-    state = to_hf({k: v.detach().float() for k, v in model.state_dict().items()}, cfg)
-    missing, unexpected = hf_model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in tied_keys(cfg)]
-    if missing or unexpected:
-        raise LmscaleError(f"conversion to {architecture} left weights unmatched: {(missing + unexpected)[:3]}")
-    hf_model.to(DTYPES[dtype]).save_pretrained(str(output), max_shard_size=max_shard_size, safe_serialization=True)
+    architecture = config_dict["architectures"][0]
+    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "architectures")}
+    hf_config = AutoConfig.for_model(config_dict["model_type"], **fields)
+    hf_config.architectures = [architecture]
+    with torch.device("meta"):  # the names transformers expects, without building its weights
+        expected = set(transformers_class(cfg).from_config(hf_config).state_dict()) - tied_keys(cfg)
+    state = to_hf({k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}, cfg)
+    unmatched = sorted(expected ^ set(state))
+    if unmatched:
+        raise LmscaleError(f"conversion to {architecture} left weights unmatched: {unmatched[:3]}")
+    # The tensors as they are, rather than through transformers' model, which ties weights its class always
+    # ties (transformers 5 ties T5's head to the embedding) and would lose an untied head.
+    output.mkdir(parents=True, exist_ok=True)
+    save_torch_state_dict(state, str(output), max_shard_size=max_shard_size)
+    hf_config.save_pretrained(str(output))
+    # What lmscale trained, in the fields every transformers version reads the same way (transformers 5
+    # writes T5's tie_word_embeddings as true whatever the head).
+    written = json.loads((output / "config.json").read_text())
+    (output / "config.json").write_text(json.dumps({**written, **config_dict}, indent=2) + "\n")
     if family_of(cfg).generates:
         eot_id = end_token_id(load_tokenizer(tokenizer_file))
         GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(str(output))
     save_tokenizer(tokenizer_file, output, cfg)
     return architecture
+
+
+HF_INPUTS = {"idx": "input_ids", "pad_mask": "attention_mask", "decoder_idx": "decoder_input_ids"}
+"""transformers' names of the inputs a family's parity batch holds."""
 
 
 def check_parity(model: nn.Module, output: Path, dtype: str) -> tuple[float, float]:
@@ -129,9 +144,7 @@ def check_parity(model: nn.Module, output: Path, dtype: str) -> tuple[float, flo
     rounded = build_model(cfg)
     rounded.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
     batch = parity_batch(cfg)
-    hf_inputs = {"input_ids": batch["idx"]}
-    if "pad_mask" in batch:
-        hf_inputs["attention_mask"] = batch["pad_mask"].long()
+    hf_inputs = {HF_INPUTS[name]: value.long() for name, value in batch.items()}
     with torch.no_grad():
         reference = rounded.eval()(**batch)[0]
         theirs = exported(**hf_inputs).logits
@@ -153,6 +166,9 @@ def export_checkpoint(
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # the export's own bar counts its stages
+    # Loading the export back for the parity check is the check itself: transformers' notes on how it ties
+    # weights (T5 with an untied head) are not for the user.
+    transformers_logging.set_verbosity_error()
     tag = find_checkpoint(run_dir, requested)
     state = checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)
     cfg = from_dict(state["config"])

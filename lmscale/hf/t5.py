@@ -14,18 +14,13 @@ from typing import Any
 
 import torch
 
-from lmscale.data.tokenizer import load_tokenizer
+from lmscale.data.tokenizer import T5_EOS as EOS
+from lmscale.data.tokenizer import T5_PAD as PAD
+from lmscale.data.tokenizer import T5_UNK as UNK
+from lmscale.data.tokenizer import load_tokenizer, sentinel
 from lmscale.errors import LmscaleError
 from lmscale.hf.adapter import HFAdapter
 from lmscale.models.t5 import T5Config
-
-PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
-
-
-def sentinel(i: int) -> str:
-    """The i-th span-corruption sentinel, as transformers' T5 tokenizers name them."""
-    return f"<extra_id_{i}>"
-
 
 ATTENTION = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
 FEED_FORWARD = {"gate_proj": "wi_0", "up_proj": "wi_1", "down_proj": "wo"}
@@ -84,6 +79,7 @@ def hf_config_dict(cfg: T5Config, special_tokens: dict[str, int]) -> dict[str, A
         "feed_forward_proj": "gated-gelu",  # the tanh GELU lmscale trains with ("gelu_new")
         "tie_word_embeddings": cfg.tie_embeddings,
         "is_encoder_decoder": True,
+        "n_positions": cfg.seq_len,  # the input length it was trained on (T5's configs carry it as this)
         "pad_token_id": special_tokens[PAD],
         "eos_token_id": special_tokens[EOS],
         "decoder_start_token_id": special_tokens[PAD],
@@ -103,6 +99,7 @@ def t5_config_from_hf(config: dict[str, Any]) -> T5Config:
         dropout=config.get("dropout_rate", 0.0), norm_eps=config.get("layer_norm_epsilon", 1e-6),
         init_std=config.get("initializer_factor", 1.0), tie_embeddings=config.get("tie_word_embeddings", True),
         decoder_start_id=config.get("decoder_start_token_id", config.get("pad_token_id", 0)),
+        seq_len=config.get("n_positions"),
     )  # fmt: skip
 
 
@@ -122,11 +119,17 @@ def tied_keys(cfg: T5Config) -> set[str]:
 
 
 def tokenizer(tokenizer_file: Path, cfg: T5Config) -> tuple[Any, dict[str, Any]]:
-    """The run's tokenizer with T5's special tokens: padding (also the decoder's start), end of sequence,
-    unknown, and the span-corruption sentinels ``<extra_id_N>`` it holds."""
+    """The run's tokenizer with T5's special tokens: padding (also the decoder's start), end of sequence
+    (appended to every text), unknown, and the span-corruption sentinels ``<extra_id_N>`` it holds."""
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
     backend = load_tokenizer(tokenizer_file)
+    # Every input and target ends with end of sequence, as the model was trained: T5's tokenizers append it.
+    eos = backend.token_to_id(EOS)
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, eos)]
+    )
     sentinels = []
     while backend.token_to_id(sentinel(len(sentinels))) is not None:
         sentinels.append(sentinel(len(sentinels)))

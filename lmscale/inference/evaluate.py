@@ -12,10 +12,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
+from torch import nn
 
 from lmscale.confusion import accuracy_and_macro_f1, confusion_counts
 from lmscale.data import object_store
-from lmscale.data.collate import ClassificationBatch, MaskedLMBatch
+from lmscale.data.collate import ClassificationBatch
 from lmscale.data.manifest import MANIFEST, dataset_url, is_remote, read_manifest
 from lmscale.data.object_store import is_s3
 from lmscale.data.shard import DocTable, mlm_pieces, pack_samples
@@ -26,6 +27,7 @@ from lmscale.errors import LmscaleError
 from lmscale.models.bert import Bert
 from lmscale.models.gpt import GPT
 from lmscale.progress import Progress
+from lmscale.tasks import Collate
 
 
 @dataclass(frozen=True)
@@ -63,18 +65,19 @@ def prepared_windows(
     return [row for block in rows for row in block], manifest.seq_len
 
 
-def text_windows(inputs: list[str], tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
-    """Documents of text files, tokenized, joined with end-of-text, cut into windows of seq_len + 1."""
+def text_windows(inputs: list[str], tokenizer: Tokenizer, window: int) -> list[np.ndarray]:
+    """Documents of text files, tokenized, joined with end-of-text, cut into windows of ``window`` tokens (a
+    task's sample: a causal LM's seq_len + 1)."""
     eot = end_token_id(tokenizer)
     stream: list[int] = []
     for path in expand_inputs(inputs):
         for doc in read_documents(path, ReadOptions(), ReadStats()):
             stream.extend(tokenizer.encode(doc, add_special_tokens=False).ids)
             stream.append(eot)
-    n = len(stream) // (seq_len + 1)
+    n = len(stream) // window
     if n == 0:
-        raise LmscaleError(f"{' '.join(inputs)}: fewer than {seq_len + 1} tokens of text to evaluate")
-    return list(np.asarray(stream[: n * (seq_len + 1)], dtype=np.int64).reshape(n, seq_len + 1))
+        raise LmscaleError(f"{' '.join(inputs)}: fewer than {window} tokens of text to evaluate")
+    return list(np.asarray(stream[: n * window], dtype=np.int64).reshape(n, window))
 
 
 def mlm_windows(inputs: list[str], tokenizer: Tokenizer, seq_len: int) -> list[np.ndarray]:
@@ -121,10 +124,11 @@ def evaluate(model: GPT, windows: list[np.ndarray], batch_size: int = 8, max_bat
 
 
 @torch.no_grad()
-def evaluate_mlm(
-    model: Bert, windows: list[np.ndarray], collate: MaskedLMBatch, batch_size: int = 8, max_batches: int | None = None
+def evaluate_collated(
+    model: nn.Module, windows: list[np.ndarray], collate: Collate, batch_size: int = 8, max_batches: int | None = None
 ) -> EvalResult:
-    """A masked LM's mean loss and accuracy over the masked tokens, masked by ``collate`` (seeded per window)."""
+    """The mean loss and accuracy over the tokens a task's ``collate`` scores (seeded per window: a masked LM's
+    masked tokens, a span-corrupted sample's targets)."""
     device = next(model.parameters()).device
     total_loss, right, masked = 0.0, 0, 0
     count = min(-(-len(windows) // batch_size), max_batches or 10**12)
@@ -141,7 +145,7 @@ def evaluate_mlm(
             masked += len(targets)
             progress.advance(loss=f"{total_loss / max(masked, 1):.4f}")
     if masked == 0:
-        raise LmscaleError("no token was masked: evaluate on more text")
+        raise LmscaleError("no token was scored: evaluate on more text")
     mean = total_loss / masked
     return EvalResult(mean, math.exp(mean), masked, right / masked)
 

@@ -1,4 +1,4 @@
-"""The model families' architectures, one file each (``gpt``, ``bert``), and what applies to any of them.
+"""The model families' architectures, one file each (``gpt``, ``bert``, ``t5``), and what applies to any of them.
 Their registry entries (builder, FLOPs, Hugging Face adapter, what the commands do with them) are in
 ``lmscale.families``. Each config says which shards it trains on (``data_format``: a ``lmscale.tasks``
 entry, as ``manifest.json`` records it).
@@ -46,6 +46,11 @@ class ModelConfig(Protocol):
 
     def block_activation_elements(self) -> int:
         """Elements one block keeps per token for its backward pass (the memory estimate's unit)."""
+        ...
+
+    @property
+    def block_count(self) -> int:
+        """The repeated layers the model's ``blocks`` holds (an encoder-decoder's two stacks together)."""
         ...
 
 

@@ -71,6 +71,10 @@ class BertConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def block_count(self) -> int:
+        return self.n_layers
+
     def block_activation_elements(self) -> int:
         """Elements one block keeps per token for its backward pass, as GPT's count them (``lmscale.models.gpt``):
         norms, q, k, v, the attention output, the residual sum and a GELU MLP's input and output."""

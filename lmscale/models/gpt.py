@@ -87,6 +87,10 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def block_count(self) -> int:
+        return self.n_layers
+
     def block_activation_elements(self) -> int:
         """Elements one block keeps per token for its backward pass (the memory estimate's unit): the two norms'
         inputs and outputs, q, k and v, the attention output (SDPA keeps its log-sum-exp, not the scores), the

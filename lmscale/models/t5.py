@@ -82,6 +82,10 @@ class T5Config:
             return self.d_ff
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
 
+    @property
+    def block_count(self) -> int:
+        return self.n_layers + self.decoder_layers
+
     def block_activation_elements(self) -> int:
         """Elements one block keeps per token for its backward pass, counted as GPT's (``lmscale.models.gpt``):
         norms, q, k, v, the attention output and residual sums, and the gated feed-forward's three

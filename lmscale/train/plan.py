@@ -95,7 +95,8 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
             f"the model's {seq_len} positions"
         )
     trainer = dataclasses.replace(cfg.trainer, grad_accum_steps=grad_accum_steps(cfg, world_size))
-    model = dataclasses.replace(m, vocab_size=vocab_size, seq_len=seq_len)
+    fields = task.model_fields(first.seq_len, first.special_tokens)  # what the task decides of the model
+    model = dataclasses.replace(m, **{"vocab_size": vocab_size, "seq_len": seq_len, **fields})
     if model.init_from:
         check_init_from(model)
         check_init_from_tokenizer(model, sources[0].path, first)
