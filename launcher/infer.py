@@ -26,10 +26,13 @@ def _device() -> torch.device:
 def cmd_generate(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     model, _ = load_hf_model(directory)
-    if not family_of(model.cfg).generates:
+    how = family_of(model.cfg).generates
+    if how is None:
         raise UsageError(f"{directory}: a {model.cfg.family} model does not generate text (lmscale eval scores it)")
     model.to(_device())
     tok = load_tokenizer(directory / "tokenizer.json")
+    if how == "seq2seq":
+        return generate_outputs(args, model, tok)
     eot = end_token_id(tok)
     prompts = [tok.encode(p, add_special_tokens=False).ids for p in args.prompt]
     if any(not p for p in prompts):
@@ -64,6 +67,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         return 0
     for prompt, output in zip(args.prompt, outputs, strict=True):
         print(f"=== {prompt}\n{prompt}{tok.decode(output)}\n")
+    return 0
+
+
+def generate_outputs(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:
+    """An encoder-decoder's output for each input (end of sequence appended, as it trained), greedy or by beam
+    search."""
+    from lmscale.data.tokenizer import T5_EOS, T5_PAD
+    from lmscale.inference.seq2seq import beam_search, greedy
+
+    eos, pad = tok.token_to_id(T5_EOS), tok.token_to_id(T5_PAD)
+    inputs = [[*tok.encode(text, add_special_tokens=False).ids, eos] for text in args.prompt]
+    if args.num_beams < 1 or args.max_new_tokens < 1:
+        raise UsageError("--num-beams and --max-new-tokens must be at least 1")
+    if args.num_beams == 1:
+        outputs = greedy(model, inputs, args.max_new_tokens, eos, pad)
+    else:
+        outputs = [beam_search(model, ids, args.num_beams, args.max_new_tokens, eos, pad) for ids in inputs]
+    for text, output in zip(args.prompt, outputs, strict=True):
+        print(f"=== {text}\n{tok.decode(output, skip_special_tokens=False)}\n")
     return 0
 
 

@@ -155,9 +155,11 @@ def export_parser(sub: argparse._SubParsersAction) -> None:
 def generate_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="sample from an exported model (KV cache, no DeepSpeed)")
     p.add_argument("model", help="an exported model directory")
-    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch of prompts")
+    p.add_argument("--prompt", "--input", action="append", required=True,
+                   help="repeat for a batch: a decoder's prompts to continue, an encoder-decoder's inputs")  # fmt: skip
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--num-beams", type=int, default=1, help="an encoder-decoder's beam search (1: greedy)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (a decoder's sampling)")
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, default=0)

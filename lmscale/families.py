@@ -40,16 +40,17 @@ class Family:
     flops_per_token: Callable[..., float]
     """``flops_per_token(cfg, seq_len, predicted_fraction)``: training FLOPs per token, for MFU."""
     hf: HFAdapter
-    generates: bool = False
-    """``lmscale generate`` samples text from it (a decoder with a KV cache)."""
+    generates: str | None = None
+    """How ``lmscale generate`` writes text with it: ``causal`` (a decoder continues a prompt, sampled) or
+    ``seq2seq`` (an encoder-decoder's output for an input, greedy or by beam search); None: it does not."""
     fine_tunes: bool = False
     """``lmscale finetune`` trains it as a sequence classifier from a pretrained one."""
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, hf_gpt.ADAPTER, generates=True),
+    "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, hf_gpt.ADAPTER, generates="causal"),
     "bert": Family("bert", BertConfig, Bert, bert_flops, hf_bert.ADAPTER, fine_tunes=True),
-    "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER),
+    "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER, generates="seq2seq"),
 }
 
 

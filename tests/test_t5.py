@@ -119,3 +119,39 @@ def test_the_model_learns_a_batch_through_both_stacks() -> None:
     assert losses[-1] < 0.1 * losses[0], losses[::10]
     for name in ("encoder_bias.table.weight", "decoder_bias.table.weight", "blocks.2.cross.k_proj.weight"):
         assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def test_greedy_and_beam_search_give_transformers_generate_token_for_token(t5_dataset: Path, tmp_path: Path) -> None:
+    """Random weights (varied outputs) with end of sequence made likely, so that beams finish at different
+    steps: lmscale's greedy and beam search against transformers' ``generate`` on the export."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from lmscale.export.export import write_hf_dir
+    from lmscale.inference.seq2seq import beam_search, greedy
+
+    torch.manual_seed(3)
+    # Stacks of equal depth: transformers 5.24's generate sizes its cache by the encoder's layer count.
+    model = T5(tiny(vocab_size=600, n_decoder_layers=2)).eval()
+    with torch.no_grad():
+        assert model.lm_head is not None
+        model.lm_head.weight[1] *= 1.6  # </s>, id 1: some beams end early, others run to the budget
+    write_hf_dir(model, t5_dataset / "tokenizer.json", tmp_path / "export", "fp32", "5GB")
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "export")).eval()
+    texts = ["Return the <extra_id_0> of a list.", "Open a file and <extra_id_0> it.", "The <extra_id_0> module.",
+             "Raise an error if the <extra_id_0> is not a string.", "Sort <extra_id_0> keys <extra_id_1> order."]  # fmt: skip
+    inputs = [tok(text).input_ids for text in texts]
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+
+    def transformers_output(ids: list[int], beams: int) -> list[int]:
+        out = theirs.generate(torch.tensor([ids]), max_new_tokens=10, num_beams=beams, do_sample=False)[0].tolist()
+        return [t for t in out[1:] if t not in (eos, pad)]
+
+    assert greedy(model, inputs, 10, eos, pad) == [transformers_output(ids, 1) for ids in inputs]
+    lengths = set()
+    for ids in inputs:
+        for beams in (2, 3, 4):
+            ours = beam_search(model, ids, beams, 10, eos, pad)
+            assert ours == transformers_output(ids, beams), (ids, beams)
+            lengths.add(len(ours))
+    assert len(lengths) > 2  # hypotheses that ended at end of sequence, and at the budget

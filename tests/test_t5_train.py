@@ -87,6 +87,13 @@ def test_t5_pretrains_under_zero_2_resumes_exactly_and_exports_to_transformers(
         reference = theirs(**encoded, decoder_input_ids=decoder_idx).logits
         logits, _ = ours(encoded.input_ids, pad_mask=encoded.attention_mask.bool(), decoder_idx=decoder_idx)
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
+    # `lmscale generate` on the export: transformers' beam search output, as text.
+    text = "Return the <extra_id_0> of a list."
+    generated = run_cli("generate", str(export), "--input", text, "--num-beams", "3", "--max-new-tokens", "8")
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    beams = theirs.generate(**tok(text, return_tensors="pt"), num_beams=3, max_new_tokens=8)[0]
+    expected = tok.decode([t for t in beams.tolist()[1:] if t not in (tok.eos_token_id, tok.pad_token_id)])
+    assert generated.stdout.splitlines()[:2] == [f"=== {text}", expected]
     # The loss on the validation split's corrupted samples, from the run and from its export alike.
     from_run = run_cli("eval", str(run_dir), "--data", str(t5_dataset))
     from_export = run_cli("eval", str(export), "--data", str(t5_dataset))

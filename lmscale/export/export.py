@@ -121,7 +121,7 @@ def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: st
     # writes T5's tie_word_embeddings as true whatever the head).
     written = json.loads((output / "config.json").read_text())
     (output / "config.json").write_text(json.dumps({**written, **config_dict}, indent=2) + "\n")
-    if family_of(cfg).generates:
+    if family_of(cfg).generates == "causal":  # an encoder-decoder's generation settings are in its config.json
         eot_id = end_token_id(load_tokenizer(tokenizer_file))
         GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(str(output))
     save_tokenizer(tokenizer_file, output, cfg)
