@@ -10,7 +10,7 @@ from pathlib import Path
 
 from launcher.parser import build_parser
 from lmscale import run_layout
-from lmscale.errors import LmscaleError, one_line
+from lmscale.errors import LmscaleError, UsageError, one_line
 
 log = logging.getLogger("lmscale")
 
@@ -41,6 +41,19 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     )
     manifest = prepare(options)
     print(summary(manifest, options.output))
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from lmscale.data.translation_pairs import language_pairs, write_pairs
+
+    if not 0 < args.validation_percent < 100:
+        raise UsageError(f"--validation-percent {args.validation_percent}: must be in (0, 100)")
+    splits = language_pairs(args.lang, Path(args.locale_dir), args.validation_percent)
+    counts = write_pairs(splits, Path(args.output))
+    catalogs = {name: len({pair.catalog for pair in pairs}) for name, pairs in splits.items()}
+    for name, count in counts.items():
+        print(f"wrote {Path(args.output) / name}.jsonl: {count:,} pairs from {catalogs[name]} catalogs")
     return 0
 
 
@@ -115,6 +128,7 @@ def infer_command(name: str) -> Callable[[argparse.Namespace], int]:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "prepare": cmd_prepare,
     "inspect": cmd_inspect,
+    "pairs": cmd_pairs,
     "train": cmd_train,
     "submit": submit_command("submit"),
     "jobs": submit_command("cmd_jobs"),

@@ -93,13 +93,19 @@ def submit_parsers(sub: argparse._SubParsersAction) -> None:
 
 
 def inspect_parser(sub: argparse._SubParsersAction) -> None:
-    """Dataset tools: `lmscale data inspect`."""
+    """Dataset tools: `lmscale data inspect`, `lmscale data pairs`."""
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("inspect", help="summarise a prepared dataset, verify checksums, decode samples")
     p.add_argument("dataset", help="a dataset directory, or its URL (s3://BUCKET/PREFIX, https://...)")
     p.add_argument("--samples", type=int, default=2, help="samples to decode back to text")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of every shard")
     p.set_defaults(handler="inspect")
+    p = data.add_parser("pairs", help="translation pairs from this machine's gettext catalogs (English -> LANG)")
+    p.add_argument("--lang", required=True, help="a language of /usr/share/locale: de, fr, zh_CN, ...")
+    p.add_argument("--output", required=True, help="directory for train.jsonl and validation.jsonl")
+    p.add_argument("--validation-percent", type=int, default=10, help="share of the catalogs held out")
+    p.add_argument("--locale-dir", default="/usr/share/locale")
+    p.set_defaults(handler="pairs")
 
 
 def train_parsers(sub: argparse._SubParsersAction) -> None:

@@ -36,3 +36,23 @@ def test_ray_exposes_the_gcs_client_and_token_loader() -> None:
     assert callable(GcsClient)
     assert callable(AuthenticationTokenLoader.instance)
     assert callable(Config.initialize)
+
+
+def test_gnu_translations_keep_their_messages_in_a_dictionary() -> None:
+    """lmscale.data.translation_pairs.catalog_messages: the standard library lists no catalog's messages."""
+    import gettext
+    import io
+    import struct
+
+    # A compiled catalog of one message ("hello" -> "hallo"), in the .mo layout.
+    ids, strs = [b"", b"hello"], [b"Content-Type: text/plain; charset=UTF-8\n", b"hallo"]
+    offset = 28 + 16 * len(ids)
+    table, blob = [], b""
+    for items in (ids, strs):
+        for item in items:
+            table.append((len(item), offset + len(blob)))
+            blob += item + b"\0"
+    header = struct.pack("<7I", 0x950412DE, 0, len(ids), 28, 28 + 8 * len(ids), 0, 0)
+    body = b"".join(struct.pack("<2I", *entry) for entry in table)
+    catalog = gettext.GNUTranslations(io.BytesIO(header + body + blob))
+    assert catalog._catalog["hello"] == "hallo"  # type: ignore[attr-defined]
