@@ -71,20 +71,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def generate_outputs(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:
-    """An encoder-decoder's output for each input (end of sequence appended, as it trained), greedy or by beam
-    search."""
-    from lmscale.data.tokenizer import T5_EOS, T5_PAD
-    from lmscale.inference.seq2seq import beam_search, greedy
+    """An encoder-decoder's output for each input, greedy or by beam search."""
+    from lmscale.inference.seq2seq import outputs
 
-    eos, pad = tok.token_to_id(T5_EOS), tok.token_to_id(T5_PAD)
-    inputs = [[*tok.encode(text, add_special_tokens=False).ids, eos] for text in args.prompt]
-    if args.num_beams < 1 or args.max_new_tokens < 1:
-        raise UsageError("--num-beams and --max-new-tokens must be at least 1")
-    if args.num_beams == 1:
-        outputs = greedy(model, inputs, args.max_new_tokens, eos, pad)
-    else:
-        outputs = [beam_search(model, ids, args.num_beams, args.max_new_tokens, eos, pad) for ids in inputs]
-    for text, output in zip(args.prompt, outputs, strict=True):
+    try:
+        generated = outputs(model, tok, args.prompt, args.num_beams, args.max_new_tokens)
+    except ValueError as err:
+        raise UsageError(f"--num-beams, --max-new-tokens: {err}") from None
+    for text, output in zip(args.prompt, generated, strict=True):
         print(f"=== {text}\n{tok.decode(output, skip_special_tokens=False)}\n")
     return 0
 
@@ -123,6 +117,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return eval_choices(args, model, tok)
     if task.labelled:
         return eval_classifier(args, model, tokenizer_file, tok)
+    if family_of(cfg).generates == "seq2seq" and len(args.data) == 1:
+        from lmscale.inference.translation import is_pairs_file
+
+        if is_pairs_file(args.data[0], args.source_field):
+            return eval_translations(args, model, tok)
     prepared = len(args.data) == 1 and evaluate.is_prepared(args.data[0])
     seq_len = cfg.seq_len
     if prepared:
@@ -148,6 +147,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
     scored = f"{result.tokens:,} masked tokens, {args.mlm_probability:g} masked" if task.masked else (
         f"{result.tokens:,} target tokens")  # fmt: skip
     print(f"loss {result.loss:.4f}{accuracy}  perplexity {result.perplexity:.2f}  ({scored})")
+    return 0
+
+
+def eval_translations(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:
+    """BLEU and chrF (sacrebleu) of an encoder-decoder's outputs for the sources of a pairs file."""
+    import json
+
+    from lmscale.inference.translation import read_pairs, translate_and_score
+
+    pairs = read_pairs(args.data[0], args.source_field, args.target_field, "--data")
+    try:
+        hypotheses, result = translate_and_score(model, tok, pairs, args.num_beams, args.max_new_tokens,
+                                                 args.batch_size)  # fmt: skip
+    except ValueError as err:
+        raise UsageError(f"--num-beams, --max-new-tokens: {err}") from None
+    if args.outputs is not None:
+        with open(args.outputs, "w", encoding="utf-8") as f:
+            for source, target, output in zip(pairs.sources, pairs.targets, hypotheses, strict=True):
+                f.write(json.dumps({"source": source, "target": target, "output": output}, ensure_ascii=False) + "\n")
+    how = "greedy" if args.num_beams == 1 else f"{args.num_beams} beams"
+    print(f"bleu {result.bleu:.2f}  chrf {result.chrf:.2f}  ({result.pairs:,} pairs, {how})")
+    print(f"  {result.bleu_signature}\n  {result.chrf_signature}")
     return 0
 
 

@@ -181,7 +181,7 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
     scored.add_argument(
         "--data", nargs="+",
         help="a prepared dataset directory or text files (language models); a .csv or .jsonl of labelled examples "
-        "(a classifier)",
+        "(a classifier) or of source/target pairs (an encoder-decoder: BLEU and chrF)",
     )  # fmt: skip
     scored.add_argument(
         "--task", type=Path,
@@ -192,6 +192,11 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batches", type=int, help="stop after this many batches")
     p.add_argument("--mlm-probability", type=float, default=0.15, help="share of tokens a masked LM is scored on")
     p.add_argument("--seed", type=int, default=0, help="seed of the masks (masked LM)")
+    p.add_argument("--source-field", default="source", help="the field of a pair's source text")
+    p.add_argument("--target-field", default="target", help="the field of a pair's reference translation")
+    p.add_argument("--num-beams", type=int, default=1, help="an encoder-decoder's beam search (1: greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="the longest output an encoder-decoder writes")
+    p.add_argument("--outputs", type=Path, help="write each pair's source, reference and output here (JSONL)")
     p.set_defaults(handler="eval")
 
 

@@ -54,12 +54,21 @@ GLOBAL_BATCH_OVERRIDES = [*TINY_OVERRIDES, "trainer.grad_accum_steps=null", "tra
 divides it trains on the same samples per step."""
 
 
-def train_args(dataset: Path, run_dir: Path, nproc: int, *overrides: str) -> list[str]:
-    """``lmscale train`` arguments for a GLOBAL_BATCH_OVERRIDES run."""
-    args = ["train", "configs/gpt-tiny.yaml", "--nproc", str(nproc)]
-    for item in [*GLOBAL_BATCH_OVERRIDES, f"data.path={dataset}", f"run.dir={run_dir}", *overrides]:
+def config_args(config: str, nproc: int, settings: list[str], dataset: Path | str, run_dir: Path) -> list[str]:
+    """``lmscale train CONFIG`` arguments: ``settings`` (then the dataset and run directory) as --set items."""
+    args = ["train", config, "--nproc", str(nproc)]
+    for item in [*settings, f"data.path={dataset}", f"run.dir={run_dir}"]:
         args += ["--set", item]
     return args
+
+
+def train_args(dataset: Path | str, run_dir: Path, nproc: int, *overrides: str) -> list[str]:
+    """``lmscale train`` arguments for a GLOBAL_BATCH_OVERRIDES run."""
+    return config_args("configs/gpt-tiny.yaml", nproc, GLOBAL_BATCH_OVERRIDES, dataset, run_dir) + sets(overrides)
+
+
+def sets(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    return [arg for item in overrides for arg in ("--set", item)]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import error_lines, metrics_records, run_cli
+from .conftest import config_args, error_lines, metrics_records, run_cli, sets
 
 pytestmark = pytest.mark.slow
 
@@ -21,10 +21,7 @@ BERT_TINY = [
 
 
 def bert_args(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
-    args = ["train", "configs/bert-tiny.yaml", "--nproc", "2"]
-    for item in [*BERT_TINY, f"data.path={dataset}", f"run.dir={run_dir}", *overrides]:
-        args += ["--set", item]
-    return args
+    return config_args("configs/bert-tiny.yaml", 2, BERT_TINY, dataset, run_dir) + sets(overrides)
 
 
 def step_records(run_dir: Path) -> dict[int, dict]:

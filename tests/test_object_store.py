@@ -306,6 +306,10 @@ def test_object_store_failures_end_in_one_line_naming_the_url(s3: str, remote_da
         assert len(lines) == 1, result.stderr[-3000:]
         return lines[0]
 
+    inspected = run_cli("data", "inspect", remote_dataset, "--samples", "1")
+    shards = sum(len(split.shards) for split in read_manifest(remote_dataset).splits.values())
+    assert inspected.returncode == 0 and f"checksums: {shards}/{shards} shards ok" in inspected.stdout
+    assert f"prepared {remote_dataset}/manifest.json" in inspected.stdout and "\n--- train-" in inspected.stdout
     assert failure("data", "inspect", "s3://no-such-bucket/tiny") == (
         "lmscale: error: s3://no-such-bucket/tiny/manifest.json: the bucket no-such-bucket does not exist"
     )

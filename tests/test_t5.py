@@ -155,3 +155,43 @@ def test_greedy_and_beam_search_give_transformers_generate_token_for_token(t5_da
             assert ours == transformers_output(ids, beams), (ids, beams)
             lengths.add(len(ours))
     assert len(lengths) > 2  # hypotheses that ended at end of sequence, and at the budget
+
+
+def test_eval_on_pairs_scores_transformers_outputs_with_sacrebleu(t5_dataset: Path, tmp_path: Path) -> None:
+    """`lmscale eval EXPORT --data pairs.jsonl`: the outputs are transformers' (greedy), and the printed BLEU
+    and chrF are sacrebleu's over them; a row without a target, or with an empty one, is one line."""
+    import sacrebleu
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from lmscale.data.translation_pairs import language_pairs
+    from lmscale.export.export import write_hf_dir
+
+    from .conftest import error_lines, run_cli
+
+    torch.manual_seed(4)
+    write_hf_dir(T5(tiny(vocab_size=600, n_decoder_layers=2)), t5_dataset / "tokenizer.json", tmp_path / "export",
+                 "fp32", "5GB")  # fmt: skip
+    pairs = language_pairs("de")["validation"][:24]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"source": p.source, "target": p.target}) + "\n" for p in pairs))
+    result = run_cli("eval", str(tmp_path / "export"), "--data", str(data), "--max-new-tokens", "10",
+                     "--outputs", str(tmp_path / "outputs.jsonl"))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(str(tmp_path / "export")).eval()
+    expected = [tok.decode(theirs.generate(**tok(p.source, return_tensors="pt"), max_new_tokens=10)[0],
+                           skip_special_tokens=True) for p in pairs]  # fmt: skip
+    written = [json.loads(line)["output"] for line in (tmp_path / "outputs.jsonl").read_text().splitlines()]
+    assert written == expected
+    references = [[p.target for p in pairs]]
+    bleu, chrf = sacrebleu.corpus_bleu(expected, references), sacrebleu.corpus_chrf(expected, references)
+    assert result.stdout.splitlines()[0] == f"bleu {bleu.score:.2f}  chrf {chrf.score:.2f}  (24 pairs, greedy)"
+    assert "tok:13a" in result.stdout
+    for row, line in (
+        ('{"source": "Open the file"}', 1),
+        ('{"source": "a", "target": "b"}\n{"source": "c", "target": " "}', 2),
+    ):
+        (tmp_path / "bad.jsonl").write_text(row + "\n")
+        bad = run_cli("eval", str(tmp_path / "export"), "--data", str(tmp_path / "bad.jsonl"))
+        assert bad.returncode == 2
+        assert error_lines(bad.stderr) == [f"lmscale: error: {tmp_path / 'bad.jsonl'}:{line}: no 'target'"]

@@ -15,7 +15,7 @@ from lmscale.data.shard import PrepareOptions, prepare
 from lmscale.data.span_corruption import Lengths
 from lmscale.errors import UsageError
 
-from .conftest import metrics_records, run_cli
+from .conftest import config_args, metrics_records, run_cli, sets
 
 pytestmark = pytest.mark.slow
 
@@ -29,10 +29,7 @@ T5_TINY = [
 
 
 def t5_args(dataset: Path, run_dir: Path, *overrides: str) -> list[str]:
-    args = ["train", "configs/t5-tiny.yaml", "--nproc", "2"]
-    for item in [*T5_TINY, f"data.path={dataset}", f"run.dir={run_dir}", *overrides]:
-        args += ["--set", item]
-    return args
+    return config_args("configs/t5-tiny.yaml", 2, T5_TINY, dataset, run_dir) + sets(overrides)
 
 
 def step_records(run_dir: Path) -> dict[int, dict]:
@@ -102,9 +99,10 @@ def test_t5_pretrains_under_zero_2_resumes_exactly_and_exports_to_transformers(
     assert float(from_run.stdout.split()[1]) == pytest.approx(steps[20]["val_loss"], abs=0.3)
 
 
-def test_t5_pretrains_under_zero_3(t5_dataset: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", [1, 3])
+def test_t5_pretrains_under_zero_1_and_3(stage: int, t5_dataset: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(*t5_args(t5_dataset, run_dir, "zero.stage=3", "trainer.max_steps=12", "checkpoint.every_steps=0",
+    result = run_cli(*t5_args(t5_dataset, run_dir, f"zero.stage={stage}", "trainer.max_steps=12", "checkpoint.every_steps=0",
                               "trainer.eval_every_steps=0"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     steps = step_records(run_dir)

@@ -43,8 +43,8 @@ class Examples:
     """Each example's line in its file (for error messages)."""
 
 
-def _rows(path: Path, fields: Fields) -> list[tuple[int, dict]]:
-    """(line, row) of a CSV or JSONL file."""
+def _rows(path: Path, required: tuple[str, ...]) -> list[tuple[int, dict]]:
+    """(line, row) of a CSV or JSONL file whose rows must have the fields ``required``."""
     if path.suffix.lower() in (".jsonl", ".json"):
         rows = []
         with open(path, encoding="utf-8") as f:
@@ -56,7 +56,8 @@ def _rows(path: Path, fields: Fields) -> list[tuple[int, dict]]:
                 except json.JSONDecodeError:
                     raise UsageError(f"{path}:{number}: not valid JSON") from None
                 if not isinstance(row, dict):
-                    raise UsageError(f"{path}:{number}: expected an object with {fields.text!r} and {fields.label!r}")
+                    expected = " and ".join(repr(name) for name in required)
+                    raise UsageError(f"{path}:{number}: expected an object with {expected}")
                 rows.append((number, row))
         return rows
     if path.suffix.lower() != ".csv":
@@ -64,30 +65,39 @@ def _rows(path: Path, fields: Fields) -> list[tuple[int, dict]]:
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        for name in (fields.text, fields.label):
+        for name in required:
             if columns and name not in columns:
                 raise UsageError(f"{path}: no column {name!r} (its columns: {', '.join(columns)})")
         # The header is line 1; a row's line is the line it ends on (a quoted field may span lines).
         return [(reader.line_num, row) for row in reader]
 
 
-def read_examples(path: str | Path, fields: Fields, where: str) -> Examples:
-    """The examples of one file; ``where`` names the config field that gave it (finetune.train ...)."""
+def read_rows(path: str | Path, required: tuple[str, ...], where: str) -> tuple[Path, list[tuple[int, dict]]]:
+    """The (line, row) of a CSV or JSONL file, each with a non-empty value of every field ``required``;
+    ``where`` names what gave the file (finetune.train, --data ...)."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{where}: {path}: file not found")
     try:
-        rows = _rows(path, fields)
+        rows = _rows(path, required)
     except UnicodeDecodeError as err:
         raise UsageError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     if not rows:
         raise UsageError(f"{where}: {path}: no examples")
+    for number, row in rows:
+        for name in required:
+            value = row.get(name)
+            if value is None or not str(value).strip():
+                raise UsageError(f"{path}:{number}: no {name!r}")
+    return path, rows
+
+
+def read_examples(path: str | Path, fields: Fields, where: str) -> Examples:
+    """The examples of one file; ``where`` names the config field that gave it (finetune.train ...)."""
+    path, rows = read_rows(path, (fields.text, fields.label), where)
     texts, pairs, labels, lines = [], [], [], []
     has_pair = all(row.get(fields.text_pair) not in (None, "") for _, row in rows)
     for number, row in rows:
-        for name in (fields.text, fields.label):
-            if row.get(name) in (None, ""):
-                raise UsageError(f"{path}:{number}: no {name!r}")
         texts.append(str(row[fields.text]))
         labels.append(str(row[fields.label]))
         lines.append(number)

@@ -9,6 +9,7 @@ and compare logits with the lmscale model -> publish by rename.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,7 +116,11 @@ def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: st
     # The tensors as they are, rather than through transformers' model, which ties weights its class always
     # ties (transformers 5 ties T5's head to the embedding) and would lose an untied head.
     output.mkdir(parents=True, exist_ok=True)
-    save_torch_state_dict(state, str(output), max_shard_size=max_shard_size)
+    logging.disable(logging.INFO)  # huggingface_hub's "weights saved" line (on a logger of its file's path)
+    try:
+        save_torch_state_dict(state, str(output), max_shard_size=max_shard_size)
+    finally:
+        logging.disable(logging.NOTSET)
     hf_config.save_pretrained(str(output))
     # What lmscale trained, in the fields every transformers version reads the same way (transformers 5
     # writes T5's tie_word_embeddings as true whatever the head).

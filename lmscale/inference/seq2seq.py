@@ -9,7 +9,9 @@ cross-attention. A row stops at end of sequence; the batch stops when every row 
 from __future__ import annotations
 
 import torch
+from tokenizers import Tokenizer
 
+from lmscale.data.tokenizer import T5_EOS, T5_PAD
 from lmscale.models.layers import KVCache
 from lmscale.models.t5 import T5
 
@@ -96,3 +98,22 @@ def beam_search(model: T5, inputs: list[int], num_beams: int, max_new_tokens: in
             break
     best = finished[0][1] if finished else running[0].tolist()
     return best[:-1] if best and best[-1] == eos_id else best
+
+
+def input_ids(tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """Each text's ids followed by end of sequence, as the model saw its inputs in training."""
+    eos = tok.token_to_id(T5_EOS)
+    return [[*tok.encode(text, add_special_tokens=False).ids, eos] for text in texts]
+
+
+def outputs(model: T5, tok: Tokenizer, texts: list[str], num_beams: int, max_new_tokens: int,
+            batch_size: int = 16) -> list[list[int]]:  # fmt: skip
+    """The output ids for each text: greedy in batches, or a beam search per text."""
+    if num_beams < 1 or max_new_tokens < 1:
+        raise ValueError("the beams and the new tokens must be at least 1")
+    eos, pad = tok.token_to_id(T5_EOS), tok.token_to_id(T5_PAD)
+    inputs = input_ids(tok, texts)
+    if num_beams > 1:
+        return [beam_search(model, ids, num_beams, max_new_tokens, eos, pad) for ids in inputs]
+    return [out for i in range(0, len(inputs), batch_size)
+            for out in greedy(model, inputs[i : i + batch_size], max_new_tokens, eos, pad)]  # fmt: skip

@@ -1,0 +1,76 @@
+"""BLEU and chrF of an encoder-decoder's outputs for source texts against their references, with sacrebleu
+(corpus BLEU with its default 13a tokenisation, and chrF), the scores MT papers report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from lmscale.data.labelled import read_rows
+from lmscale.errors import UsageError
+from lmscale.inference.seq2seq import input_ids, outputs
+from lmscale.models.t5 import T5
+
+
+@dataclass(frozen=True)
+class Pairs:
+    path: Path
+    sources: list[str]
+    targets: list[str]
+    lines: list[int]
+
+
+@dataclass(frozen=True)
+class TranslationScore:
+    bleu: float
+    chrf: float
+    pairs: int
+    bleu_signature: str
+    chrf_signature: str
+
+
+def read_pairs(path: str | Path, source_field: str, target_field: str, where: str) -> Pairs:
+    """The source/target pairs of a CSV or JSONL file; a row without either, or with an empty one, is one
+    line naming its file and line."""
+    path, rows = read_rows(path, (source_field, target_field), where)
+    return Pairs(path, [str(r[source_field]) for _, r in rows], [str(r[target_field]) for _, r in rows],
+                 [number for number, _ in rows])  # fmt: skip
+
+
+def is_pairs_file(path: str, source_field: str) -> bool:
+    """A .jsonl or .csv file whose first row has ``source_field``."""
+    file = Path(path)
+    if file.suffix.lower() not in (".jsonl", ".csv") or not file.is_file():
+        return False
+    with open(file, encoding="utf-8", errors="replace") as f:
+        head = f.readline()
+    return f'"{source_field}"' in head if file.suffix.lower() == ".jsonl" else source_field in head.split(",")
+
+
+def check_lengths(pairs: Pairs, tok: Tokenizer, limit: int | None) -> None:
+    """A source longer than the inputs the model was trained on is one line naming its file and line."""
+    if limit is None:
+        return
+    for ids, number in zip(input_ids(tok, pairs.sources), pairs.lines, strict=True):
+        if len(ids) > limit:
+            raise UsageError(f"{pairs.path}:{number}: the source is {len(ids)} tokens, the model's inputs {limit}")
+
+
+def score(hypotheses: list[str], references: list[str]) -> TranslationScore:
+    import sacrebleu
+
+    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
+    bleu_score, chrf_score = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
+    return TranslationScore(bleu_score.score, chrf_score.score, len(hypotheses), str(bleu.get_signature()),
+                            str(chrf.get_signature()))  # fmt: skip
+
+
+def translate_and_score(model: T5, tok: Tokenizer, pairs: Pairs, num_beams: int, max_new_tokens: int,
+                        batch_size: int) -> tuple[list[str], TranslationScore]:  # fmt: skip
+    """The model's output text for every source (special tokens dropped), and its BLEU and chrF."""
+    check_lengths(pairs, tok, model.cfg.seq_len)
+    ids = outputs(model, tok, pairs.sources, num_beams, max_new_tokens, batch_size)
+    hypotheses = [tok.decode(out, skip_special_tokens=True) for out in ids]
+    return hypotheses, score(hypotheses, pairs.targets)
