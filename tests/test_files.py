@@ -67,7 +67,9 @@ def test_a_manifest_of_a_format_no_task_reads_is_named_in_one_line(tmp_path: Pat
 
     from lmscale.data.manifest import FORMAT_VERSION, read_manifest
 
-    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "format": "seq2seq",
+    (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "format": "speech",
                                                        "splits": {}}))  # fmt: skip
-    with pytest.raises(LmscaleError, match=r"manifest\.json: format 'seq2seq' is none of causal, mlm, classification$"):
+    with pytest.raises(
+        LmscaleError, match=r"manifest\.json: format 'speech' is none of causal, mlm, span_corruption, classification$"
+    ):
         read_manifest(tmp_path)
