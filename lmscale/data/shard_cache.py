@@ -7,7 +7,9 @@ that reads shards on a node (each rank and each of its loader workers) uses the 
 written under a name of its writer's and renamed into place, and a reader checks the bytes against the
 sha256 (a damaged entry is removed and the shard downloaded again, never reported as a corrupt shard). Past
 ``limit_bytes`` the least recently read entries are removed; a process still reading one keeps its open
-file.
+file. Each process looks at the whole directory every ``SCAN_EVERY_PUTS`` writes and whenever its own
+count passes the limit, so the directory may pass the limit by what the node's other processes wrote since
+they last looked.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ from pathlib import Path
 from lmscale.files import remove
 
 SUFFIX = ".tar"
+SCAN_EVERY_PUTS = 16
+"""Writes between two looks at the whole directory (every process of a node adds to it): a look costs a stat
+per entry, a write a shard's download."""
 
 
 class ShardCache:
     def __init__(self, directory: Path, limit_bytes: int) -> None:
         self.directory, self.limit_bytes = directory, limit_bytes
         directory.mkdir(parents=True, exist_ok=True)
+        self._estimate: int | None = None
+        """This process's idea of the cache's size: the last look, plus what it wrote since."""
+        self._puts = 0
 
     def _entry(self, sha256: str) -> Path:
         return self.directory / f"{sha256}{SUFFIX}"
@@ -44,7 +52,8 @@ class ShardCache:
         return data
 
     def put(self, sha256: str, data: bytes) -> None:
-        """Keep a shard whose bytes were checked against ``sha256``; then evict down to the limit."""
+        """Keep a shard whose bytes were checked against ``sha256``, evicting down to the limit when the
+        directory may be over it."""
         if len(data) > self.limit_bytes:
             return
         entry = self._entry(sha256)
@@ -55,9 +64,13 @@ class ShardCache:
         except OSError:
             remove(tmp)
             return  # a full or failing local disk costs the cache, not the run
-        self.evict()
+        self._puts += 1
+        self._estimate = (self._estimate or 0) + len(data)
+        if self._puts % SCAN_EVERY_PUTS == 1 or self._estimate > self.limit_bytes:
+            self.evict()
 
     def evict(self) -> None:
+        """Remove the least recently read entries until the directory holds at most the limit."""
         entries = []
         for path in self.directory.glob(f"*{SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
@@ -69,3 +82,4 @@ class ShardCache:
                 break
             remove(path)
             total -= size
+        self._estimate = total
