@@ -25,8 +25,8 @@ from lmscale.data.tokenizer import train_tokenizer
 from lmscale.export.export import write_hf_dir
 from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
-from lmscale.inference.seq2seq import greedy
 from lmscale.models.gpt import GPT, GPTConfig
+from lmscale.models.seq2seq_search import greedy
 from lmscale.models.t5 import T5, T5Config
 
 PROMPT = 32

@@ -1,11 +1,15 @@
-"""``lmscale finetune``: a BERT sequence classifier from a pretrained encoder and labelled examples.
+"""``lmscale finetune``: a pretrained model trained further on examples, for the task its family fine-tunes
+for (``lmscale.families``): a BERT sequence classifier from labelled texts, a T5 encoder-decoder from
+source/target pairs.
 
-The config's ``finetune`` section names CSV or JSONL files; they become a prepared dataset of format
-``classification`` in ``RUN_DIR/labelled`` (``lmscale.data.labelled``), tokenized with the pretrained model's
-tokenizer, and ``data.path`` points there. The model section takes the pretrained model's architecture and the
-training file's labels (``model.dropout`` and ``model.init_std`` stay the config's). From there on the run is
-an ordinary training run: the same ranks, ZeRO stages, checkpoints, exact resume, W&B and export, with
-validation accuracy and macro-F1 every ``trainer.eval_every_steps`` and the best checkpoint kept.
+The config's ``finetune`` section names CSV or JSONL files; they become a prepared dataset of the task's format
+(``classification``: ``lmscale.data.labelled``, ``seq2seq``: ``lmscale.data.seq2seq``) in
+``RUN_DIR/labelled``, tokenized with the pretrained model's tokenizer, and ``data.path`` points there. The
+model section takes the pretrained model's architecture and what the task decides (a classifier's labels)
+(``model.dropout`` and ``model.init_std`` stay the config's). From there on the run is an ordinary training
+run: the same ranks, ZeRO stages, checkpoints, exact resume, W&B and export, with the task's validation every
+``trainer.eval_every_steps`` (accuracy and macro-F1, or generated outputs scored with BLEU and chrF) and the
+best checkpoint kept.
 """
 
 from __future__ import annotations
@@ -13,32 +17,36 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 from lmscale import run_layout
-from lmscale.config import Config, ConfigError
-from lmscale.data.labelled import Fields, read_examples, write_task_dataset
+from lmscale.config import Config, ConfigError, FinetuneConfig
 from lmscale.data.manifest import MANIFEST, read_manifest
 from lmscale.data.tokenizer import file_sha256
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.families import FAMILIES, family_of, fine_tunable
 from lmscale.files import replacing
 from lmscale.models import ModelConfig
+from lmscale.tasks import TASKS, FineTuning, task_of
 from lmscale.train.init_from import pretrained
 
 WAIT_FOR_NODE_0_SECONDS = 600
 
 
 def resolve_task(cfg: Config, write: bool) -> Config:
-    """``cfg`` with its labelled data prepared (by this process when ``write``, else by node 0, waited for) and
+    """``cfg`` with its examples prepared (by this process when ``write``, else by node 0, waited for) and
     the model section resolved against the pretrained model."""
-    labelled = cfg.finetune
-    assert labelled is not None and labelled.train is not None
+    examples = cfg.finetune
+    assert examples is not None and examples.train is not None
     family = cfg.model.family
-    if not FAMILIES[family].fine_tunes:
+    task_name = FAMILIES[family].fine_tunes
+    if task_name is None:
         raise ConfigError(
-            f"model.family: `lmscale finetune` trains a sequence classifier, which {family} has not (family: "
-            f"{' or '.join(fine_tunable())})"
+            f"model.family: `lmscale finetune` trains a pretrained {' or '.join(fine_tunable())} further, not a "
+            f"{family}"
         )
+    task = TASKS[task_name]
+    assert task.fine_tuning is not None
     if not cfg.model.init_from:
         raise ConfigError(f"model.init_from: missing (an exported {family} directory or a {family} pretraining run)")
     source = pretrained(Path(cfg.model.init_from).absolute())
@@ -48,34 +56,53 @@ def resolve_task(cfg: Config, write: bool) -> Config:
         raise ConfigError(f"model.init_from: {source.tokenizer}: missing (the tokenizer the model was trained with)")
     check_architecture(cfg.model, source.model, source.path)
     assert source.model.seq_len is not None
-    seq_len = labelled.max_length or source.model.seq_len
-    if seq_len > source.model.seq_len:
-        raise ConfigError(
-            f"finetune.max_length: {seq_len} exceeds the pretrained model's {source.model.seq_len} positions"
-        )
+    seq_len = examples.max_length or source.model.seq_len
+    limit = source.model.position_limit
+    if limit is not None and seq_len > limit:
+        raise ConfigError(f"finetune.max_length: {seq_len} exceeds the pretrained model's {limit} positions")
     files = {
-        "train": Path(labelled.train).absolute(),
-        "validation": Path(labelled.validation).absolute() if labelled.validation else None,
+        "train": Path(examples.train).absolute(),
+        "validation": Path(examples.validation).absolute() if examples.validation else None,
     }
+    resolved = dataclasses.replace(
+        examples, train=str(files["train"]), validation=str(files["validation"]) if files["validation"] else None,
+        max_length=seq_len, max_target_length=examples.max_target_length or seq_len,
+        **metric_signatures(examples.bleu_tokenize) if task.validation == "generation" else {},
+    )  # fmt: skip
     labelled_dir = cfg.run.path / run_layout.LABELLED
-    fields = Fields(labelled.text_field, labelled.text_pair_field, labelled.label_field)
     if not (labelled_dir / MANIFEST).is_file():
         if write:
-            prepare_labelled(labelled_dir, files, fields, source.tokenizer, seq_len)
+            prepare_examples(labelled_dir, files, resolved, source.tokenizer, task.fine_tuning)
         else:
             wait_for(labelled_dir / MANIFEST)
     manifest = read_manifest(labelled_dir)
-    check_same_labelled_data(manifest.settings, files, fields, seq_len, labelled_dir)
+    check_same_examples(manifest.settings, files, recorded_settings(resolved, task.fine_tuning), labelled_dir)
     model = dataclasses.replace(
-        source.model, labels=manifest.labels, dropout=cfg.model.dropout, init_std=cfg.model.init_std,
-        init_from=str(source.path),
+        source.model, **task.fine_tuning.model_fields(manifest), dropout=cfg.model.dropout,
+        init_std=cfg.model.init_std, init_from=str(source.path),
     )  # fmt: skip
-    resolved = dataclasses.replace(
-        labelled, train=str(files["train"]), validation=str(files["validation"]) if files["validation"] else None,
-        max_length=seq_len,
-    )  # fmt: skip
+    assert task_of(model) is task, f"{family}'s model fields do not make it train on {task.name}"
     data = dataclasses.replace(cfg.data, path=str(labelled_dir), sources=[])
     return dataclasses.replace(cfg, model=model, data=data, finetune=resolved)
+
+
+def metric_signatures(tokenize: str) -> dict[str, str]:
+    """sacrebleu's signatures of val_bleu and val_chrf, recorded in the run's config."""
+    import sacrebleu
+
+    try:
+        bleu = sacrebleu.metrics.BLEU(tokenize=tokenize)
+    except (RuntimeError, KeyError, ValueError):
+        raise ConfigError(f"finetune.bleu_tokenize: {tokenize!r} is not a sacrebleu tokenisation") from None
+    chrf = sacrebleu.metrics.CHRF()
+    for metric in (bleu, chrf):
+        metric.corpus_score(["a"], [["a"]])  # a signature names the number of references, known once it scored
+    return {"bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+
+
+def recorded_settings(finetune: FinetuneConfig, fine_tuning: FineTuning) -> dict[str, Any]:
+    """The ``finetune`` fields the written examples depend on, as the dataset's manifest records them."""
+    return {name: getattr(finetune, name) for name in fine_tuning.settings}
 
 
 def check_architecture(ours: ModelConfig, theirs: ModelConfig, where: Path) -> None:
@@ -87,22 +114,20 @@ def check_architecture(ours: ModelConfig, theirs: ModelConfig, where: Path) -> N
             raise ConfigError(f"model.{name}: {value} here, {pretrained_arch[name]} in the pretrained model {where}")
 
 
-def prepare_labelled(
-    labelled_dir: Path, files: dict[str, Path | None], fields: Fields, tokenizer: Path, seq_len: int
-) -> None:
-    """Write the labelled dataset under a temporary name and rename it into place: it exists whole or not at all."""
-    train_file, validation_file = files["train"], files["validation"]
-    assert train_file is not None
-    train = read_examples(train_file, fields, "finetune.train")
-    validation = read_examples(validation_file, fields, "finetune.validation") if validation_file else None
+def prepare_examples(
+    labelled_dir: Path, files: dict[str, Path | None], finetune: FinetuneConfig, tokenizer: Path,
+    fine_tuning: FineTuning,
+) -> None:  # fmt: skip
+    """Write the examples' dataset under a temporary name and rename it into place: it exists whole or not at
+    all."""
     with replacing(labelled_dir, unique=True) as tmp:
-        manifest = write_task_dataset(tmp, tokenizer, train, validation, seq_len)
-        manifest.settings.update(fields=dataclasses.asdict(fields), max_length=seq_len)
+        manifest = fine_tuning.write(tmp, tokenizer, files, finetune)
+        manifest.settings["finetune"] = recorded_settings(finetune, fine_tuning)
         manifest.write(tmp)
 
 
-def check_same_labelled_data(
-    settings: dict, files: dict[str, Path | None], fields: Fields, seq_len: int, labelled_dir: Path
+def check_same_examples(
+    settings: dict, files: dict[str, Path | None], finetune: dict[str, Any], labelled_dir: Path
 ) -> None:
     """A resumed run must fine-tune on the data its first start prepared."""
     for name, path in files.items():
@@ -113,8 +138,13 @@ def check_same_labelled_data(
                 f"finetune.{name}: {path} is not the file this run's data was prepared from ({labelled_dir}: "
                 f"{recorded['file'] if recorded else 'none'}, changed or another file); start another run.name"
             )
-    if settings["fields"] != dataclasses.asdict(fields) or settings["max_length"] != seq_len:
-        raise UsageError(f"finetune: its fields or max_length differ from those {labelled_dir} was prepared with")
+    recorded = settings.get("finetune", {})
+    changed = [name for name, value in finetune.items() if recorded.get(name) != value]
+    if changed:
+        raise UsageError(
+            f"finetune.{changed[0]}: {finetune[changed[0]]!r} here, {recorded.get(changed[0])!r} when {labelled_dir} "
+            "was prepared; start another run.name"
+        )
 
 
 def wait_for(path: Path) -> None:

@@ -122,6 +122,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         if is_pairs_file(args.data[0], args.source_field):
             return eval_translations(args, model, tok)
+    if task.fine_tuning is not None:
+        raise UsageError(f"--data: a model fine-tuned for {task.name} is scored on a .jsonl or .csv file of its "
+                         f"examples ({args.source_field}/{args.target_field} pairs)")  # fmt: skip
     prepared = len(args.data) == 1 and evaluate.is_prepared(args.data[0])
     seq_len = cfg.seq_len
     if prepared:
@@ -133,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     elif task.wraps_documents:
         windows = evaluate.mlm_windows(args.data, tok, cfg.seq_len)
     else:
-        windows = evaluate.text_windows(args.data, tok, task.sample_len(cfg.seq_len))
+        windows = evaluate.text_windows(args.data, tok, task.sample_len(cfg.seq_len, None))
     if task.scores_continuations:  # a causal LM: every next token
         result = evaluate.evaluate(model, windows, args.batch_size, args.max_batches)
         print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens)")
@@ -154,7 +157,8 @@ def eval_translations(args: argparse.Namespace, model: torch.nn.Module, tok: Tok
     """BLEU and chrF (sacrebleu) of an encoder-decoder's outputs for the sources of a pairs file."""
     import json
 
-    from lmscale.inference.translation import read_pairs, translate_and_score
+    from lmscale.data.seq2seq import read_pairs
+    from lmscale.inference.translation import translate_and_score
 
     pairs = read_pairs(args.data[0], args.source_field, args.target_field, "--data")
     try:
@@ -179,6 +183,7 @@ class TokenizerLayout:
     special_tokens: dict[str, int]
     vocab_size: int
     seq_len: int
+    target_len: int | None = None
 
 
 def eval_choices(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:

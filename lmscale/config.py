@@ -204,20 +204,39 @@ class LoggingConfig:
 
 @dataclass
 class FinetuneConfig:
-    """Fine-tuning for sequence classification (``lmscale finetune``): labelled examples in CSV or JSONL."""
+    """Fine-tuning (``lmscale finetune``) from examples in CSV or JSONL: labelled texts for a classifier (BERT),
+    source/target pairs for an encoder-decoder (T5). The pretrained model's family says which."""
 
     train: str | None = None
     """Training examples: a .csv (with a header) or .jsonl file, one example per row."""
     validation: str | None = None
-    """Validation examples, scored (accuracy, macro-F1) every trainer.eval_every_steps; the best checkpoint by
-    validation accuracy is kept."""
+    """Validation examples, scored every trainer.eval_every_steps (a classifier's accuracy and macro-F1, an
+    encoder-decoder's BLEU and chrF); the best checkpoint by validation accuracy or BLEU is kept."""
     text_field: str = "text"
     text_pair_field: str = "text_pair"
     """A second text (sentence pairs), used when every row has it."""
     label_field: str = "label"
     """Class of the example: a string or an integer, kept as the class name."""
+    source_field: str = "source"
+    """Sequence to sequence: the input text of a pair."""
+    target_field: str = "target"
+    """Sequence to sequence: the output text the model learns to write."""
     max_length: int | None = None
-    """Tokens per example, [CLS] and [SEP] included; longer examples are truncated. Default: model.seq_len."""
+    """Tokens per example (a classifier's, [CLS] and [SEP] included, longer ones truncated; an encoder-decoder's
+    source with end of sequence, a longer one refused). Default: model.seq_len."""
+    max_target_length: int | None = None
+    """Sequence to sequence: tokens of a target with end of sequence (a longer one is refused), and of the
+    outputs validation generates. Default: max_length."""
+    num_beams: int = 1
+    """Sequence to sequence: validation decodes greedily (1) or by beam search with this many beams."""
+    bleu_tokenize: str = "13a"
+    """sacrebleu's tokenisation for val_bleu: ``13a`` (its default, for European languages), ``zh``,
+    ``ja-mecab``, ``intl``, ``char`` ..."""
+    bleu_signature: str | None = None
+    """Filled in by ``lmscale finetune``: sacrebleu's signature of val_bleu (version, tokenisation, smoothing),
+    what makes a BLEU comparable with another."""
+    chrf_signature: str | None = None
+    """Filled in by ``lmscale finetune``: sacrebleu's signature of val_chrf."""
 
 
 @dataclass
@@ -401,8 +420,10 @@ def validate(cfg: Config) -> None:
     validate_schedule_and_the_rest(cfg)
     if cfg.finetune is not None:
         _positive(cfg.finetune.max_length, "finetune.max_length")
+        _positive(cfg.finetune.max_target_length, "finetune.max_target_length")
+        _positive(cfg.finetune.num_beams, "finetune.num_beams")
         if cfg.finetune.train is None:
-            raise ConfigError("finetune.train: missing (a .csv or .jsonl file of labelled examples)")
+            raise ConfigError("finetune.train: missing (a .csv or .jsonl file of examples)")
         if cfg.data.path is None and not cfg.data.sources:
             return  # `lmscale finetune` prepares the labelled data and sets data.path
     cfg.data.resolved_sources()

@@ -43,14 +43,14 @@ class Family:
     generates: str | None = None
     """How ``lmscale generate`` writes text with it: ``causal`` (a decoder continues a prompt, sampled) or
     ``seq2seq`` (an encoder-decoder's output for an input, greedy or by beam search); None: it does not."""
-    fine_tunes: bool = False
-    """``lmscale finetune`` trains it as a sequence classifier from a pretrained one."""
+    fine_tunes: str | None = None
+    """The task (``lmscale.tasks``) ``lmscale finetune`` trains a pretrained one further for, if any."""
 
 
 FAMILIES: dict[str, Family] = {
     "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, hf_gpt.ADAPTER, generates="causal"),
-    "bert": Family("bert", BertConfig, Bert, bert_flops, hf_bert.ADAPTER, fine_tunes=True),
-    "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER, generates="seq2seq"),
+    "bert": Family("bert", BertConfig, Bert, bert_flops, hf_bert.ADAPTER, fine_tunes="classification"),
+    "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER, generates="seq2seq", fine_tunes="seq2seq"),
 }
 
 

@@ -14,8 +14,8 @@ from lmscale import run_layout
 from lmscale.errors import UsageError
 from lmscale.tasks import TASKS
 
-ACCURACY_NAMES = {f"val_{t.accuracy_metric}": t.accuracy_label for t in TASKS.values() if t.accuracy_metric}
-"""The validation accuracy of each task that has one, and how the summary names its best."""
+BEST_NAMES = {t.reported_metric: t.best_label for t in TASKS.values() if t.reported_metric and t.best_label}
+"""The validation score of each task that has one (accuracy, BLEU), and how the summary names its best."""
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class Summary:
     mean_mfu: float | None
     train_time_s: float
     resumes: int
-    best_val_accuracy: tuple[str, float, int] | None = None
-    """An encoder's (metric, best value, step): val_mlm_accuracy of a masked LM, val_accuracy of a classifier."""
+    best_val_score: tuple[str, float, int] | None = None
+    """The task's (metric, best value, step): val_mlm_accuracy of a masked LM, val_accuracy of a classifier,
+    val_bleu of a seq2seq fine-tune."""
     downstream: dict[str, tuple[float, float, int]] = field(default_factory=dict)
     """Each ``trainer.downstream`` task's last (acc, acc_norm, step)."""
 
@@ -40,9 +41,9 @@ class Summary:
 
         best = f"{fmt(self.best_val_loss, '.4f')} (step {self.best_val_step})" if self.best_val_loss else "n/a"
         accuracy = []
-        if self.best_val_accuracy is not None:
-            key, value, step = self.best_val_accuracy
-            accuracy.append((ACCURACY_NAMES[key], f"{value:.4f} (step {step})"))
+        if self.best_val_score is not None:
+            key, value, step = self.best_val_score
+            accuracy.append((BEST_NAMES[key], f"{value:.4f} (step {step})"))
         downstream = [(f"{name} acc / acc_norm", f"{acc:.4f} / {norm:.4f} (step {step})")
                       for name, (acc, norm, step) in self.downstream.items()]  # fmt: skip
         return [
@@ -94,7 +95,7 @@ def summarize(records: list[dict[str, Any]]) -> Summary:
         mean_mfu=sum(mfu) / len(mfu) if mfu else None,
         train_time_s=time_s,
         resumes=sum(1 for r in records if r.get("event") == "resume"),
-        best_val_accuracy=best_accuracy(steps),
+        best_val_score=best_score(steps),
         downstream=last_downstream(steps),
     )
 
@@ -114,8 +115,8 @@ def downstream_names(steps: list[dict[str, Any]]) -> list[str]:
     return list(dict.fromkeys(key.removeprefix("downstream/").removesuffix("/acc") for key in keys))
 
 
-def best_accuracy(steps: list[dict[str, Any]]) -> tuple[str, float, int] | None:
-    for key in ACCURACY_NAMES:
+def best_score(steps: list[dict[str, Any]]) -> tuple[str, float, int] | None:
+    for key in BEST_NAMES:
         scored = [r for r in steps if r.get(key) is not None]
         if scored:
             # The earliest step reaching the best value: the one a fine-tuning run keeps as its best checkpoint.

@@ -1,11 +1,12 @@
 """The task registry: what a model is trained to predict, one entry per kind of prepared data.
 
 A task is named by the ``format`` its dataset's ``manifest.json`` records (``causal``, ``mlm``,
-``span_corruption``, ``classification``); a model's config says which one it trains on (``data_format``).
-The entry holds everything the rest of the code asks about a task: how long a sample is, how ``lmscale
-prepare`` packs it and which tokenizer it needs, the collator that turns samples into the model's inputs,
-the accuracy a training step and a validation pass report, and whether validation scores every labelled
-example. Code outside the registries asks the entry; it never compares a task's name.
+``span_corruption``, ``classification``, ``seq2seq``); a model's config says which one it trains on
+(``data_format``). The entry holds everything the rest of the code asks about a task: how long a sample is,
+how ``lmscale prepare`` packs it and which tokenizer it needs (or how ``lmscale finetune`` writes it from
+examples), the collator that turns samples into the model's inputs, the accuracy a training step reports,
+how validation scores the model and which of its metrics keeps the best checkpoint. Code outside the
+registries asks the entry; it never compares a task's name.
 """
 
 from __future__ import annotations
@@ -25,14 +26,34 @@ class SampleLayout(Protocol):
     special_tokens: dict[str, int]
     vocab_size: int
     seq_len: int
+    target_len: int | None
+
+
+class ExamplesDataset(Protocol):
+    """What fine-tuning reads of the dataset it wrote (``lmscale.data.manifest.Manifest`` has it)."""
+
+    labels: list[str]
+
+
+@dataclass(frozen=True)
+class FineTuning:
+    """How ``lmscale finetune`` makes a task's dataset from example files (``lmscale.config.FinetuneConfig``)."""
+
+    settings: tuple[str, ...]
+    """The ``finetune`` fields the written data depends on: a resumed run must give the same."""
+    write: Callable[[Any, Any, dict[str, Any], Any], Any]
+    """``write(output, tokenizer_file, files, finetune)``: the examples of ``files`` (train, validation or None)
+    encoded into the dataset directory ``output``, whose ``Manifest`` it returns."""
+    model_fields: Callable[[ExamplesDataset], dict[str, Any]]
+    """The fields that make a pretrained model's section train on this task (its labels, its data_format)."""
 
 
 @dataclass(frozen=True)
 class Task:
     name: str
     """The dataset format, as ``manifest.json`` records it."""
-    sample_len: Callable[[int], int]
-    """The tokens (or values) one stored sample holds, for a dataset of ``seq_len``."""
+    sample_len: Callable[[int, int | None], int]
+    """The tokens (or values) one stored sample holds, for a dataset of ``seq_len`` (and ``target_len``)."""
     collator: Callable[[SampleLayout, int, float, int | None], Collate]
     """``collator(layout, seed, mask_probability, scored_examples)``: samples -> the model's inputs."""
     how_to_prepare: str
@@ -44,21 +65,38 @@ class Task:
     masked: bool = False
     """The model predicts a sampled share of the positions (``data.mlm_probability``), not all of them."""
     labelled: bool = False
-    """Examples with class labels: the dataset's labels must be the model's, and validation scores every
-    example once (accuracy, macro-F1 and the best checkpoint) instead of ``trainer.eval_batches``."""
+    """Examples with class labels: the dataset's labels must be the model's."""
+    validation: str = "loss"
+    """What a validation pass computes: ``loss`` (loss and perplexity over ``trainer.eval_batches``),
+    ``classifier`` (loss, accuracy and macro-F1) or ``generation`` (the model writes each output: loss, BLEU
+    and chrF); all but ``loss`` score every validation example once."""
+    best_metric: str | None = None
+    """The validation metric whose best value keeps its checkpoint (``checkpoints/best``), higher is better."""
+    fine_tuning: FineTuning | None = None
+    """``lmscale finetune`` writes its data from examples."""
     accuracy_metric: str | None = None
     """The metric of a training step's right predictions (``val_`` + it at validation), if it has one."""
-    accuracy_label: str | None = None
-    """How ``lmscale report`` names the best validation accuracy."""
+    best_label: str | None = None
+    """How ``lmscale report`` names the best value of its ``reported_metric``."""
     scores_continuations: bool = False
     """The model gives the likelihood of a text after a context: it can take multiple-choice tasks."""
     tokenizer_kind: str | None = None
     """The kind of tokenizer ``lmscale prepare`` must train for it (``--tokenizer-kind``), if it needs one."""
     required_tokens: Callable[[int], list[str]] = lambda seq_len: []
     """The special tokens its samples of ``seq_len`` need the tokenizer to have."""
-    model_fields: Callable[[int, dict[str, int]], dict[str, Any]] = lambda seq_len, special_tokens: {}
-    """Fields of the model section it decides from the dataset's ``seq_len`` and special token ids (beyond
+    model_fields: Callable[[SampleLayout], dict[str, Any]] = lambda layout: {}
+    """Fields of the model section it decides from the dataset's lengths and special token ids (beyond
     vocab_size and seq_len, which every model takes)."""
+
+    @property
+    def reported_metric(self) -> str | None:
+        """The validation metric whose best value ``lmscale report`` shows: ``best_metric``, else the accuracy."""
+        return self.best_metric or (f"val_{self.accuracy_metric}" if self.accuracy_metric else None)
+
+    @property
+    def every_example(self) -> bool:
+        """Validation scores each validation example once, instead of ``trainer.eval_batches``."""
+        return self.validation != "loss"
 
 
 def causal_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
@@ -108,11 +146,12 @@ def span_corruption_collator(layout: SampleLayout, seed: int, probability: float
     return SpanCorruptionBatch(sentinels, layout.special_tokens[T5_EOS], seed)
 
 
-def span_model_fields(seq_len: int, special_tokens: dict[str, int]) -> dict[str, Any]:
+def span_model_fields(layout: SampleLayout) -> dict[str, Any]:
     from lmscale.data.tokenizer import T5_PAD
 
-    lengths = span_lengths(seq_len)
-    return {"seq_len": lengths.inputs, "target_len": lengths.targets, "decoder_start_id": special_tokens[T5_PAD]}
+    lengths = span_lengths(layout.seq_len)
+    return {"seq_len": lengths.inputs, "target_len": lengths.targets,
+            "decoder_start_id": layout.special_tokens[T5_PAD]}  # fmt: skip
 
 
 def classification_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
@@ -121,10 +160,44 @@ def classification_collator(layout: SampleLayout, seed: int, probability: float,
     return ClassificationBatch(layout.special_tokens["[PAD]"], layout.seq_len, examples)
 
 
+def write_classification(output: Any, tokenizer_file: Any, files: dict[str, Any], finetune: Any) -> Any:
+    from lmscale.data.labelled import Fields, read_examples, write_task_dataset
+
+    fields = Fields(finetune.text_field, finetune.text_pair_field, finetune.label_field)
+    train = read_examples(files["train"], fields, "finetune.train")
+    validation = read_examples(files["validation"], fields, "finetune.validation") if files["validation"] else None
+    return write_task_dataset(output, tokenizer_file, train, validation, finetune.max_length)
+
+
+def seq2seq_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
+    from lmscale.data.seq2seq import Seq2SeqBatch
+    from lmscale.data.tokenizer import T5_PAD
+
+    assert layout.target_len is not None, "a seq2seq dataset records its target length"
+    return Seq2SeqBatch(layout.seq_len, layout.target_len, layout.special_tokens[T5_PAD], examples)
+
+
+def seq2seq_model_fields(layout: SampleLayout) -> dict[str, Any]:
+    from lmscale.data.tokenizer import T5_PAD
+
+    return {"target_len": layout.target_len, "decoder_start_id": layout.special_tokens[T5_PAD]}
+
+
+def write_seq2seq(output: Any, tokenizer_file: Any, files: dict[str, Any], finetune: Any) -> Any:
+    from lmscale.data.seq2seq import read_pairs, write_pairs_dataset
+
+    def pairs(name: str) -> Any:
+        return read_pairs(files[name], finetune.source_field, finetune.target_field, f"finetune.{name}")
+
+    validation = pairs("validation") if files["validation"] else None
+    return write_pairs_dataset(output, tokenizer_file, pairs("train"), validation, finetune.max_length,
+                               finetune.max_target_length)  # fmt: skip
+
+
 TASKS: dict[str, Task] = {
     "causal": Task(
         "causal",
-        sample_len=lambda seq_len: seq_len + 1,  # seq_len inputs and the next token of the last
+        sample_len=lambda seq_len, _: seq_len + 1,  # seq_len inputs and the next token of the last
         collator=causal_collator,
         how_to_prepare="prepare the data with `lmscale prepare --format causal`",
         prepared_from_text=True,
@@ -132,20 +205,20 @@ TASKS: dict[str, Task] = {
     ),
     "mlm": Task(
         "mlm",
-        sample_len=lambda seq_len: seq_len,
+        sample_len=lambda seq_len, _: seq_len,
         collator=masked_lm_collator,
         how_to_prepare="prepare the data with `lmscale prepare --format mlm`",
         prepared_from_text=True,
         wraps_documents=True,
         masked=True,
         accuracy_metric="mlm_accuracy",
-        accuracy_label="best val MLM acc",
+        best_label="best val MLM acc",
         tokenizer_kind="wordpiece",
         required_tokens=bert_tokens,
     ),
     "span_corruption": Task(
         "span_corruption",
-        sample_len=lambda seq_len: span_lengths(seq_len).raw,  # corrupted into inputs of seq_len at most
+        sample_len=lambda seq_len, _: span_lengths(seq_len).raw,  # corrupted into inputs of seq_len at most
         collator=span_corruption_collator,
         how_to_prepare="prepare the data with `lmscale prepare --format span_corruption --tokenizer-kind unigram`",
         prepared_from_text=True,
@@ -155,12 +228,34 @@ TASKS: dict[str, Task] = {
     ),
     "classification": Task(
         "classification",
-        sample_len=lambda seq_len: 1 + 2 * seq_len,  # label id, token ids, token types
+        sample_len=lambda seq_len, _: 1 + 2 * seq_len,  # label id, token ids, token types
         collator=classification_collator,
         how_to_prepare="fine-tune with `lmscale finetune` and a finetune section",
         labelled=True,
+        validation="classifier",
+        best_metric="val_accuracy",
         accuracy_metric="accuracy",
-        accuracy_label="best val acc",
+        best_label="best val acc",
+        fine_tuning=FineTuning(
+            settings=("text_field", "text_pair_field", "label_field", "max_length"),
+            write=write_classification,
+            model_fields=lambda dataset: {"labels": dataset.labels},
+        ),
+    ),
+    "seq2seq": Task(
+        "seq2seq",
+        sample_len=lambda seq_len, target_len: 3 + seq_len + (target_len or 0),  # index, lengths, source, target
+        collator=seq2seq_collator,
+        how_to_prepare="fine-tune with `lmscale finetune` and a finetune section of source/target pairs",
+        validation="generation",
+        best_metric="val_bleu",
+        best_label="best val BLEU",
+        model_fields=seq2seq_model_fields,
+        fine_tuning=FineTuning(
+            settings=("source_field", "target_field", "max_length", "max_target_length"),
+            write=write_seq2seq,
+            model_fields=lambda dataset: {"data_format": "seq2seq"},
+        ),
     ),
 }
 

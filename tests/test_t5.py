@@ -127,7 +127,7 @@ def test_greedy_and_beam_search_give_transformers_generate_token_for_token(t5_da
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     from lmscale.export.export import write_hf_dir
-    from lmscale.inference.seq2seq import beam_search, greedy
+    from lmscale.models.seq2seq_search import beam_search, greedy
 
     torch.manual_seed(3)
     # Stacks of equal depth: transformers 5.24's generate sizes its cache by the encoder's layer count.
@@ -187,11 +187,11 @@ def test_eval_on_pairs_scores_transformers_outputs_with_sacrebleu(t5_dataset: Pa
     bleu, chrf = sacrebleu.corpus_bleu(expected, references), sacrebleu.corpus_chrf(expected, references)
     assert result.stdout.splitlines()[0] == f"bleu {bleu.score:.2f}  chrf {chrf.score:.2f}  (24 pairs, greedy)"
     assert "tok:13a" in result.stdout
-    for row, line in (
-        ('{"source": "Open the file"}', 1),
-        ('{"source": "a", "target": "b"}\n{"source": "c", "target": " "}', 2),
+    for row, fault in (
+        ('{"source": "Open the file"}', "1: no 'target'"),
+        ('{"source": "a", "target": "b"}\n{"source": "c", "target": " "}', "2: 'target' is empty"),
     ):
         (tmp_path / "bad.jsonl").write_text(row + "\n")
         bad = run_cli("eval", str(tmp_path / "export"), "--data", str(tmp_path / "bad.jsonl"))
         assert bad.returncode == 2
-        assert error_lines(bad.stderr) == [f"lmscale: error: {tmp_path / 'bad.jsonl'}:{line}: no 'target'"]
+        assert error_lines(bad.stderr) == [f"lmscale: error: {tmp_path / 'bad.jsonl'}:{fault}"]

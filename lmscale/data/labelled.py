@@ -14,6 +14,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -87,8 +88,10 @@ def read_rows(path: str | Path, required: tuple[str, ...], where: str) -> tuple[
     for number, row in rows:
         for name in required:
             value = row.get(name)
-            if value is None or not str(value).strip():
+            if value is None:
                 raise UsageError(f"{path}:{number}: no {name!r}")
+            if not str(value).strip():
+                raise UsageError(f"{path}:{number}: {name!r} is empty")
     return path, rows
 
 
@@ -136,6 +139,41 @@ def encode_examples(examples: Examples, tokenizer_file: Path, labels: list[str],
     return rows
 
 
+@dataclass(frozen=True)
+class EncodedSplit:
+    """One split's examples as stored samples, and the file they were read from."""
+
+    rows: np.ndarray
+    tokens: int
+    """Real tokens (not padding) in the rows: the manifest's count."""
+    path: Path
+
+
+def write_examples_dataset(
+    output: Path, tokenizer_file: Path, splits: dict[str, EncodedSplit | None], **manifest_fields: Any
+) -> Manifest:
+    """Fine-tuning data of any task: each split's rows as shards, the tokenizer, and the manifest (with the
+    task's ``manifest_fields``: its format, seq_len, special tokens ...) written last, in ``output``."""
+    (output / "shards").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tokenizer_file, output / "tokenizer.json")
+    records, sources = {}, {}
+    for name, split in splits.items():
+        shards: list[ShardRecord] = []
+        if split is not None:
+            for k, first in enumerate(range(0, len(split.rows), SHARD_EXAMPLES)):
+                part = split.rows[first : first + SHARD_EXAMPLES]
+                share = split.tokens * len(part) // len(split.rows)
+                shards.append(write_sample_tar(part, output, f"shards/{name}-{k:06d}.tar", share))
+            sources[name] = {"file": str(split.path), "sha256": file_sha256(split.path)}
+        records[name] = SplitRecord(shards)
+    manifest = Manifest(
+        tokenizer_file="tokenizer.json", tokenizer_sha256=file_sha256(output / "tokenizer.json"), splits=records,
+        settings={"sources": sources}, **manifest_fields,
+    )  # fmt: skip
+    manifest.write(output)
+    return manifest
+
+
 def write_task_dataset(
     output: Path, tokenizer_file: Path, train: Examples, validation: Examples | None, seq_len: int
 ) -> Manifest:
@@ -148,25 +186,14 @@ def write_task_dataset(
     if "[PAD]" not in special or "[CLS]" not in special:
         raise UsageError(f"{tokenizer_file}: not a BERT tokenizer (no [PAD] or [CLS])")
     dtype = token_dtype(max(tok.get_vocab_size(), len(labels)))
-    (output / "shards").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tokenizer_file, output / "tokenizer.json")
-    splits, sources = {}, {}
+    splits = {}
     for name, examples in (("train", train), ("validation", validation)):
-        records: list[ShardRecord] = []
-        if examples is not None:
-            rows = encode_examples(examples, tokenizer_file, labels, seq_len).astype(dtype)
-            tokens = int((rows[:, 1 : 1 + seq_len] != special["[PAD]"]).sum())
-            for k, first in enumerate(range(0, len(rows), SHARD_EXAMPLES)):
-                part = rows[first : first + SHARD_EXAMPLES]
-                share = tokens * len(part) // len(rows)
-                records.append(write_sample_tar(part, output, f"shards/{name}-{k:06d}.tar", share))
-            sources[name] = {"file": str(examples.path), "sha256": file_sha256(examples.path)}
-        splits[name] = SplitRecord(records)
-    manifest = Manifest(
-        seq_len=seq_len, dtype=dtype, vocab_size=tok.get_vocab_size(), eot_id=special["[SEP]"],
-        tokenizer_file="tokenizer.json", tokenizer_sha256=file_sha256(output / "tokenizer.json"),
-        tokenizer_kind="wordpiece", splits=splits, settings={"sources": sources}, format=FORMAT,
-        special_tokens=special, labels=labels,
+        if examples is None:
+            splits[name] = None
+            continue
+        rows = encode_examples(examples, tokenizer_file, labels, seq_len).astype(dtype)
+        splits[name] = EncodedSplit(rows, int((rows[:, 1 : 1 + seq_len] != special["[PAD]"]).sum()), examples.path)
+    return write_examples_dataset(
+        output, tokenizer_file, splits, seq_len=seq_len, dtype=dtype, vocab_size=tok.get_vocab_size(),
+        eot_id=special["[SEP]"], tokenizer_kind="wordpiece", format=FORMAT, special_tokens=special, labels=labels,
     )  # fmt: skip
-    manifest.write(output)
-    return manifest

@@ -64,16 +64,19 @@ class Manifest:
     settings: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     format: str = "causal"
-    """``causal`` (GPT: a stream cut into seq_len + 1 tokens), ``mlm`` (BERT: RoBERTa-style packed samples) or
-    ``classification`` (labelled examples for fine-tuning, ``lmscale.data.labelled``)."""
+    """A ``lmscale.tasks`` entry: ``causal`` (GPT: a stream cut into seq_len + 1 tokens), ``mlm`` (BERT:
+    RoBERTa-style packed samples), ``span_corruption`` (T5), or a fine-tuning task's examples:
+    ``classification`` (``lmscale.data.labelled``), ``seq2seq`` (``lmscale.data.seq2seq``)."""
     special_tokens: dict[str, int] = field(default_factory=dict)
     """The tokenizer's special tokens and their ids, e.g. ``{"[PAD]": 0, ..., "[MASK]": 4}``."""
     labels: list[str] = field(default_factory=list)
     """Classification: the class names, in label-id order."""
+    target_len: int | None = None
+    """Sequence to sequence: the longest target a sample holds (``seq_len`` is its longest source)."""
 
     @property
     def sample_len(self) -> int:
-        return TASKS[self.format].sample_len(self.seq_len)
+        return TASKS[self.format].sample_len(self.seq_len, self.target_len)
 
     @property
     def np_dtype(self) -> np.dtype:

@@ -417,7 +417,7 @@ def _check_output(options: PrepareOptions) -> None:
     if options.seq_len < least:
         raise UsageError(f"--seq-len {options.seq_len}: must be at least {least} for --format {options.format}")
     try:
-        task.sample_len(options.seq_len)
+        task.sample_len(options.seq_len, None)
     except ValueError as err:
         raise UsageError(f"--seq-len {options.seq_len}: {err} (--format {options.format})") from None
     kind = task.tokenizer_kind
@@ -477,7 +477,7 @@ def _tokenizer(files: list[InputFile], options: PrepareOptions) -> Tokenizer:
 def _packing(tok: Tokenizer, options: PrepareOptions) -> Packing:
     task, special_ids = TASKS[options.format], special_token_ids(tok)
     dtype = token_dtype(tok.get_vocab_size())
-    sample_len = task.sample_len(options.seq_len)
+    sample_len = task.sample_len(options.seq_len, None)
     wrap = (special_ids["[CLS]"], special_ids["[SEP]"], special_ids["[PAD]"]) if task.wraps_documents else None
     return Packing(dtype, sample_len, wrap, samples_per_shard(options.shard_size, sample_len, np.dtype(dtype).itemsize))
 

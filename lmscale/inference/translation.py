@@ -3,40 +3,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from lmscale.data.labelled import read_rows
+from lmscale.bleu import TranslationScore, score
+from lmscale.data.seq2seq import Pairs
 from lmscale.errors import UsageError
 from lmscale.inference.seq2seq import input_ids, outputs
 from lmscale.models.t5 import T5
-
-
-@dataclass(frozen=True)
-class Pairs:
-    path: Path
-    sources: list[str]
-    targets: list[str]
-    lines: list[int]
-
-
-@dataclass(frozen=True)
-class TranslationScore:
-    bleu: float
-    chrf: float
-    pairs: int
-    bleu_signature: str
-    chrf_signature: str
-
-
-def read_pairs(path: str | Path, source_field: str, target_field: str, where: str) -> Pairs:
-    """The source/target pairs of a CSV or JSONL file; a row without either, or with an empty one, is one
-    line naming its file and line."""
-    path, rows = read_rows(path, (source_field, target_field), where)
-    return Pairs(path, [str(r[source_field]) for _, r in rows], [str(r[target_field]) for _, r in rows],
-                 [number for number, _ in rows])  # fmt: skip
 
 
 def is_pairs_file(path: str, source_field: str) -> bool:
@@ -56,15 +31,6 @@ def check_lengths(pairs: Pairs, tok: Tokenizer, limit: int | None) -> None:
     for ids, number in zip(input_ids(tok, pairs.sources), pairs.lines, strict=True):
         if len(ids) > limit:
             raise UsageError(f"{pairs.path}:{number}: the source is {len(ids)} tokens, the model's inputs {limit}")
-
-
-def score(hypotheses: list[str], references: list[str]) -> TranslationScore:
-    import sacrebleu
-
-    bleu, chrf = sacrebleu.metrics.BLEU(), sacrebleu.metrics.CHRF()
-    bleu_score, chrf_score = bleu.corpus_score(hypotheses, [references]), chrf.corpus_score(hypotheses, [references])
-    return TranslationScore(bleu_score.score, chrf_score.score, len(hypotheses), str(bleu.get_signature()),
-                            str(chrf.get_signature()))  # fmt: skip
 
 
 def translate_and_score(model: T5, tok: Tokenizer, pairs: Pairs, num_beams: int, max_new_tokens: int,

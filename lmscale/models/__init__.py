@@ -49,6 +49,11 @@ class ModelConfig(Protocol):
         ...
 
     @property
+    def position_limit(self) -> int | None:
+        """The longest input its weights can take, if they limit it (learned position embeddings)."""
+        ...
+
+    @property
     def block_count(self) -> int:
         """The repeated layers the model's ``blocks`` holds (an encoder-decoder's two stacks together)."""
         ...

@@ -72,6 +72,11 @@ class BertConfig:
         return self.d_model // self.n_heads
 
     @property
+    def position_limit(self) -> int | None:
+        """The longest input it takes: its learned position embeddings."""
+        return self.seq_len
+
+    @property
     def block_count(self) -> int:
         return self.n_layers
 

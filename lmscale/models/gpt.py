@@ -88,6 +88,11 @@ class GPTConfig:
         return self.d_model // self.n_heads
 
     @property
+    def position_limit(self) -> int | None:
+        """The longest input it takes: its learned positions (gpt2) or the rotary cache it was built for (llama)."""
+        return self.seq_len
+
+    @property
     def block_count(self) -> int:
         return self.n_layers
 

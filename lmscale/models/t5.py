@@ -63,10 +63,8 @@ class T5Config:
     """The decoder's first input: the tokenizer's padding id (T5's convention); the run plan fills it in."""
     init_from: str | None = None
     """A Hugging Face-format T5 directory (or an lmscale run directory, for fine-tuning) to start from."""
-
-    @property
-    def data_format(self) -> str:
-        return "span_corruption"
+    data_format: Literal["span_corruption", "seq2seq"] = "span_corruption"
+    """What it trains on: span corruption (pretraining) or source/target pairs (``lmscale finetune`` sets it)."""
 
     @property
     def decoder_layers(self) -> int:
@@ -81,6 +79,11 @@ class T5Config:
         if self.d_ff is not None:
             return self.d_ff
         return 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def position_limit(self) -> int | None:
+        """None: relative position buckets take inputs of any length."""
+        return None
 
     @property
     def block_count(self) -> int:
@@ -341,7 +344,9 @@ class T5(nn.Module):
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.head_input(hidden), self.head_weight)
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(self.head_input(hidden), self.tok_emb.weight)
 
     def shift_right(self, targets: torch.Tensor) -> torch.Tensor:
         """The decoder's inputs for ``targets``: the start id, then the targets but the last (unscored
@@ -352,19 +357,24 @@ class T5(nn.Module):
 
     def forward(
         self,
-        idx: torch.Tensor,
+        idx: torch.Tensor | None,
         targets: torch.Tensor | None = None,
         pad_mask: torch.Tensor | None = None,
         decoder_idx: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+        caches: tuple[KVCache, KVCache] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Without ``targets``: the logits (B, T, vocab) of ``decoder_idx`` after the inputs ``idx``, and
-        None. With ``targets`` ((B, T), IGNORE where not scored): the predicted ids of the scored positions
-        in row-major order (N,) and their mean cross-entropy, the vocabulary projection run in chunks
-        (``lmscale.models.loss``)."""
-        memory = self.encode(idx, pad_mask)
+        None; a generation step passes the inputs' ``memory`` (:meth:`encode`) instead of ``idx`` and the
+        decoder's ``caches`` (:meth:`decode`). With ``targets`` ((B, T), IGNORE where not scored): the
+        predicted ids of the scored positions in row-major order (N,) and their mean cross-entropy, the
+        vocabulary projection run in chunks (``lmscale.models.loss``)."""
+        if memory is None:
+            assert idx is not None, "the encoder needs the inputs"
+            memory = self.encode(idx, pad_mask)
         if targets is None:
             assert decoder_idx is not None, "logits need the decoder's inputs"
-            return self.logits(self.decode(decoder_idx, memory, pad_mask)), None
+            return self.logits(self.decode(decoder_idx, memory, pad_mask, caches)), None
         hidden = self.decode(self.shift_right(targets), memory, pad_mask)
         scored = targets != IGNORE
         loss, predictions = linear_cross_entropy(

@@ -24,12 +24,13 @@ from lmscale.job.exit_codes import EXIT_INTERRUPTED, EXIT_PREEMPTED
 from lmscale.job.lease import Lease
 from lmscale.job.signals import INTERRUPT, NO_STOP, PREEMPTION, StopRequest
 from lmscale.tasks import task_of
-from lmscale.train import checkpoint, downstream, memory
+from lmscale.train import checkpoint, downstream, memory, seq2seq_validation
 from lmscale.train.downstream import ScoredTask
 from lmscale.train.engine import set_collective_timeout
 from lmscale.train.metrics import MetricsLogger, open_step_log
 from lmscale.train.plan import RunPlan
 from lmscale.train.schedule import lr_at
+from lmscale.train.seq2seq_validation import Seq2SeqValidation
 from lmscale.train.spike import SpikeGuard
 from lmscale.train.state import TrainState
 
@@ -133,6 +134,8 @@ class Trainer:
         self.start_window()
         self.task = task_of(self.cfg.model)
         """What a forward pass predicts and what validation scores."""
+        self.seq2seq_validation: Seq2SeqValidation | None = None
+        """A seq2seq fine-tune's references and decoding settings, read at its first validation."""
 
     def syncs_after(self, step: int) -> bool:
         """Whether the loop reads values back from the device after ``step``: on logging, evaluation and
@@ -282,7 +285,9 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             try:
-                return self.evaluate_classifier() if self.task.labelled else self.evaluate_lm()
+                validators = {"loss": self.evaluate_lm, "classifier": self.evaluate_classifier,
+                              "generation": self.evaluate_generation}  # fmt: skip
+                return validators[self.task.validation]()
             finally:
                 self.engine.train()
 
@@ -331,6 +336,12 @@ class Trainer:
         return {"val_loss": loss_sum.item() / confusion.sum().item(), "val_accuracy": val_accuracy,
                 "val_macro_f1": val_macro_f1}  # fmt: skip
 
+    def evaluate_generation(self) -> dict[str, float]:
+        """A seq2seq fine-tune: loss, and BLEU and chrF of the outputs it writes, over every validation pair."""
+        if self.seq2seq_validation is None:
+            self.seq2seq_validation = Seq2SeqValidation.of_run(self.cfg)
+        return seq2seq_validation.validate(self.seq2seq_validation, self.engine, self.eval_batches, self.device)
+
     @contextlib.contextmanager
     def long_collectives(self) -> Iterator[None]:
         """Saves and loads keep the ranks waiting on the slowest writer or reader: they get the start-up bound
@@ -344,13 +355,14 @@ class Trainer:
                 set_collective_timeout(t.step_timeout_minutes)
 
     def new_best(self, metrics: dict[str, Any]) -> bool:
-        """Fine-tuning: this step's validation accuracy beats every earlier one (its checkpoint is kept)."""
-        value = metrics.get("val_accuracy")
+        """Fine-tuning: this step's validation score (the task's ``best_metric``: accuracy, BLEU) beats every
+        earlier one (its checkpoint is kept)."""
+        value = metrics.get(self.task.best_metric) if self.task.best_metric else None
         if value is None or not math.isfinite(value):
             return False
-        if self.state.best_val_accuracy is not None and value <= self.state.best_val_accuracy:
+        if self.state.best_val_score is not None and value <= self.state.best_val_score:
             return False
-        self.state.best_val_accuracy = value
+        self.state.best_val_score = value
         return True
 
     def save(self, best: bool = False) -> None:

@@ -126,7 +126,7 @@ def data_loaders(
             log.warning("%s has no validation samples: validation loss is not computed", sources[0].path)
         return train_loader, None
     batches, examples = cfg.trainer.eval_batches, None
-    if task_of(cfg.model).labelled:
+    if task_of(cfg.model).every_example:
         # Every validation example once: the last micro-batches are filled up with positions that score nothing.
         examples = val_record.samples
         batches = -(-examples // (plan.micro_batch_size * plan.world_size))

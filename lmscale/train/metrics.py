@@ -46,6 +46,8 @@ class ConsoleSink:
         ("accuracy", "{:.1%}"),
         ("val_accuracy", "{:.1%}"),
         ("val_macro_f1", "{:.3f}"),
+        ("val_bleu", "{:.2f}"),
+        ("val_chrf", "{:.2f}"),
         ("lr", "{:.2e}"),
         ("grad_norm", "{:.3f}"),
         ("tokens_per_s", "{:,.0f}"),

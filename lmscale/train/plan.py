@@ -89,13 +89,15 @@ def plan_run(cfg: Config, world_size: int) -> RunPlan:
             f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {first.vocab_size} ({sources[0].path})"
         )
     seq_len = m.seq_len or first.seq_len
+    if first.seq_len > seq_len and m.position_limit is None:
+        seq_len = first.seq_len  # relative positions take inputs of any length: the model's is the data's
     if first.seq_len > seq_len:
         raise ConfigError(
             f"model.seq_len: the data's seq_len {first.seq_len} ({sources[0].path}) is larger than "
             f"the model's {seq_len} positions"
         )
     trainer = dataclasses.replace(cfg.trainer, grad_accum_steps=grad_accum_steps(cfg, world_size))
-    fields = task.model_fields(first.seq_len, first.special_tokens)  # what the task decides of the model
+    fields = task.model_fields(first)  # what the task decides of the model
     model = dataclasses.replace(m, **{"vocab_size": vocab_size, "seq_len": seq_len, **fields})
     if model.init_from:
         check_init_from(model)

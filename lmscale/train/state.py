@@ -8,6 +8,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+RENAMED = {"best_val_accuracy": "best_val_score"}
+"""Fields under the names checkpoints written before the rename use."""
+
 
 @dataclass
 class TrainState:
@@ -19,8 +22,9 @@ class TrainState:
     resumes: int = 0
     skipped_shards: list[str] = field(default_factory=list)
     """Corrupt shards skipped so far in the run, by every rank, as the ranks last agreed."""
-    best_val_accuracy: float | None = None
-    """Fine-tuning: the best validation accuracy so far, whose checkpoint ``checkpoints/best`` names."""
+    best_val_score: float | None = None
+    """Fine-tuning: the best value so far of the task's ``best_metric`` (validation accuracy, BLEU), whose
+    checkpoint ``checkpoints/best`` names."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -29,4 +33,5 @@ class TrainState:
     def from_dict(cls, saved: dict[str, Any]) -> TrainState:
         """The state a checkpoint saved; a field an older checkpoint lacks keeps its default."""
         names = {f.name for f in dataclasses.fields(cls)}
+        saved = {RENAMED.get(name, name): value for name, value in saved.items()}
         return cls(**{name: value for name, value in saved.items() if name in names})

@@ -1,0 +1,164 @@
+"""Sequence-to-sequence fine-tuning of a pretrained T5 for translation on 2 CPU ranks: English to German from
+the machine's gettext catalogs, validation that writes every pair's translation and scores it with sacrebleu,
+the best checkpoint kept by BLEU, and the export's transformers outputs scored the same."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lmscale.data.shard import PrepareOptions, prepare
+
+from .conftest import error_lines, metrics_records, run_cli, sets
+
+pytestmark = pytest.mark.slow
+
+WORD = re.compile(r"^[A-Za-z][a-z]*[.,:;!?]?$")
+UMLAUTS = str.maketrans("äöüßÄÖÜ", "aousAOU")
+PRETRAIN = [
+    "model.n_layers=2", "trainer.max_steps=300", "trainer.eval_every_steps=0", "checkpoint.every_steps=300",
+    "logging.wandb.mode=disabled",
+]  # fmt: skip
+FINETUNE = [
+    "finetune.max_length=96", "finetune.max_target_length=96", "finetune.num_beams=4", "optim.lr=3e-3",
+    "model.dropout=0.0", "trainer.max_steps=1500", "trainer.eval_every_steps=750", "logging.every_steps=100",
+    "logging.wandb.mode=disabled",
+]  # fmt: skip
+
+
+def prose(source: str, target: str) -> bool:
+    """A message of plain words on both sides (no format directives, option names or paths), ten at most."""
+    words, theirs = source.split(), target.translate(UMLAUTS).split()
+    return len(words) <= 10 and len(theirs) <= 10 and all(WORD.match(w) for w in words + theirs)
+
+
+def write_pairs(path: Path, pairs: list) -> Path:
+    path.write_text("".join(json.dumps({"source": p.source, "target": p.target}, ensure_ascii=False) + "\n"
+                            for p in pairs), encoding="utf-8")  # fmt: skip
+    return path
+
+
+@pytest.fixture(scope="module")
+def translation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """English-German pairs of the training catalogs (`lmscale data pairs`), plain prose of up to ten words:
+    400 held out for validation, the others to train on, and a T5 pretrained (span corruption, 300 steps) on
+    the training pairs' texts, both languages, with a Unigram tokenizer that learned both."""
+    from lmscale.data.translation_pairs import language_pairs
+
+    out = tmp_path_factory.mktemp("translation")
+    pairs = [p for p in language_pairs("de")["train"] if prose(p.source, p.target)]
+    random.Random(0).shuffle(pairs)
+    validation, train = pairs[:400], pairs[400:]
+    text = out / "text.txt"
+    text.write_text("".join(f"{p.source}\n{p.target}\n\n" for p in train), encoding="utf-8")
+    prepare(PrepareOptions(inputs=[str(text)], output=out / "t5data", seq_len=64, vocab_size=1000, shard_size="200",
+                           val_fraction=0.02, tokenizer_kind="unigram", format="span_corruption", in_process=True))  # fmt: skip
+    pretrain = ["train", "configs/t5-tiny.yaml", "--nproc", "2"]
+    pretrained = run_cli(*pretrain, *sets([*PRETRAIN, f"data.path={out / 't5data'}", f"run.dir={out / 'pre'}"]))
+    assert pretrained.returncode == 0, pretrained.stderr[-3000:]
+    return {"train": write_pairs(out / "train.jsonl", train), "validation": write_pairs(out / "val.jsonl", validation),
+            "pretrained": out / "pre"}  # fmt: skip
+
+
+def finetune_args(task: dict[str, Path], run_dir: Path, *overrides: str, validation: Path | None = None) -> list[str]:
+    return ["finetune", "configs/t5-tiny-translate.yaml", "--nproc", "2", *sets([
+        f"finetune.train={task['train']}", f"finetune.validation={validation or task['validation']}",
+        f"model.init_from={task['pretrained']}", f"run.dir={run_dir}", *FINETUNE, *overrides])]  # fmt: skip
+
+
+def bleu_of(result: object) -> float:
+    """The BLEU `lmscale eval MODEL --data PAIRS` printed."""
+    stdout = result.stdout  # type: ignore[attr-defined]
+    assert stdout.startswith("bleu "), stdout + result.stderr[-2000:]  # type: ignore[attr-defined]
+    return float(stdout.split()[1])
+
+
+def test_a_pretrained_t5_fine_tunes_to_translate_and_its_bleu_is_sacrebleu_over_transformers_outputs(
+    translation: dict[str, Path], tmp_path: Path
+) -> None:
+    import sacrebleu
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    rows = [json.loads(line) for line in translation["validation"].read_text().splitlines()]
+    sources, references = [r["source"] for r in rows], [r["target"] for r in rows]
+    copying = sacrebleu.corpus_bleu(sources, [references]).score
+    before_dir = tmp_path / "before"
+    assert run_cli("export", str(translation["pretrained"]), "--output", str(before_dir)).returncode == 0
+    before = bleu_of(run_cli("eval", str(before_dir), "--data", str(translation["validation"]), "--num-beams", "4"))
+
+    run_dir = tmp_path / "ft"
+    result = run_cli(*finetune_args(translation, run_dir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics_records(run_dir)
+    scores = {r["step"]: r for r in records if "val_bleu" in r}
+    assert sorted(scores) == [750, 1500]
+    losses = [scores[s]["val_loss"] for s in sorted(scores)]
+    assert losses == sorted(losses, reverse=True), losses
+    best_step = min(scores, key=lambda s: (-scores[s]["val_bleu"], s))
+    best = scores[best_step]["val_bleu"]
+    assert best > max(before, copying), (best, before, copying, scores)
+    assert 0 < scores[best_step]["val_chrf"] <= 100
+    assert (run_dir / "checkpoints" / "best").read_text() == f"step_{best_step:08d}"
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["finetune"]["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
+    assert config["model"]["data_format"] == "seq2seq" and config["finetune"]["num_beams"] == 4
+    report = run_cli("report", str(run_dir))
+    assert f"best val BLEU    {best:.4f} (step {best_step})" in report.stdout, report.stdout
+
+    # The export holds the best checkpoint; transformers' beam search over it scores what validation scored.
+    export = tmp_path / "export"
+    exported = run_cli("export", str(run_dir), "--output", str(export))
+    assert exported.returncode == 0 and f"step_{best_step:08d}" in exported.stdout, exported.stderr[-2000:]
+    tok = AutoTokenizer.from_pretrained(str(export))
+    theirs = AutoModelForSeq2SeqLM.from_pretrained(str(export)).eval()
+    with torch.no_grad():
+        outputs = [tok.decode(theirs.generate(**tok(source, return_tensors="pt"), num_beams=4, max_new_tokens=96,
+                                              do_sample=False)[0], skip_special_tokens=True) for source in sources]  # fmt: skip
+    assert sacrebleu.corpus_bleu(outputs, [references]).score == pytest.approx(best, abs=1e-9)
+
+
+def test_under_zero_3_every_rank_generates_its_share_and_validation_equals_eval(
+    translation: dict[str, Path], tmp_path: Path
+) -> None:
+    """37 validation pairs on 2 ranks of 16: the last micro-batches are filled with repeats, and the ranks'
+    batches finish decoding at different steps, while ZeRO-3 needs both ranks in every forward pass."""
+    validation = tmp_path / "val37.jsonl"
+    validation.write_text("".join(translation["validation"].read_text().splitlines(keepends=True)[:37]))
+    run_dir = tmp_path / "z3"
+    result = run_cli(*finetune_args(translation, run_dir, "zero.stage=3", "trainer.max_steps=40",
+                                    "trainer.eval_every_steps=20", "finetune.num_beams=1", validation=validation))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    scores = {r["step"]: r for r in metrics_records(run_dir) if "val_bleu" in r}
+    assert sorted(scores) == [20, 40]
+    export = tmp_path / "export"
+    assert run_cli("export", str(run_dir), "--output", str(export), "--checkpoint", "step_00000040").returncode == 0
+    scored = run_cli("eval", str(export), "--data", str(validation), "--batch-size", "1")
+    assert bleu_of(scored) == round(scores[40]["val_bleu"], 2)
+
+
+def test_fine_tuning_refuses_bad_pairs_in_one_line_naming_file_and_line(
+    translation: dict[str, Path], tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad.jsonl"
+    long = "Return the list of all the modules found in the path " * 12
+    for text, fault in (
+        ('{"source": "Open the file", "target": "Datei öffnen"}\n{"source": "Close it"}\n', "2: no 'target'"),
+        ('{"source": "Open the file", "target": " "}\n', "1: 'target' is empty"),
+        (json.dumps({"source": long, "target": "lang"}) + "\n", "1: the source is "),
+    ):
+        bad.write_text(text, encoding="utf-8")
+        refused = run_cli(*finetune_args(translation, tmp_path / "run", validation=bad))
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert len(error_lines(refused.stderr)) == 1
+        assert error_lines(refused.stderr)[0].startswith(f"lmscale: error: {bad}:{fault}"), refused.stderr
+    assert not (tmp_path / "run" / "labelled").exists()
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text("en,de\nOpen the file,Datei öffnen\n", encoding="utf-8")
+    renamed = run_cli(*finetune_args(translation, tmp_path / "csv", validation=csv_file))
+    assert error_lines(renamed.stderr) == [f"lmscale: error: {csv_file}: no column 'source' (its columns: en, de)"]
