@@ -71,8 +71,12 @@ def test_seq_len_larger_than_model_positions(tmp_path: Path, dataset: Path) -> N
     assert plan.cfg.model.seq_len == 64 and plan.cfg.model.vocab_size == 512
 
 
-# bert-tiny-cls.yaml fine-tunes a pretrained model: the fine-tuning tests run it (tests/test_bert_train.py).
-@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml") if "cls" not in p.name))
+# Fine-tuning configs tune a pretrained model: the fine-tuning tests run them (tests/test_bert_train.py,
+# tests/test_t5_finetune.py).
+PRETRAINING_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if "\nfinetune:" not in p.read_text())
+
+
+@pytest.mark.parametrize("config", PRETRAINING_CONFIGS)
 def test_every_shipped_config_dry_runs(config: str, dataset: Path, mlm_dataset: Path, t5_dataset: Path) -> None:
     data = {"bert": mlm_dataset, "t5": t5_dataset}.get(config.split("-")[0], dataset)
     result = run_cli("train", f"configs/{config}", "--dry-run", "--nproc", "2", "--set", f"data.path={data}")
