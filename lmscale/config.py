@@ -334,6 +334,13 @@ def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def model_from_dict(value: Any, where: str = "model") -> ModelConfig:
+    """A ``model`` section (a mapping with its ``family`` key), checked as a config file's is."""
+    model = _coerce(value, ModelConfig, where)
+    validate_model(model)
+    return model
+
+
 def _build_tagged(options: tuple[Any, ...], value: Any, where: str) -> Any:
     """The model section: its ``family`` key picks the family's dataclass; without one, the first family's."""
     by_tag = {o.__dataclass_fields__["family"].default: o for o in options}
@@ -436,7 +443,7 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.d_model: {m.d_model} is not divisible by model.n_heads={m.n_heads}")
     for problem in m.problems():
         raise ConfigError(f"model.{problem}")
-    _positive(m.norm_eps, "model.norm_eps")
+    _positive(getattr(m, "norm_eps", None), "model.norm_eps")  # the recurrent family has no norm
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout: must be in [0, 1), got {m.dropout}")
 

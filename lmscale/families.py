@@ -1,12 +1,13 @@
-"""The family registry: one entry per model family (``gpt``, ``bert``, ``t5``), holding everything the rest of the
-code asks about it.
+"""The family registry: one entry per model family (``gpt``, ``bert``, ``t5``, ``rnn``), holding everything the
+rest of the code asks about it.
 
 A run's ``model`` section names its family, whose config dataclass (in the family's model file) is the single
 source of its fields and says which task it trains on (``data_format``, a ``lmscale.tasks`` entry). Its
 entry adds the model builder, the FLOPs count MFU is measured against, the Hugging Face adapter (key table,
-``config.json``, Auto class, tokenizer specials: the family's file in ``lmscale/hf/``), and what the
-commands may do with it. Adding a family is a model file, a Hugging Face file, one entry here, and their
-tests; code outside ``lmscale/models/``, ``lmscale/hf/`` and the registries never compares a family's name.
+``config.json``, Auto class, tokenizer specials: the family's file in ``lmscale/hf/``) where transformers has
+a class for it, and what the commands may do with it. Adding a family is a model file, a Hugging Face file if
+transformers can load it, one entry here, and their tests; code outside ``lmscale/models/``, ``lmscale/hf/``
+and the registries never compares a family's name.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from lmscale.models.bert import Bert, BertConfig
 from lmscale.models.bert import flops_per_token as bert_flops
 from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.models.gpt import flops_per_token as gpt_flops
+from lmscale.models.rnn import RNN, RNNConfig
+from lmscale.models.rnn import flops_per_token as rnn_flops
 from lmscale.models.t5 import T5, T5Config
 from lmscale.models.t5 import flops_per_token as t5_flops
 
@@ -39,7 +42,9 @@ class Family:
     """``module(cfg, generator)``: the model with initial weights drawn from ``generator``."""
     flops_per_token: Callable[..., float]
     """``flops_per_token(cfg, seq_len, predicted_fraction)``: training FLOPs per token, for MFU."""
-    hf: HFAdapter
+    hf: HFAdapter | None
+    """How the export maps to a ``transformers`` class; None where transformers has none (the export is then
+    lmscale's own directory, which ``lmscale generate`` and ``lmscale eval`` load)."""
     generates: str | None = None
     """How ``lmscale generate`` writes text with it: ``causal`` (a decoder continues a prompt, sampled) or
     ``seq2seq`` (an encoder-decoder's output for an input, greedy or by beam search); None: it does not."""
@@ -51,6 +56,7 @@ FAMILIES: dict[str, Family] = {
     "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, hf_gpt.ADAPTER, generates="causal"),
     "bert": Family("bert", BertConfig, Bert, bert_flops, hf_bert.ADAPTER, fine_tunes="classification"),
     "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER, generates="seq2seq", fine_tunes="seq2seq"),
+    "rnn": Family("rnn", RNNConfig, RNN, rnn_flops, None, generates="causal"),
 }
 
 
@@ -60,7 +66,7 @@ def family_of(cfg: ModelConfig) -> Family:
 
 def family_reading(model_type: str) -> Family | None:
     """The family whose Hugging Face adapter reads a ``config.json`` of ``model_type``."""
-    return next((f for f in FAMILIES.values() if model_type in f.hf.model_types), None)
+    return next((f for f in FAMILIES.values() if f.hf is not None and model_type in f.hf.model_types), None)
 
 
 def build_model(cfg: ModelConfig, generator: torch.Generator | None = None) -> nn.Module:

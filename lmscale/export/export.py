@@ -1,15 +1,21 @@
 """``lmscale export``: a ZeRO checkpoint (any stage, any world size) -> a Hugging Face model directory.
 
 consolidate (DeepSpeed's zero_to_fp32) -> lmscale model -> the family's key table -> ``transformers`` model
-(GPT-2, Llama, BertForMaskedLM or BertForSequenceClassification) -> ``save_pretrained`` (safetensors, sharded
-above ``max_shard_size``) + tokenizer (+ generation config for a GPT) -> reload with the matching auto class
-and compare logits with the lmscale model -> publish by rename.
+(GPT-2, Llama, BertForMaskedLM, BertForSequenceClassification or T5ForConditionalGeneration) -> safetensors
+(sharded above ``max_shard_size``) + ``config.json`` + tokenizer (+ generation config for a GPT) -> reload
+with the matching auto class and compare logits with the lmscale model -> publish by rename.
+
+A family ``transformers`` has no class for (the recurrent models) is written in the same layout under
+lmscale's own names (``lmscale.hf.directory``), which ``lmscale generate``, ``lmscale eval`` and
+``model.init_from`` load without DeepSpeed or a run directory; the check reloads it the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,7 @@ from lmscale.errors import LmscaleError, UsageError
 from lmscale.families import build_model, family_of
 from lmscale.files import replacing
 from lmscale.hf.convert import auto_class, hf_config_dict, tied_keys, to_hf
+from lmscale.hf.directory import LMSCALE_MODEL, load_hf_model
 from lmscale.models import ModelConfig, load_checked
 from lmscale.progress import Progress
 from lmscale.train import checkpoint
@@ -74,7 +81,8 @@ def parity_batch(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
     assert cfg.vocab_size is not None and cfg.seq_len is not None
     idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.seq_len, 64)), generator=generator)
-    return family_of(cfg).hf.parity_inputs(idx)
+    adapter = family_of(cfg).hf
+    return adapter.parity_inputs(idx) if adapter is not None else {"idx": idx}
 
 
 def save_tokenizer(tokenizer_file: Path, output: Path, cfg: ModelConfig) -> None:
@@ -95,9 +103,41 @@ def transformers_class(cfg: ModelConfig) -> Any:
     return getattr(transformers, auto_class(cfg))
 
 
+def save_weights(state: dict[str, torch.Tensor], output: Path, max_shard_size: str) -> None:
+    from huggingface_hub import save_torch_state_dict
+
+    output.mkdir(parents=True, exist_ok=True)
+    logging.disable(logging.INFO)  # huggingface_hub's "weights saved" line (on a logger of its file's path)
+    try:
+        save_torch_state_dict(state, str(output), max_shard_size=max_shard_size)
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def write_model_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: str, max_shard_size: str) -> str:
+    """Write ``model`` as a Hugging Face directory, or lmscale's own where transformers has no class for its
+    family; returns the architecture's name."""
+    if family_of(model.cfg).hf is None:
+        return write_lmscale_dir(model, tokenizer_file, output, dtype, max_shard_size)
+    return write_hf_dir(model, tokenizer_file, output, dtype, max_shard_size)
+
+
+def write_lmscale_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: str, max_shard_size: str) -> str:
+    """The weights under lmscale's names, the model section in ``config.json`` and the tokenizer file."""
+    cfg = model.cfg
+    # Every key, tied ones as copies of their own (safetensors stores no shared tensors), so that loading is
+    # a plain state dict.
+    save_weights({k: v.detach().to(DTYPES[dtype]).clone() for k, v in model.state_dict().items()}, output,
+                 max_shard_size)  # fmt: skip
+    architecture = f"lmscale {cfg.family} ({cfg.flavor})"
+    config = {LMSCALE_MODEL: dataclasses.asdict(cfg), "architectures": [architecture], "torch_dtype": dtype}
+    (output / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copyfile(tokenizer_file, output / "tokenizer.json")
+    return architecture
+
+
 def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: str, max_shard_size: str) -> str:
     """Write ``model`` as a Hugging Face directory; returns the transformers class name."""
-    from huggingface_hub import save_torch_state_dict
     from transformers import AutoConfig, GenerationConfig
 
     cfg = model.cfg
@@ -115,12 +155,7 @@ def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: st
         raise LmscaleError(f"conversion to {architecture} left weights unmatched: {unmatched[:3]}")
     # The tensors as they are, rather than through transformers' model, which ties weights its class always
     # ties (transformers 5 ties T5's head to the embedding) and would lose an untied head.
-    output.mkdir(parents=True, exist_ok=True)
-    logging.disable(logging.INFO)  # huggingface_hub's "weights saved" line (on a logger of its file's path)
-    try:
-        save_torch_state_dict(state, str(output), max_shard_size=max_shard_size)
-    finally:
-        logging.disable(logging.NOTSET)
+    save_weights(state, output, max_shard_size)
     hf_config.save_pretrained(str(output))
     # What lmscale trained, in the fields every transformers version reads the same way (transformers 5
     # writes T5's tie_word_embeddings as true whatever the head).
@@ -145,14 +180,16 @@ def check_parity(model: nn.Module, output: Path, dtype: str) -> tuple[float, flo
     rounding noise that grows with the weights and hide a small conversion error, or fail a correct one).
     """
     cfg = model.cfg
-    exported = transformers_class(cfg).from_pretrained(str(output), dtype=torch.float32).eval()
     rounded = build_model(cfg)
     rounded.load_state_dict({k: v.to(DTYPES[dtype]).float() for k, v in model.state_dict().items()})
     batch = parity_batch(cfg)
-    hf_inputs = {HF_INPUTS[name]: value.long() for name, value in batch.items()}
     with torch.no_grad():
         reference = rounded.eval()(**batch)[0]
-        theirs = exported(**hf_inputs).logits
+        if family_of(cfg).hf is None:
+            theirs = load_hf_model(output)[0](**batch)[0]
+        else:
+            exported = transformers_class(cfg).from_pretrained(str(output), dtype=torch.float32).eval()
+            theirs = exported(**{HF_INPUTS[name]: value.long() for name, value in batch.items()}).logits
     return (theirs - reference).abs().max().item(), tolerance(reference)
 
 
@@ -177,7 +214,8 @@ def export_checkpoint(
     tag = find_checkpoint(run_dir, requested)
     state = checkpoint.read_state(run_dir / run_layout.CHECKPOINTS, tag)
     cfg = from_dict(state["config"])
-    family_of(cfg.model).hf.check_exportable(cfg.model)
+    if (adapter := family_of(cfg.model).hf) is not None:
+        adapter.check_exportable(cfg.model)
     tokenizer_file = run_dir / run_layout.TOKENIZER
     if not tokenizer_file.is_file():
         tokenizer_file = Path(cfg.data.resolved_sources()[0].path) / "tokenizer.json"
@@ -197,7 +235,7 @@ def export_checkpoint(
             raise LmscaleError(str(err)) from None
         progress.advance()
         tmp.mkdir(parents=True)
-        architecture = write_hf_dir(model, tokenizer_file, tmp, dtype, max_shard_size)
+        architecture = write_model_dir(model, tokenizer_file, tmp, dtype, max_shard_size)
         progress.advance()
         diff, tol = check_parity(model, tmp, dtype)
         progress.advance()

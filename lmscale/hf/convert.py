@@ -26,7 +26,7 @@ def config_from_hf(config: dict[str, Any]) -> ModelConfig:
     """The lmscale model section of an HF ``config.json`` (any model type a family's adapter reads)."""
     family = family_reading(str(config.get("model_type")))
     if family is None:
-        known = ", ".join(t for f in FAMILIES.values() for t in f.hf.model_types)
+        known = ", ".join(t for f in FAMILIES.values() if f.hf is not None for t in f.hf.model_types)
         raise LmscaleError(f"config.json: model_type {config.get('model_type')!r} is not supported ({known})")
     return family.hf.config_from_hf(config)
 

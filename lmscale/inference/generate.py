@@ -1,7 +1,9 @@
-"""KV-cached sampling from an exported model, without DeepSpeed or Ray.
+"""Sampling from an exported causal model, without DeepSpeed or Ray: a Transformer with a KV cache, a recurrent
+model carrying its state (``model.new_cache``).
 
 Prompts of different lengths are left-padded into one batch; each row keeps its own positions and
-never attends to padding. A row stops at end-of-text; the batch stops when every row has.
+never attends to padding (a recurrent row's state starts at its first token). A row stops at end-of-text;
+the batch stops when every row has.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from dataclasses import dataclass
 import torch
 
 from lmscale.models.gpt import GPT
-from lmscale.models.layers import KVCache
 
 
 @dataclass(frozen=True)
@@ -56,9 +57,10 @@ def generate(
     device = next(model.parameters()).device
     B = len(prompts)
     longest = max(len(p) for p in prompts)
-    budget = min(options.max_new_tokens, model.cfg.seq_len - longest)
+    limit = model.cfg.position_limit
+    budget = options.max_new_tokens if limit is None else min(options.max_new_tokens, limit - longest)
     if budget <= 0 or any(not p for p in prompts):
-        raise ValueError(f"prompts must be non-empty and shorter than the model's {model.cfg.seq_len} positions")
+        raise ValueError(f"prompts must be non-empty and shorter than the model's {limit} positions")
     idx = torch.full((B, longest), eot_id, dtype=torch.long, device=device)
     pad_mask = torch.zeros(B, longest, dtype=torch.bool, device=device)
     for row, prompt in enumerate(prompts):
@@ -66,7 +68,7 @@ def generate(
         pad_mask[row, longest - len(prompt) :] = True
     same_length = bool(pad_mask.all())
     generator = torch.Generator(device=device).manual_seed(options.seed)
-    cache = KVCache(model.cfg.n_layers, capacity=longest + budget)
+    cache = model.new_cache(longest + budget)
     outputs: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     logits, _ = model(idx, cache=cache, pad_mask=None if same_length else pad_mask)

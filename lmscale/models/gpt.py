@@ -172,6 +172,10 @@ class GPT(nn.Module):
         else:
             nn.init.normal_(p, 0.0, std, generator=generator)
 
+    def new_cache(self, capacity: int) -> KVCache:
+        """What generation keeps between steps: every layer's keys and values, for ``capacity`` positions."""
+        return KVCache(self.cfg.n_layers, capacity=capacity)
+
     def forward(
         self,
         idx: torch.Tensor,
