@@ -99,9 +99,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from lmscale.report import write_report
+    from lmscale.report import write_comparison, write_report
 
-    run_dir = Path(args.run_dir)
+    if len(args.run_dir) > 1:
+        output = Path(args.output or "comparison.png")
+        print(write_comparison([Path(d) for d in args.run_dir], output))
+        print(f"wrote {output}")
+        return 0
+    run_dir = Path(args.run_dir[0])
     output = Path(args.output) if args.output else run_dir / run_layout.REPORT
     summary = write_report(run_dir, output)
     for name, value in summary.rows():

@@ -6,6 +6,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer
@@ -17,6 +18,9 @@ from lmscale.families import family_of
 from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
 from lmscale.tasks import task_of
+
+if TYPE_CHECKING:
+    from lmscale.inference.evaluate import EvalResult
 
 
 def _device() -> torch.device:
@@ -113,6 +117,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model.to(_device())
     cfg = model.cfg
     task = task_of(cfg)
+    if args.per_position and not task.scores_continuations:
+        raise UsageError(f"--per-position: a {cfg.family} model does not predict each next token (a causal LM does)")
     if args.task is not None:
         return eval_choices(args, model, tok)
     if task.labelled:
@@ -138,8 +144,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         windows = evaluate.text_windows(args.data, tok, task.sample_len(cfg.seq_len, None))
     if task.scores_continuations:  # a causal LM: every next token
-        result = evaluate.evaluate(model, windows, args.batch_size, args.max_batches)
+        result = evaluate.evaluate(model, windows, args.batch_size, args.max_batches, args.per_position)
         print(f"loss {result.loss:.4f}  perplexity {result.perplexity:.2f}  ({result.tokens:,} tokens)")
+        if result.per_position is not None:
+            write_per_position(args, target, result)
         return 0
     if task.masked and not 0 < args.mlm_probability < 1:
         raise UsageError(f"--mlm-probability {args.mlm_probability}: must be in (0, 1)")
@@ -151,6 +159,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{result.tokens:,} target tokens")  # fmt: skip
     print(f"loss {result.loss:.4f}{accuracy}  perplexity {result.perplexity:.2f}  ({scored})")
     return 0
+
+
+def write_per_position(args: argparse.Namespace, target: Path, result: EvalResult) -> None:
+    """The loss at each position, as JSON (``lmscale report`` overlays it for a run) and as a plot."""
+    import json
+
+    from lmscale.report import plot_per_position
+
+    curve = result.per_position
+    assert curve is not None
+    shown = sorted({1, *(4**k for k in range(1, 10) if 4**k < len(curve)), len(curve)})
+    print("per position: " + "  ".join(f"{position} {curve[position - 1]:.3f}" for position in shown))
+    path = args.json or target / run_layout.PER_POSITION
+    record = {"model": str(target), "data": args.data, "split": args.split, "loss": result.loss,
+              "perplexity": result.perplexity, "tokens": result.tokens, "per_position_loss": curve}  # fmt: skip
+    path.write_text(json.dumps(record) + "\n")
+    path.with_suffix(".png").write_bytes(plot_per_position({str(target): curve}))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
 
 
 def eval_translations(args: argparse.Namespace, model: torch.nn.Module, tok: Tokenizer) -> int:

@@ -197,13 +197,18 @@ def eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-beams", type=int, default=1, help="an encoder-decoder's beam search (1: greedy)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="the longest output an encoder-decoder writes")
     p.add_argument("--outputs", type=Path, help="write each pair's source, reference and output here (JSONL)")
+    p.add_argument("--per-position", action="store_true",
+                   help="a causal LM's loss at each position of the window, written as JSON and a plot")  # fmt: skip
+    p.add_argument("--json", type=Path,
+                   help="where --per-position writes (a .png beside it; default: MODEL/per_position.json)")  # fmt: skip
     p.set_defaults(handler="eval")
 
 
 def report_and_demo_parsers(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="plot a run's metrics.jsonl and summarise it")
-    p.add_argument("run_dir")
-    p.add_argument("--output", help="report.png or report.html (default: <run_dir>/report.png)")
+    p = sub.add_parser("report", help="plot a run's metrics.jsonl and summarise it, or compare several runs")
+    p.add_argument("run_dir", nargs="+", help="a run directory; several: their curves overlaid and a table")
+    p.add_argument("--output", help="a .png or .html file (default: <run_dir>/report.png; several runs: "
+                   "comparison.png here)")  # fmt: skip
     p.set_defaults(handler="report")
 
     p = sub.add_parser("demo", help="the whole path on a small corpus built from Python's own docstrings")

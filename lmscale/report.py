@@ -1,4 +1,5 @@
-"""``lmscale report``: plots and a summary of a run, from its ``metrics.jsonl`` alone."""
+"""``lmscale report``: plots and a summary of a run, from its ``metrics.jsonl`` alone; of several runs, their
+curves overlaid and a table side by side (with ``lmscale eval --per-position``'s curves where a run has one)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import html
 import io
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,11 +130,7 @@ def best_score(steps: list[dict[str, Any]]) -> tuple[str, float, int] | None:
 def plot(records: list[dict[str, Any]], title: str) -> bytes:
     """A PNG: loss and validation loss against tokens, learning rate, throughput, MFU against steps, and the
     downstream tasks' acc and acc_norm against tokens when the run scored any."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     steps = [r for r in records if "loss" in r]
     vals = [r for r in steps if r.get("val_loss") is not None]
     tasks = downstream_names(steps)
@@ -166,11 +164,135 @@ def plot(records: list[dict[str, Any]], title: str) -> bytes:
             for ax in (axes[0][1], axes[1][0], axes[1][1]):
                 ax.axvline(r["step"], color="grey", linestyle=":", linewidth=1)
     fig.suptitle(title)
+    return figure_png(fig)
+
+
+def figure_png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def draw_per_position(ax: Any, curves: dict[str, list[float]]) -> None:
+    """Loss against the position in the window, on a log axis: where a model stops using more context."""
+    for label, curve in curves.items():
+        ax.plot(range(1, len(curve) + 1), curve, label=label)
+    ax.set(xscale="log", xlabel="position in the window (tokens of context)", ylabel="loss",
+           title="validation loss by position")  # fmt: skip
+    ax.legend()
+
+
+def plot_per_position(curves: dict[str, list[float]]) -> bytes:
+    """A PNG of each curve's loss by position."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    draw_per_position(ax, curves)
+    return figure_png(fig)
+
+
+@dataclass(frozen=True)
+class Compared:
+    """One run of a comparison: its name, summary and what its start event and eval recorded."""
+
+    name: str
+    records: list[dict[str, Any]]
+    summary: Summary
+    parameters: int | None
+    per_position: list[float] | None
+
+    def row(self) -> list[str]:
+        s = self.summary
+        best_loss = "n/a" if s.best_val_loss is None else f"{s.best_val_loss:.4f}"
+        perplexity = "n/a" if s.best_val_loss is None else f"{math.exp(min(s.best_val_loss, 50.0)):.2f}"
+        score = "" if s.best_val_score is None else f"{BEST_NAMES[s.best_val_score[0]]} {s.best_val_score[1]:.4f}"
+        return [self.name, "n/a" if self.parameters is None else f"{self.parameters / 1e6:.2f}M",
+                f"{s.tokens_seen:,}", best_loss, perplexity, score or "-",
+                "n/a" if s.mean_tokens_per_s is None else f"{s.mean_tokens_per_s:,.0f}",
+                "n/a" if s.mean_mfu is None else f"{s.mean_mfu:.2%}"]  # fmt: skip
+
+
+COMPARISON_COLUMNS = ["run", "parameters", "tokens", "best val loss", "val perplexity", "best score", "tokens/s",
+                      "MFU"]  # fmt: skip
+
+
+def compared(run_dir: Path) -> Compared:
+    records = read_metrics(run_dir)
+    if not any("loss" in r for r in records):
+        raise UsageError(f"{run_dir / run_layout.METRICS}: no training steps logged yet")
+    starts = [r["parameters"] for r in records if r.get("event") == "start" and "parameters" in r]
+    curve_file = run_dir / run_layout.PER_POSITION
+    curve = json.loads(curve_file.read_text())["per_position_loss"] if curve_file.is_file() else None
+    return Compared(run_dir.name, records, summarize(records), starts[-1] if starts else None, curve)
+
+
+def comparison_table(runs: list[Compared]) -> str:
+    """The runs side by side, in aligned columns."""
+    rows = [COMPARISON_COLUMNS, *(run.row() for run in runs)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COMPARISON_COLUMNS))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+                     for row in rows)  # fmt: skip
+
+
+def comparison_figure(runs: list[Compared]) -> Any:
+    """Training and validation loss against tokens for every run, one colour each, and the loss by position
+    of the runs that have it."""
+    plt = pyplot()
+    curves = {run.name: run.per_position for run in runs if run.per_position is not None}
+    fig, axes = plt.subplots(1, 3 if curves else 2, figsize=(16 if curves else 11, 4.5))
+    for index, run in enumerate(runs):
+        colour = f"C{index % 10}"
+        steps = [r for r in run.records if "loss" in r]
+        vals = [r for r in steps if r.get("val_loss") is not None]
+        axes[0].plot([r["tokens_seen"] for r in steps], [r["loss"] for r in steps], color=colour, label=run.name)
+        if vals:
+            axes[1].plot([r["tokens_seen"] for r in vals], [r["val_loss"] for r in vals], "o-", color=colour,
+                         label=run.name)  # fmt: skip
+    axes[0].set(xlabel="tokens", ylabel="loss", title="training loss")
+    axes[1].set(xlabel="tokens", ylabel="loss", title="validation loss")
+    for ax in axes[:2]:
+        ax.legend()
+    if curves:
+        draw_per_position(axes[2], curves)
+    return fig
+
+
+def write_comparison(run_dirs: list[Path], output: Path) -> str:
+    """Write the runs' overlaid curves to ``output`` (.png or .html); returns the table."""
+    names = [d.name for d in run_dirs]
+    if len(set(names)) < len(names):
+        raise UsageError(f"runs: two runs share the name {next(n for n in names if names.count(n) > 1)!r} "
+                         "(the legend names runs by their directory)")  # fmt: skip
+    runs = [compared(d) for d in run_dirs]
+    table = comparison_table(runs)
+    write_page(output, figure_png(comparison_figure(runs)), " vs ".join(names), f"<pre>{html.escape(table)}</pre>")
+    return table
+
+
+def write_page(output: Path, png: bytes, title: str, body: str) -> None:
+    """A PNG, or an HTML page with ``body`` above the image."""
+    if output.suffix == ".png":
+        output.write_bytes(png)
+    elif output.suffix == ".html":
+        image = base64.b64encode(png).decode()
+        output.write_text(
+            f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
+            f"<h1>{html.escape(title)}</h1>{body}"
+            f'<img alt="training curves" src="data:image/png;base64,{image}">\n'
+        )
+    else:
+        raise UsageError(f"--output {output}: expected a .png or .html file")
 
 
 def write_report(run_dir: Path, output: Path) -> Summary:
@@ -179,16 +301,6 @@ def write_report(run_dir: Path, output: Path) -> Summary:
     if not any("loss" in r for r in records):
         raise UsageError(f"{run_dir / 'metrics.jsonl'}: no training steps logged yet")
     png = plot(records, str(run_dir))
-    if output.suffix == ".png":
-        output.write_bytes(png)
-    elif output.suffix == ".html":
-        table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary.rows())
-        image = base64.b64encode(png).decode()
-        output.write_text(
-            f"<!doctype html><meta charset=utf-8><title>{html.escape(str(run_dir))}</title>"
-            f"<h1>{html.escape(str(run_dir))}</h1><table>{table}</table>"
-            f'<img alt="training curves" src="data:image/png;base64,{image}">\n'
-        )
-    else:
-        raise UsageError(f"--output {output}: expected a .png or .html file")
+    table = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary.rows())
+    write_page(output, png, str(run_dir), f"<table>{table}</table>")
     return summary

@@ -70,7 +70,14 @@ def test_a_recurrent_lm_trains_resumes_exactly_and_its_export_scores_as_the_run(
     val_loss = [r["val_loss"] for r in metrics_records(run_dir) if r.get("step") == 20 and "val_loss" in r]
     assert validation_loss(model, dataset, micro_batch=4, batches=2) == pytest.approx(val_loss[0], abs=1e-5)
     of_export = printed_loss(run_cli("eval", str(export), "--data", str(dataset)))
-    assert of_export == printed_loss(run_cli("eval", str(run_dir), "--data", str(dataset)))
+    by_position = run_cli("eval", str(run_dir), "--data", str(dataset), "--per-position")
+    assert printed_loss(by_position) == of_export, by_position.stdout
+    written = json.loads((run_dir / "per_position.json").read_text())
+    curve = written["per_position_loss"]
+    assert len(curve) == 64 and sum(curve) / 64 == pytest.approx(written["loss"], rel=1e-6)
+    assert (run_dir / "per_position.png").stat().st_size > 10_000
+    # One token of context predicts worse than the window's later positions.
+    assert curve[0] > sum(curve[32:]) / 32
     # Greedy generation carries the state from token to token: it writes what running the whole sequence
     # again at every step picks.
     generated = run_cli(
@@ -104,3 +111,16 @@ def test_zero_3_partitions_the_fused_lstm_weights_and_trains_as_zero_2(dataset: 
         runs[stage] = step_losses(run_dir)
     assert sorted(runs[3]) == list(range(1, 11))
     assert runs[3] == pytest.approx(runs[2], abs=1e-6)
+
+    # The two runs compared: a table with a row each, and their curves overlaid under a legend.
+    report = run_cli("report", str(tmp_path / "zero2"), str(tmp_path / "zero3"), "--output", str(tmp_path / "c.png"))
+    assert report.returncode == 0, report.stderr[-2000:]
+    header, *rows = report.stdout.splitlines()[:3]
+    assert header.split("  ")[0] == "run" and [row.split()[0] for row in rows] == ["zero2", "zero3"]
+    assert all(row.split()[1] == rows[0].split()[1] and row.split()[1].endswith("M") for row in rows), rows
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+    from lmscale.report import compared, comparison_figure
+
+    figure = comparison_figure([compared(tmp_path / "zero2"), compared(tmp_path / "zero3")])
+    for axes in figure.axes[:2]:
+        assert [text.get_text() for text in axes.get_legend().get_texts()] == ["zero2", "zero3"]

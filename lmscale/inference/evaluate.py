@@ -38,6 +38,9 @@ class EvalResult:
     """Tokens predicted (a masked LM's masked ones)."""
     accuracy: float | None = None
     """A masked LM's share of masked tokens predicted right."""
+    per_position: list[float] | None = None
+    """A causal LM's mean loss at each position of the window: the i-th predicts token i + 1 from i + 1 tokens
+    of context."""
 
 
 @dataclass(frozen=True)
@@ -104,23 +107,41 @@ def batches(windows: list[np.ndarray], batch_size: int) -> Iterator[torch.Tensor
 
 
 @torch.no_grad()
-def evaluate(model: GPT, windows: list[np.ndarray], batch_size: int = 8, max_batches: int | None = None) -> EvalResult:
-    """A causal LM's mean next-token loss over the windows (each seq_len + 1 tokens)."""
+def evaluate(
+    model: GPT,
+    windows: list[np.ndarray],
+    batch_size: int = 8,
+    max_batches: int | None = None,
+    per_position: bool = False,
+) -> EvalResult:
+    """A causal LM's mean next-token loss over the windows (each seq_len + 1 tokens); ``per_position`` also
+    averages it at each position of the window, from the full logits (so keep ``batch_size`` small for a large
+    vocabulary), where the loss alone is computed in chunks."""
     device = next(model.parameters()).device
     total_loss, total_tokens = 0.0, 0
+    by_position: torch.Tensor | None = None  # summed over the windows
     count = min(-(-len(windows) // batch_size), max_batches or 10**12)
     with Progress("eval", total=count, unit="batches") as progress:
         for i, tokens in enumerate(batches(windows, batch_size)):
             if i == count:
                 break
             tokens = tokens.to(device)
-            _, loss = model(tokens[:, :-1], tokens[:, 1:])
-            n = tokens[:, 1:].numel()
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            if per_position:
+                logits, _ = model(inputs)
+                losses = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none")  # (B, T)
+                summed = losses.sum(dim=0).double().cpu()
+                by_position = summed if by_position is None else by_position + summed
+                loss = losses.mean()
+            else:
+                _, loss = model(inputs, targets)
+            n = targets.numel()
             total_loss += float(loss) * n
             total_tokens += n
             progress.advance(loss=f"{total_loss / total_tokens:.4f}")
     mean = total_loss / total_tokens
-    return EvalResult(mean, math.exp(mean), total_tokens)
+    curve = None if by_position is None else (by_position * len(by_position) / total_tokens).tolist()
+    return EvalResult(mean, math.exp(mean), total_tokens, per_position=curve)
 
 
 @torch.no_grad()

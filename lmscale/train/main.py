@@ -372,7 +372,8 @@ def log_start(logger: MetricsLogger, top: topology.Topology, plan: RunPlan, hold
     estimate = estimate_memory(plan.cfg, plan.world_size, plan.micro_batch_size, device().type, plan.seq_len)
     compiled = round(built.compile_seconds, 2) if built.compile_seconds is not None else None
     logger.event(
-        step, "start", world_size=plan.world_size, nodes=top.nnodes, started_by=top.source, **built.memory_gb,
+        step, "start", world_size=plan.world_size, nodes=top.nnodes, started_by=top.source, parameters=built.parameters,
+        **built.memory_gb,
         full_model_fp32_gb=round(built.parameters * 4 / 1e9, 4), recomputed_blocks=built.recomputed_blocks,
         memory_estimate_gb=estimate.as_gb(), compile_seconds=compiled,
     )  # fmt: skip
