@@ -37,8 +37,10 @@ def test_the_config_section_selects_the_family_and_names_bad_fields() -> None:
     assert isinstance(model_section({}), GPTConfig)
     bert = model_section({"family": "bert", "flavor": "pre_ln", "d_model": 64, "n_heads": 4})
     assert isinstance(bert, BertConfig) and bert.flavor == "pre_ln" and bert.norm_eps == 1e-12
-    with pytest.raises(ConfigError, match=r"^model\.family: expected one of 'gpt' \| 'bert' \| 't5', got 'rnn'$"):
-        model_section({"family": "rnn"})
+    with pytest.raises(
+        ConfigError, match=r"^model\.family: expected one of 'gpt' \| 'bert' \| 't5' \| 'rnn', got 'lstm'$"
+    ):
+        model_section({"family": "lstm"})
     with pytest.raises(ConfigError, match=r"^model\.n_kv_heads: unknown key"):
         model_section({"family": "bert", "n_kv_heads": 2})
     with pytest.raises(ConfigError, match=r"^model\.labels: none \(masked LM\) or at least 2 distinct classes"):

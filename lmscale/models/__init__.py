@@ -59,6 +59,13 @@ class ModelConfig(Protocol):
         ...
 
 
+def initialise(model: nn.Module, generator: torch.Generator | None = None) -> None:
+    """Every parameter's initial value, drawn by the family's ``init_parameter(name, tensor, generator)`` (which
+    ZeRO-3's partitioned construction calls one parameter at a time instead)."""
+    for name, p in model.named_parameters():
+        model.init_parameter(name, p, generator)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied ones once), full size even when ZeRO-3 has partitioned them."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmscale.models import initialise
 from lmscale.models.layers import Attention, GeluMLP
 from lmscale.models.loss import linear_cross_entropy
 
@@ -145,11 +146,7 @@ class Bert(nn.Module):
             self.mlm_transform = nn.Linear(d, d)
             self.mlm_norm = nn.LayerNorm(d, cfg.norm_eps)
             self.mlm_bias = nn.Parameter(torch.zeros(cfg.vocab_size))
-        self.init_weights(generator)
-
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        for name, p in self.named_parameters():
-            self.init_parameter(name, p, generator)
+        initialise(self, generator)
 
     @torch.no_grad()
     def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:

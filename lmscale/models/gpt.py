@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lmscale.models import initialise
 from lmscale.models.layers import Attention, GeluMLP, KVCache, RMSNorm, SwiGLUMLP, rotary_tables
 from lmscale.models.loss import linear_cross_entropy
 
@@ -151,11 +152,7 @@ class GPT(nn.Module):
             # Not persistent: the tables are a function of the config, so checkpoints need not carry them.
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights(generator)
-
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        for name, p in self.named_parameters():
-            self.init_parameter(name, p, generator)
+        initialise(self, generator)
 
     @torch.no_grad()
     def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:

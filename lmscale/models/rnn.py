@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lmscale.models import initialise
 from lmscale.models.loss import linear_cross_entropy
 
 CELLS: dict[str, type[nn.RNNBase]] = {"tanh": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}
@@ -131,11 +132,7 @@ class RNN(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        self.init_weights(generator)
-
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        for name, p in self.named_parameters():
-            self.init_parameter(name, p, generator)
+        initialise(self, generator)
 
     @torch.no_grad()
     def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmscale.models import initialise
 from lmscale.models.layers import KVCache, RMSNorm
 from lmscale.models.loss import IGNORE, linear_cross_entropy
 
@@ -263,7 +264,7 @@ class T5(nn.Module):
         self.decoder_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.init_weights(generator)
+        initialise(self, generator)
 
     @property
     def encoder_blocks(self) -> list[nn.Module]:
@@ -272,10 +273,6 @@ class T5(nn.Module):
     @property
     def decoder_blocks(self) -> list[nn.Module]:
         return list(self.blocks[self.cfg.n_layers :])
-
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        for name, p in self.named_parameters():
-            self.init_parameter(name, p, generator)
 
     @torch.no_grad()
     def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
