@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lmscale import run_layout
 from lmscale.config import Config, ConfigError, FinetuneConfig
-from lmscale.data.manifest import MANIFEST, read_manifest
+from lmscale.data.labelled import Fields, read_examples, write_task_dataset
+from lmscale.data.manifest import MANIFEST, Manifest, read_manifest
+from lmscale.data.seq2seq import Pairs, read_pairs, write_pairs_dataset
 from lmscale.data.tokenizer import file_sha256
 from lmscale.errors import LmscaleError, UsageError
 from lmscale.families import FAMILIES, family_of, fine_tunable
 from lmscale.files import replacing
 from lmscale.models import ModelConfig
-from lmscale.tasks import TASKS, FineTuning, task_of
+from lmscale.tasks import TASKS, FineTuning, Task, task_of
 from lmscale.train.init_from import pretrained
 
 WAIT_FOR_NODE_0_SECONDS = 600
@@ -72,7 +75,7 @@ def resolve_task(cfg: Config, write: bool) -> Config:
     labelled_dir = cfg.run.path / run_layout.LABELLED
     if not (labelled_dir / MANIFEST).is_file():
         if write:
-            prepare_examples(labelled_dir, files, resolved, source.tokenizer, task.fine_tuning)
+            prepare_examples(labelled_dir, files, resolved, source.tokenizer, task)
         else:
             wait_for(labelled_dir / MANIFEST)
     manifest = read_manifest(labelled_dir)
@@ -114,21 +117,50 @@ def check_architecture(ours: ModelConfig, theirs: ModelConfig, where: Path) -> N
             raise ConfigError(f"model.{name}: {value} here, {pretrained_arch[name]} in the pretrained model {where}")
 
 
+Files = dict[str, Path | None]
+"""The example files of a fine-tune: train, and validation or None."""
+
+
+def write_classification(output: Path, tokenizer_file: Path, files: Files, finetune: FinetuneConfig) -> Manifest:
+    fields = Fields(finetune.text_field, finetune.text_pair_field, finetune.label_field)
+    assert files["train"] is not None
+    train = read_examples(files["train"], fields, "finetune.train")
+    validation = read_examples(files["validation"], fields, "finetune.validation") if files["validation"] else None
+    return write_task_dataset(output, tokenizer_file, train, validation, finetune.max_length)
+
+
+def write_seq2seq(output: Path, tokenizer_file: Path, files: Files, finetune: FinetuneConfig) -> Manifest:
+    def pairs(name: str) -> Pairs:
+        path = files[name]
+        assert path is not None
+        return read_pairs(path, finetune.source_field, finetune.target_field, f"finetune.{name}")
+
+    validation = pairs("validation") if files["validation"] else None
+    return write_pairs_dataset(output, tokenizer_file, pairs("train"), validation, finetune.max_length,
+                               finetune.max_target_length)  # fmt: skip
+
+
+WRITERS: dict[str, Callable[[Path, Path, Files, FinetuneConfig], Manifest]] = {
+    "classification": write_classification,
+    "seq2seq": write_seq2seq,
+}
+"""For each task that fine-tunes (``lmscale.tasks``, its ``fine_tuning``), what writes its dataset from the
+example files: here, above the data modules, which import the task registry."""
+
+
 def prepare_examples(
-    labelled_dir: Path, files: dict[str, Path | None], finetune: FinetuneConfig, tokenizer: Path,
-    fine_tuning: FineTuning,
+    labelled_dir: Path, files: Files, finetune: FinetuneConfig, tokenizer: Path, task: Task,
 ) -> None:  # fmt: skip
     """Write the examples' dataset under a temporary name and rename it into place: it exists whole or not at
     all."""
+    assert task.fine_tuning is not None
     with replacing(labelled_dir, unique=True) as tmp:
-        manifest = fine_tuning.write(tmp, tokenizer, files, finetune)
-        manifest.settings["finetune"] = recorded_settings(finetune, fine_tuning)
+        manifest = WRITERS[task.name](tmp, tokenizer, files, finetune)
+        manifest.settings["finetune"] = recorded_settings(finetune, task.fine_tuning)
         manifest.write(tmp)
 
 
-def check_same_examples(
-    settings: dict, files: dict[str, Path | None], finetune: dict[str, Any], labelled_dir: Path
-) -> None:
+def check_same_examples(settings: dict, files: Files, finetune: dict[str, Any], labelled_dir: Path) -> None:
     """A resumed run must fine-tune on the data its first start prepared."""
     for name, path in files.items():
         recorded = settings["sources"].get(name)

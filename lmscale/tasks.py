@@ -40,10 +40,8 @@ class FineTuning:
     """How ``lmscale finetune`` makes a task's dataset from example files (``lmscale.config.FinetuneConfig``)."""
 
     settings: tuple[str, ...]
-    """The ``finetune`` fields the written data depends on: a resumed run must give the same."""
-    write: Callable[[Any, Any, dict[str, Any], Any], Any]
-    """``write(output, tokenizer_file, files, finetune)``: the examples of ``files`` (train, validation or None)
-    encoded into the dataset directory ``output``, whose ``Manifest`` it returns."""
+    """The ``finetune`` fields the written data depends on: a resumed run must give the same (the writer of the
+    data is ``launcher.finetune``'s, since it is above the data modules that import this one)."""
     model_fields: Callable[[ExamplesDataset], dict[str, Any]]
     """The fields that make a pretrained model's section train on this task (its labels, its data_format)."""
 
@@ -160,17 +158,8 @@ def classification_collator(layout: SampleLayout, seed: int, probability: float,
     return ClassificationBatch(layout.special_tokens["[PAD]"], layout.seq_len, examples)
 
 
-def write_classification(output: Any, tokenizer_file: Any, files: dict[str, Any], finetune: Any) -> Any:
-    from lmscale.data.labelled import Fields, read_examples, write_task_dataset
-
-    fields = Fields(finetune.text_field, finetune.text_pair_field, finetune.label_field)
-    train = read_examples(files["train"], fields, "finetune.train")
-    validation = read_examples(files["validation"], fields, "finetune.validation") if files["validation"] else None
-    return write_task_dataset(output, tokenizer_file, train, validation, finetune.max_length)
-
-
 def seq2seq_collator(layout: SampleLayout, seed: int, probability: float, examples: int | None) -> Collate:
-    from lmscale.data.seq2seq import Seq2SeqBatch
+    from lmscale.data.collate import Seq2SeqBatch
     from lmscale.data.tokenizer import T5_PAD
 
     assert layout.target_len is not None, "a seq2seq dataset records its target length"
@@ -181,17 +170,6 @@ def seq2seq_model_fields(layout: SampleLayout) -> dict[str, Any]:
     from lmscale.data.tokenizer import T5_PAD
 
     return {"target_len": layout.target_len, "decoder_start_id": layout.special_tokens[T5_PAD]}
-
-
-def write_seq2seq(output: Any, tokenizer_file: Any, files: dict[str, Any], finetune: Any) -> Any:
-    from lmscale.data.seq2seq import read_pairs, write_pairs_dataset
-
-    def pairs(name: str) -> Any:
-        return read_pairs(files[name], finetune.source_field, finetune.target_field, f"finetune.{name}")
-
-    validation = pairs("validation") if files["validation"] else None
-    return write_pairs_dataset(output, tokenizer_file, pairs("train"), validation, finetune.max_length,
-                               finetune.max_target_length)  # fmt: skip
 
 
 TASKS: dict[str, Task] = {
@@ -238,7 +216,6 @@ TASKS: dict[str, Task] = {
         best_label="best val acc",
         fine_tuning=FineTuning(
             settings=("text_field", "text_pair_field", "label_field", "max_length"),
-            write=write_classification,
             model_fields=lambda dataset: {"labels": dataset.labels},
         ),
     ),
@@ -253,7 +230,6 @@ TASKS: dict[str, Task] = {
         model_fields=seq2seq_model_fields,
         fine_tuning=FineTuning(
             settings=("source_field", "target_field", "max_length", "max_target_length"),
-            write=write_seq2seq,
             model_fields=lambda dataset: {"data_format": "seq2seq"},
         ),
     ),

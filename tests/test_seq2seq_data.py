@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from lmscale.data.collate import Seq2SeqBatch
 from lmscale.data.manifest import read_manifest
-from lmscale.data.seq2seq import Seq2SeqBatch, encoded, read_pairs, read_references, write_pairs_dataset
+from lmscale.data.seq2seq import encoded, read_pairs, read_references, write_pairs_dataset
 from lmscale.data.stream import read_shard, split_shards
 from lmscale.data.tokenizer import T5_EOS, T5_PAD, load_tokenizer
 from lmscale.errors import UsageError

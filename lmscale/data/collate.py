@@ -1,5 +1,5 @@
 """Micro-batches of samples -> a model's inputs: ``{"idx", "targets"}`` and, for an encoder, ``pad_mask`` (and
-``token_type_ids`` for a classifier).
+``token_type_ids`` for a classifier; an encoder-decoder's pairs cut to their longest).
 
 Runs in the loader workers, with the global stream position of every sample: masking draws from a generator
 seeded by (run seed, position), so each serving of a sample gets fresh masks, and a resume on any world size
@@ -75,3 +75,33 @@ class ClassificationBatch:
             "pad_mask": torch.from_numpy(np.ascontiguousarray(pad_mask[:, :longest])),
             "targets": torch.from_numpy(targets),
         }
+
+
+HEADER = 3
+"""Values before the source's ids: the pair's index, the source's and the target's lengths."""
+
+
+class Seq2SeqBatch:
+    """Rows of ``write_pairs_dataset`` -> an encoder-decoder's inputs (``idx``, ``pad_mask``) and ``targets``
+    (-100 past each target), cut to the batch's longest source and target. For validation (``examples``
+    given) it adds ``example_ids``, each row's pair in the validation file, -1 at positions at or past
+    ``examples`` (the repeats that fill the last micro-batches), whose targets are all -100."""
+
+    def __init__(self, seq_len: int, target_len: int, pad_id: int, examples: int | None = None) -> None:
+        self.seq_len, self.target_len, self.pad_id, self.examples = seq_len, target_len, pad_id, examples
+
+    def __call__(self, tokens: np.ndarray, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        rows = tokens.astype(np.int64)
+        index, source_len, target_len = rows[:, 0], rows[:, 1], rows[:, 2]
+        sources = rows[:, HEADER : HEADER + int(source_len.max())]
+        targets = rows[:, HEADER + self.seq_len : HEADER + self.seq_len + int(target_len.max())]
+        pad_mask = np.arange(sources.shape[1]) < source_len[:, None]
+        scored = np.arange(targets.shape[1]) < target_len[:, None]
+        batch = {"idx": torch.from_numpy(np.ascontiguousarray(sources)),
+                 "pad_mask": torch.from_numpy(np.ascontiguousarray(pad_mask))}  # fmt: skip
+        if self.examples is not None:
+            repeat = np.asarray(positions) >= self.examples
+            scored &= ~repeat[:, None]
+            batch["example_ids"] = torch.from_numpy(np.where(repeat, -1, index))
+        batch["targets"] = torch.from_numpy(np.where(scored, targets, -100))
+        return batch

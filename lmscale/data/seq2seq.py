@@ -16,13 +16,12 @@ since a cut target would teach the model to stop mid-sentence.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from lmscale.data.collate import HEADER
 from lmscale.data.labelled import EncodedSplit, read_rows, write_examples_dataset
 from lmscale.data.manifest import Manifest, token_dtype
 from lmscale.data.tokenizer import T5_EOS, T5_PAD, load_tokenizer, special_token_ids
@@ -30,8 +29,6 @@ from lmscale.errors import UsageError
 
 FORMAT = "seq2seq"
 REFERENCES = "references.json"
-HEADER = 3
-"""Values before the source's ids: the pair's index, the source's and the target's lengths."""
 
 
 @dataclass(frozen=True)
@@ -117,29 +114,3 @@ def read_references(dataset: Path) -> list[str]:
     if not path.is_file():
         raise UsageError(f"{path}: missing (the validation references of a seq2seq dataset)")
     return json.loads(path.read_text(encoding="utf-8"))
-
-
-class Seq2SeqBatch:
-    """Rows of ``write_pairs_dataset`` -> an encoder-decoder's inputs (``idx``, ``pad_mask``) and ``targets``
-    (-100 past each target), cut to the batch's longest source and target. For validation (``examples``
-    given) it adds ``example_ids``, each row's pair in the validation file, -1 at positions at or past
-    ``examples`` (the repeats that fill the last micro-batches), whose targets are all -100."""
-
-    def __init__(self, seq_len: int, target_len: int, pad_id: int, examples: int | None = None) -> None:
-        self.seq_len, self.target_len, self.pad_id, self.examples = seq_len, target_len, pad_id, examples
-
-    def __call__(self, tokens: np.ndarray, positions: Sequence[int]) -> dict[str, torch.Tensor]:
-        rows = tokens.astype(np.int64)
-        index, source_len, target_len = rows[:, 0], rows[:, 1], rows[:, 2]
-        sources = rows[:, HEADER : HEADER + int(source_len.max())]
-        targets = rows[:, HEADER + self.seq_len : HEADER + self.seq_len + int(target_len.max())]
-        pad_mask = np.arange(sources.shape[1]) < source_len[:, None]
-        scored = np.arange(targets.shape[1]) < target_len[:, None]
-        batch = {"idx": torch.from_numpy(np.ascontiguousarray(sources)),
-                 "pad_mask": torch.from_numpy(np.ascontiguousarray(pad_mask))}  # fmt: skip
-        if self.examples is not None:
-            repeat = np.asarray(positions) >= self.examples
-            scored &= ~repeat[:, None]
-            batch["example_ids"] = torch.from_numpy(np.where(repeat, -1, index))
-        batch["targets"] = torch.from_numpy(np.where(scored, targets, -100))
-        return batch
