@@ -70,6 +70,7 @@ def test_a_manifest_of_a_format_no_task_reads_is_named_in_one_line(tmp_path: Pat
     (tmp_path / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "format": "speech",
                                                        "splits": {}}))  # fmt: skip
     with pytest.raises(
-        LmscaleError, match=r"manifest\.json: format 'speech' is none of causal, mlm, span_corruption, classification$"
+        LmscaleError,
+        match=r"manifest\.json: format 'speech' is none of causal, mlm, span_corruption, classification, seq2seq$",
     ):
         read_manifest(tmp_path)

@@ -26,11 +26,12 @@ PRETRAIN = [
 ]  # fmt: skip
 """A short span-corruption pretraining: at this size and corpus, longer pretraining fine-tunes worse in the
 same steps (BLEU at 1,500 steps: 2.4 after 10 pretraining steps, 1.1 after 100, 0.8 to 1.3 after 300)."""
-FINETUNE = [
-    "finetune.max_length=96", "finetune.max_target_length=96", "finetune.num_beams=4", "optim.lr=3e-3",
-    "model.dropout=0.0", "trainer.max_steps=1500", "trainer.eval_every_steps=750", "logging.every_steps=100",
-    "logging.wandb.mode=disabled",
-]  # fmt: skip
+FINETUNE = ["trainer.max_steps=1000", "trainer.eval_every_steps=500", "logging.every_steps=100",
+            "logging.wandb.mode=disabled"]  # fmt: skip
+"""configs/t5-tiny-translate.yaml's settings (sources and targets of 64 tokens at most, 4 beams, lr 3e-3, no
+dropout) for 1,000 steps: BLEU 2.0 where 1,500 steps reach 2.4 (and copying the source about 1)."""
+BUDGET = 64
+"""What validation may generate: the targets' bound, finetune.max_target_length."""
 
 
 def prose(source: str, target: str) -> bool:
@@ -92,14 +93,15 @@ def test_a_pretrained_t5_fine_tunes_to_translate_and_its_bleu_is_sacrebleu_over_
     copying = sacrebleu.corpus_bleu(sources, [references]).score
     before_dir = tmp_path / "before"
     assert run_cli("export", str(translation["pretrained"]), "--output", str(before_dir)).returncode == 0
-    before = bleu_of(run_cli("eval", str(before_dir), "--data", str(translation["validation"]), "--num-beams", "4"))
+    before = bleu_of(run_cli("eval", str(before_dir), "--data", str(translation["validation"]), "--num-beams", "4",
+                             "--max-new-tokens", str(BUDGET)))  # fmt: skip
 
     run_dir = tmp_path / "ft"
     result = run_cli(*finetune_args(translation, run_dir))
     assert result.returncode == 0, result.stderr[-3000:]
     records = metrics_records(run_dir)
     scores = {r["step"]: r for r in records if "val_bleu" in r}
-    assert sorted(scores) == [750, 1500]
+    assert sorted(scores) == [500, 1000]
     losses = [scores[s]["val_loss"] for s in sorted(scores)]
     assert losses == sorted(losses, reverse=True), losses
     best_step = min(scores, key=lambda s: (-scores[s]["val_bleu"], s))
@@ -120,7 +122,7 @@ def test_a_pretrained_t5_fine_tunes_to_translate_and_its_bleu_is_sacrebleu_over_
     tok = AutoTokenizer.from_pretrained(str(export))
     theirs = AutoModelForSeq2SeqLM.from_pretrained(str(export)).eval()
     with torch.no_grad():
-        outputs = [tok.decode(theirs.generate(**tok(source, return_tensors="pt"), num_beams=4, max_new_tokens=96,
+        outputs = [tok.decode(theirs.generate(**tok(source, return_tensors="pt"), num_beams=4, max_new_tokens=BUDGET,
                                               do_sample=False)[0], skip_special_tokens=True) for source in sources]  # fmt: skip
     assert sacrebleu.corpus_bleu(outputs, [references]).score == pytest.approx(best, abs=1e-9)
 
