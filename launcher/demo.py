@@ -29,7 +29,8 @@ DEMO_LR = 3e-3
 and 1e-3 it ends near loss 5.8 and samples mostly newlines; with these, near 5.4 and sentences."""
 
 
-def demo(workdir: Path, nproc: int, steps: int) -> int:
+def demo_dataset(workdir: Path) -> Path:
+    """The demo's prepared dataset in ``workdir/data``, built from the demo corpus unless it is there."""
     data_dir = workdir / "data"
     if not (data_dir / MANIFEST).is_file():
         files = write_demo_corpus(workdir / "corpus", prose=True)
@@ -39,6 +40,11 @@ def demo(workdir: Path, nproc: int, steps: int) -> int:
             shard_size="200", overwrite=True,
         )  # fmt: skip
         print(summary(prepare(options), data_dir))
+    return data_dir
+
+
+def demo(workdir: Path, nproc: int, steps: int) -> int:
+    data_dir = demo_dataset(workdir)
     overrides = [f"data.path={data_dir}", f"run.dir={workdir / 'runs' / 'gpt-tiny'}", f"trainer.max_steps={steps}",
                  "zero.stage=2", f"optim.lr={DEMO_LR}"]  # fmt: skip
     # The console holds lmscale's lines; W&B's own (offline) go to its files, named once below.
