@@ -174,6 +174,7 @@ def write_per_position(args: argparse.Namespace, target: Path, result: EvalResul
     path = args.json or target / run_layout.PER_POSITION
     record = {"model": str(target), "data": args.data, "split": args.split, "loss": result.loss,
               "perplexity": result.perplexity, "tokens": result.tokens, "per_position_loss": curve}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record) + "\n")
     path.with_suffix(".png").write_bytes(plot_per_position({str(target): curve}))
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -233,7 +233,14 @@ def compared(run_dir: Path) -> Compared:
         raise UsageError(f"{run_dir / run_layout.METRICS}: no training steps logged yet")
     starts = [r["parameters"] for r in records if r.get("event") == "start" and "parameters" in r]
     curve_file = run_dir / run_layout.PER_POSITION
-    curve = json.loads(curve_file.read_text())["per_position_loss"] if curve_file.is_file() else None
+    curve = None
+    if curve_file.is_file():
+        try:
+            curve = json.loads(curve_file.read_text())["per_position_loss"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UsageError(
+                f"{curve_file}: not what `lmscale eval --per-position` writes (no per_position_loss)"
+            ) from None
     return Compared(run_dir.name, records, summarize(records), starts[-1] if starts else None, curve)
 
 

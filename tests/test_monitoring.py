@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lmscale.errors import UsageError
 from lmscale.report import summarize, write_report
 from lmscale.train.metrics import wandb_mode
 from lmscale.train.peak import gpu_peak_flops, measure_cpu_peak_flops
@@ -98,3 +99,15 @@ def test_plain_progress_lines_carry_the_eta_when_not_on_a_terminal(caplog: pytes
     assert re.fullmatch(
         r"step 5/10 \| loss 3\.2500 \| tokens_per_s 1,000 \| mfu 50\.0% \| eta \d+s", caplog.records[-1].getMessage()
     )
+
+
+def test_a_comparison_names_a_broken_per_position_file_in_one_line(tmp_path: Path) -> None:
+    from lmscale.report import compared
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "tokens_seen": 64}\n')
+    assert compared(run).per_position is None
+    (run / "per_position.json").write_text('{"loss": 5.0}\n')
+    with pytest.raises(UsageError, match=r"per_position\.json: not what `lmscale eval --per-position` writes"):
+        compared(run)

@@ -105,10 +105,7 @@ class Layer(nn.Module):
 
     def __init__(self, cfg: RNNConfig) -> None:
         super().__init__()
-        if cfg.cell == "tanh":
-            self.rnn: nn.RNNBase = nn.RNN(cfg.d_model, cfg.d_model, nonlinearity="tanh", batch_first=True)
-        else:
-            self.rnn = CELLS[cfg.cell](cfg.d_model, cfg.d_model, batch_first=True)
+        self.rnn = CELLS[cfg.cell](cfg.d_model, cfg.d_model, batch_first=True)  # nn.RNN's default is tanh
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
