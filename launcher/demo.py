@@ -7,8 +7,11 @@ corpus (Python's own docstrings) -> ``prepare`` on local Ray -> ``train`` on CPU
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import random
+import re
 from pathlib import Path
 
 from launcher.infer import cmd_generate
@@ -18,6 +21,7 @@ from lmscale import run_layout
 from lmscale.data.demo_corpus import write_demo_corpus
 from lmscale.data.manifest import MANIFEST
 from lmscale.data.shard import PrepareOptions, prepare, summary
+from lmscale.data.translation_pairs import Pair, language_pairs
 from lmscale.export.export import export_checkpoint
 
 log = logging.getLogger("lmscale")
@@ -41,6 +45,46 @@ def demo_dataset(workdir: Path) -> Path:
         )  # fmt: skip
         print(summary(prepare(options), data_dir))
     return data_dir
+
+
+PLAIN_WORD = re.compile(r"^[A-Za-z][a-z]*[.,:;!?]?$")
+UMLAUTS = str.maketrans("äöüßÄÖÜ", "aousAOU")
+DEMO_PAIR_WORDS = 10
+DEMO_VALIDATION_PAIRS = 400
+
+
+def plain_prose(pair: Pair) -> bool:
+    """A message of plain words on both sides (no format directives, option names or paths), ten at most: the
+    sentences a model of the demo's size can learn to translate in minutes."""
+    words, theirs = pair.source.split(), pair.target.translate(UMLAUTS).split()
+    short = len(words) <= DEMO_PAIR_WORDS and len(theirs) <= DEMO_PAIR_WORDS
+    return short and all(PLAIN_WORD.match(word) for word in words + theirs)
+
+
+def demo_translation(workdir: Path) -> dict[str, Path]:
+    """The demo's translation task in ``workdir``, built unless it is there: English-German pairs of plain
+    prose from the training catalogs (``lmscale data pairs``), 400 held out for validation
+    (``validation.jsonl``) and the others to train on (``train.jsonl``), and the training pairs' texts, both
+    languages, as span-corruption shards with a Unigram tokenizer that learned both (``span_corruption``), to
+    pretrain an encoder-decoder on. Prepared in this process: the corpus is small, and Ray's start-up would be
+    most of the time."""
+    files = {"train": workdir / "train.jsonl", "validation": workdir / "validation.jsonl",
+             "span_corruption": workdir / "span_corruption"}  # fmt: skip
+    if (files["span_corruption"] / MANIFEST).is_file():
+        return files
+    pairs = [pair for pair in language_pairs("de")["train"] if plain_prose(pair)]
+    random.Random(0).shuffle(pairs)
+    validation, train = pairs[:DEMO_VALIDATION_PAIRS], pairs[DEMO_VALIDATION_PAIRS:]
+    workdir.mkdir(parents=True, exist_ok=True)
+    for name, split in (("train", train), ("validation", validation)):
+        rows = (json.dumps({"source": p.source, "target": p.target}, ensure_ascii=False) + "\n" for p in split)
+        files[name].write_text("".join(rows), encoding="utf-8")
+    text = workdir / "text.txt"
+    text.write_text("".join(f"{p.source}\n{p.target}\n\n" for p in train), encoding="utf-8")
+    prepare(PrepareOptions(inputs=[str(text)], output=files["span_corruption"], seq_len=64, vocab_size=1000,
+                           shard_size="200", val_fraction=0.02, tokenizer_kind="unigram", format="span_corruption",
+                           in_process=True, overwrite=True))  # fmt: skip
+    return files
 
 
 def demo(workdir: Path, nproc: int, steps: int) -> int:

@@ -1,6 +1,6 @@
-"""``lmscale finetune``: a pretrained model trained further on examples, for the task its family fine-tunes
-for (``lmscale.families``): a BERT sequence classifier from labelled texts, a T5 encoder-decoder from
-source/target pairs.
+"""``lmscale finetune``: a pretrained model trained further on examples, for the task its pretraining task
+fine-tunes for (``lmscale.tasks``): a BERT sequence classifier from labelled texts, an encoder-decoder (T5, or
+the recurrent one) from source/target pairs.
 
 The config's ``finetune`` section names CSV or JSONL files; they become a prepared dataset of the task's format
 (``classification``: ``lmscale.data.labelled``, ``seq2seq``: ``lmscale.data.seq2seq``) in
@@ -27,10 +27,10 @@ from lmscale.data.manifest import MANIFEST, Manifest, read_manifest
 from lmscale.data.seq2seq import Pairs, read_pairs, write_pairs_dataset
 from lmscale.data.tokenizer import file_sha256
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.families import FAMILIES, family_of, fine_tunable
+from lmscale.families import family_of
 from lmscale.files import replacing
 from lmscale.models import ModelConfig
-from lmscale.tasks import TASKS, FineTuning, Task, task_of
+from lmscale.tasks import TASKS, FineTuning, Task, fine_tunable, task_of
 from lmscale.train.init_from import pretrained
 
 WAIT_FOR_NODE_0_SECONDS = 600
@@ -42,19 +42,19 @@ def resolve_task(cfg: Config, write: bool) -> Config:
     examples = cfg.finetune
     assert examples is not None and examples.train is not None
     family = cfg.model.family
-    task_name = FAMILIES[family].fine_tunes
-    if task_name is None:
-        raise ConfigError(
-            f"model.family: `lmscale finetune` trains a pretrained {' or '.join(fine_tunable())} further, not a "
-            f"{family}"
-        )
-    task = TASKS[task_name]
-    assert task.fine_tuning is not None
     if not cfg.model.init_from:
         raise ConfigError(f"model.init_from: missing (an exported {family} directory or a {family} pretraining run)")
     source = pretrained(Path(cfg.model.init_from).absolute())
     if source.model.family != family:
         raise ConfigError(f"model.init_from: {source.path} holds a {source.model.family} model, not a {family}")
+    trained_on = task_of(source.model)
+    if trained_on.fine_tunes is None:
+        raise ConfigError(
+            f"model.init_from: {source.path} holds a {family} model trained on {trained_on.name} data, which "
+            f"`lmscale finetune` has no task for (it trains further models trained on {', '.join(fine_tunable())})"
+        )
+    task = TASKS[trained_on.fine_tunes]
+    assert task.fine_tuning is not None
     if not source.tokenizer.is_file():
         raise ConfigError(f"model.init_from: {source.tokenizer}: missing (the tokenizer the model was trained with)")
     check_architecture(cfg.model, source.model, source.path)

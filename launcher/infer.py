@@ -14,7 +14,6 @@ from tokenizers import Tokenizer
 from lmscale import run_layout
 from lmscale.data.tokenizer import end_token_id, load_tokenizer, special_token_ids
 from lmscale.errors import LmscaleError, UsageError
-from lmscale.families import family_of
 from lmscale.hf.directory import load_hf_model
 from lmscale.inference.generate import SamplingOptions, generate
 from lmscale.tasks import task_of
@@ -30,7 +29,7 @@ def _device() -> torch.device:
 def cmd_generate(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     model, _ = load_hf_model(directory)
-    how = family_of(model.cfg).generates
+    how = task_of(model.cfg).generates
     if how is None:
         raise UsageError(f"{directory}: a {model.cfg.family} model does not generate text (lmscale eval scores it)")
     model.to(_device())
@@ -123,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return eval_choices(args, model, tok)
     if task.labelled:
         return eval_classifier(args, model, tokenizer_file, tok)
-    if family_of(cfg).generates == "seq2seq" and len(args.data) == 1:
+    if task.generates == "seq2seq" and len(args.data) == 1:
         from lmscale.inference.translation import is_pairs_file
 
         if is_pairs_file(args.data[0], args.source_field):

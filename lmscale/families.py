@@ -5,9 +5,10 @@ A run's ``model`` section names its family, whose config dataclass (in the famil
 source of its fields and says which task it trains on (``data_format``, a ``lmscale.tasks`` entry). Its
 entry adds the model builder, the FLOPs count MFU is measured against, the Hugging Face adapter (key table,
 ``config.json``, Auto class, tokenizer specials: the family's file in ``lmscale/hf/``) where transformers has
-a class for it, and what the commands may do with it. Adding a family is a model file, a Hugging Face file if
-transformers can load it, one entry here, and their tests; code outside ``lmscale/models/``, ``lmscale/hf/``
-and the registries never compares a family's name.
+a class for it. What the commands may do with a model (generate, fine-tune) follows from the task it trains
+on, so one family can hold a decoder and an encoder-decoder (``rnn``). Adding a family is a model file, a
+Hugging Face file if transformers can load it, one entry here, and their tests; code outside
+``lmscale/models/``, ``lmscale/hf/`` and the registries never compares a family's name.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from lmscale.models.bert import Bert, BertConfig
 from lmscale.models.bert import flops_per_token as bert_flops
 from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.models.gpt import flops_per_token as gpt_flops
-from lmscale.models.rnn import RNN, RNNConfig
-from lmscale.models.rnn import flops_per_token as rnn_flops
+from lmscale.models.rnn import RNNConfig
+from lmscale.models.rnn_seq2seq import recurrent_flops_per_token, recurrent_model
 from lmscale.models.t5 import T5, T5Config
 from lmscale.models.t5 import flops_per_token as t5_flops
 
@@ -45,18 +46,13 @@ class Family:
     hf: HFAdapter | None
     """How the export maps to a ``transformers`` class; None where transformers has none (the export is then
     lmscale's own directory, which ``lmscale generate`` and ``lmscale eval`` load)."""
-    generates: str | None = None
-    """How ``lmscale generate`` writes text with it: ``causal`` (a decoder continues a prompt, sampled) or
-    ``seq2seq`` (an encoder-decoder's output for an input, greedy or by beam search); None: it does not."""
-    fine_tunes: str | None = None
-    """The task (``lmscale.tasks``) ``lmscale finetune`` trains a pretrained one further for, if any."""
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, hf_gpt.ADAPTER, generates="causal"),
-    "bert": Family("bert", BertConfig, Bert, bert_flops, hf_bert.ADAPTER, fine_tunes="classification"),
-    "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER, generates="seq2seq", fine_tunes="seq2seq"),
-    "rnn": Family("rnn", RNNConfig, RNN, rnn_flops, None, generates="causal"),
+    "gpt": Family("gpt", GPTConfig, GPT, gpt_flops, hf_gpt.ADAPTER),
+    "bert": Family("bert", BertConfig, Bert, bert_flops, hf_bert.ADAPTER),
+    "t5": Family("t5", T5Config, T5, t5_flops, hf_t5.ADAPTER),
+    "rnn": Family("rnn", RNNConfig, recurrent_model, recurrent_flops_per_token, None),
 }
 
 
@@ -75,7 +71,3 @@ def build_model(cfg: ModelConfig, generator: torch.Generator | None = None) -> n
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, predicted_fraction: float = 1.0) -> float:
     return family_of(cfg).flops_per_token(cfg, seq_len, predicted_fraction)
-
-
-def fine_tunable() -> list[str]:
-    return [name for name, family in FAMILIES.items() if family.fine_tunes]

@@ -85,6 +85,12 @@ class Task:
     model_fields: Callable[[SampleLayout], dict[str, Any]] = lambda layout: {}
     """Fields of the model section it decides from the dataset's lengths and special token ids (beyond
     vocab_size and seq_len, which every model takes)."""
+    generates: str | None = None
+    """How ``lmscale generate`` writes text with a model trained on it: ``causal`` (a decoder continues a
+    prompt, sampled) or ``seq2seq`` (an encoder-decoder's output for an input, greedy or by beam search);
+    None: it does not."""
+    fine_tunes: str | None = None
+    """The task ``lmscale finetune`` trains a model pretrained on this one further for, if any."""
 
     @property
     def reported_metric(self) -> str | None:
@@ -180,6 +186,7 @@ TASKS: dict[str, Task] = {
         how_to_prepare="prepare the data with `lmscale prepare --format causal`",
         prepared_from_text=True,
         scores_continuations=True,
+        generates="causal",
     ),
     "mlm": Task(
         "mlm",
@@ -193,6 +200,7 @@ TASKS: dict[str, Task] = {
         best_label="best val MLM acc",
         tokenizer_kind="wordpiece",
         required_tokens=bert_tokens,
+        fine_tunes="classification",
     ),
     "span_corruption": Task(
         "span_corruption",
@@ -203,6 +211,8 @@ TASKS: dict[str, Task] = {
         tokenizer_kind="unigram",
         required_tokens=span_tokens,
         model_fields=span_model_fields,
+        generates="seq2seq",
+        fine_tunes="seq2seq",
     ),
     "classification": Task(
         "classification",
@@ -218,6 +228,7 @@ TASKS: dict[str, Task] = {
             settings=("text_field", "text_pair_field", "label_field", "max_length"),
             model_fields=lambda dataset: {"labels": dataset.labels},
         ),
+        fine_tunes="classification",
     ),
     "seq2seq": Task(
         "seq2seq",
@@ -232,6 +243,8 @@ TASKS: dict[str, Task] = {
             settings=("source_field", "target_field", "max_length", "max_target_length"),
             model_fields=lambda dataset: {"data_format": "seq2seq"},
         ),
+        generates="seq2seq",
+        fine_tunes="seq2seq",
     ),
 }
 
@@ -244,6 +257,11 @@ class TrainsOn(Protocol):
 def task_of(model_cfg: TrainsOn) -> Task:
     """The task a model section trains on (every family's config says, by its ``data_format``)."""
     return TASKS[model_cfg.data_format]
+
+
+def fine_tunable() -> list[str]:
+    """The tasks of the models ``lmscale finetune`` trains further."""
+    return [task.name for task in TASKS.values() if task.fine_tunes]
 
 
 def text_formats() -> list[str]:

@@ -204,6 +204,21 @@ def classification_task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path,
     return out / "train.csv", out / "validation.jsonl"
 
 
+@pytest.fixture(scope="session")
+def translation_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo's translation task (``launcher.demo.demo_translation``): English-German pairs of plain prose,
+    ``train`` and 400 for ``validation``, and their texts as ``span_corruption`` shards to pretrain on."""
+    from launcher.demo import demo_translation
+
+    return demo_translation(tmp_path_factory.mktemp("translation"))
+
+
+def bleu_of(result: subprocess.CompletedProcess) -> float:
+    """The BLEU `lmscale eval MODEL --data PAIRS` printed."""
+    assert result.stdout.startswith("bleu "), result.stdout + result.stderr[-2000:]
+    return float(result.stdout.split()[1])
+
+
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: int = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:

@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from lmscale.config import ConfigError, from_dict, grad_accum_steps, load_config
+from lmscale.tasks import task_of
 from lmscale.train.plan import plan_run
 
 from .conftest import REPO, run_cli
@@ -72,13 +73,14 @@ def test_seq_len_larger_than_model_positions(tmp_path: Path, dataset: Path) -> N
 
 
 # Fine-tuning configs tune a pretrained model: the fine-tuning tests run them (tests/test_bert_train.py,
-# tests/test_t5_finetune.py).
+# tests/test_t5_finetune.py, tests/test_rnn_finetune.py).
 PRETRAINING_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") if "\nfinetune:" not in p.read_text())
 
 
 @pytest.mark.parametrize("config", PRETRAINING_CONFIGS)
 def test_every_shipped_config_dry_runs(config: str, dataset: Path, mlm_dataset: Path, t5_dataset: Path) -> None:
-    data = {"bert": mlm_dataset, "t5": t5_dataset}.get(config.split("-")[0], dataset)
+    trains_on = task_of(load_config(REPO / "configs" / config).model).name
+    data = {"mlm": mlm_dataset, "span_corruption": t5_dataset}.get(trains_on, dataset)
     result = run_cli("train", f"configs/{config}", "--dry-run", "--nproc", "2", "--set", f"data.path={data}")
     assert result.returncode == 0, result.stderr
     assert "train_micro_batch_size_per_gpu" in result.stdout and "zero_optimization" in result.stdout

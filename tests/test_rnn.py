@@ -60,14 +60,14 @@ def test_the_loss_starts_at_the_uniform_guess_and_an_lstm_learns_a_batch() -> No
     tokens = torch.randint(0, 97, (4, 32), generator=torch.Generator().manual_seed(1))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     losses = []
-    for _ in range(100):
+    for _ in range(150):
         _, loss = model(tokens, tokens.roll(-1, dims=1))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
     assert losses[0] == pytest.approx(torch.log(torch.tensor(97.0)).item(), abs=0.05)
-    assert losses[-1] < 1.5, losses[::10]
+    assert losses[-1] < 1.0, losses[::10]  # 0.68 on an AVX512 Xeon, whose kernels left 1.52 after 100 steps
 
 
 def test_an_unknown_cell_is_one_line_naming_the_field() -> None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lmscale.hf import t5 as hf_t5
-from lmscale.models.layers import KVCache
+from lmscale.models.encoder_decoder import shift_right
 from lmscale.models.t5 import T5, T5Config, flops_per_token, relative_buckets
 
 SPECIALS = {hf_t5.PAD: 0, hf_t5.EOS: 1, hf_t5.UNK: 2}
@@ -47,7 +47,7 @@ def test_logits_and_loss_equal_transformers_t5_with_padding(tie: bool, tmp_path:
     pad_mask[1, 17:] = False  # a padded input row: the encoder and the cross-attention must mask it
     targets = torch.randint(3, 300, (2, 11))
     targets[1, 8:] = -100  # unscored target positions
-    decoder_idx = model.shift_right(targets)
+    decoder_idx = shift_right(targets, model.cfg.decoder_start_id)
     with torch.no_grad():
         ours, _ = model(idx, pad_mask=pad_mask, decoder_idx=decoder_idx)
         reference = theirs(input_ids=idx, attention_mask=pad_mask.long(), decoder_input_ids=decoder_idx)
@@ -80,11 +80,11 @@ def test_cached_decoding_equals_decoding_the_whole_sequence() -> None:
     with torch.no_grad():
         memory = model.encode(idx, pad_mask)
         whole = model.logits(model.decode(decoder_idx, memory, pad_mask))
-        caches = (KVCache(model.cfg.decoder_layers), KVCache(model.cfg.decoder_layers))
-        steps = [model.logits(model.decode(decoder_idx[:, :4], memory, pad_mask, caches))]
-        steps += [model.logits(model.decode(decoder_idx[:, t : t + 1], memory, pad_mask, caches)) for t in range(4, 9)]
+        cache = model.new_decoder_cache(9)
+        steps = [model.logits(model.decode(decoder_idx[:, :4], memory, pad_mask, cache))]
+        steps += [model.logits(model.decode(decoder_idx[:, t : t + 1], memory, pad_mask, cache)) for t in range(4, 9)]
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=1e-4)
-    assert caches[1].length() == 13  # the cross-attention's keys and values: computed once, for every input
+    assert cache.cross_attention.length() == 13  # the cross-attention's keys and values: computed once, for every input
 
 
 def test_flops_per_token_equals_what_pytorch_counts_in_a_training_step() -> None:

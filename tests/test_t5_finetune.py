@@ -5,21 +5,15 @@ the best checkpoint kept by BLEU, and the export's transformers outputs scored t
 from __future__ import annotations
 
 import json
-import random
-import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from lmscale.data.shard import PrepareOptions, prepare
-
-from .conftest import error_lines, metrics_records, run_cli, sets
+from .conftest import bleu_of, error_lines, metrics_records, run_cli, sets
 
 pytestmark = pytest.mark.slow
 
-WORD = re.compile(r"^[A-Za-z][a-z]*[.,:;!?]?$")
-UMLAUTS = str.maketrans("äöüßÄÖÜ", "aousAOU")
 PRETRAIN = [
     "model.n_layers=2", "trainer.max_steps=10", "trainer.eval_every_steps=0", "checkpoint.every_steps=10",
     "logging.wandb.mode=disabled",
@@ -34,51 +28,21 @@ BUDGET = 64
 """What validation may generate: the targets' bound, finetune.max_target_length."""
 
 
-def prose(source: str, target: str) -> bool:
-    """A message of plain words on both sides (no format directives, option names or paths), ten at most."""
-    words, theirs = source.split(), target.translate(UMLAUTS).split()
-    return len(words) <= 10 and len(theirs) <= 10 and all(WORD.match(w) for w in words + theirs)
-
-
-def write_pairs(path: Path, pairs: list) -> Path:
-    path.write_text("".join(json.dumps({"source": p.source, "target": p.target}, ensure_ascii=False) + "\n"
-                            for p in pairs), encoding="utf-8")  # fmt: skip
-    return path
-
-
 @pytest.fixture(scope="module")
-def translation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """English-German pairs of the training catalogs (`lmscale data pairs`), plain prose of up to ten words:
-    400 held out for validation, the others to train on, and a T5 pretrained (span corruption, PRETRAIN) on
-    the training pairs' texts, both languages, with a Unigram tokenizer that learned both."""
-    from lmscale.data.translation_pairs import language_pairs
-
-    out = tmp_path_factory.mktemp("translation")
-    pairs = [p for p in language_pairs("de")["train"] if prose(p.source, p.target)]
-    random.Random(0).shuffle(pairs)
-    validation, train = pairs[:400], pairs[400:]
-    text = out / "text.txt"
-    text.write_text("".join(f"{p.source}\n{p.target}\n\n" for p in train), encoding="utf-8")
-    prepare(PrepareOptions(inputs=[str(text)], output=out / "t5data", seq_len=64, vocab_size=1000, shard_size="200",
-                           val_fraction=0.02, tokenizer_kind="unigram", format="span_corruption", in_process=True))  # fmt: skip
+def translation(translation_corpus: dict[str, Path]) -> dict[str, Path]:
+    """The translation pairs, and a T5 pretrained (span corruption, PRETRAIN) on their texts."""
+    pretrained = translation_corpus["span_corruption"].parent / "t5"
     pretrain = ["train", "configs/t5-tiny.yaml", "--nproc", "2"]
-    pretrained = run_cli(*pretrain, *sets([*PRETRAIN, f"data.path={out / 't5data'}", f"run.dir={out / 'pre'}"]))
-    assert pretrained.returncode == 0, pretrained.stderr[-3000:]
-    return {"train": write_pairs(out / "train.jsonl", train), "validation": write_pairs(out / "val.jsonl", validation),
-            "pretrained": out / "pre"}  # fmt: skip
+    data = f"data.path={translation_corpus['span_corruption']}"
+    result = run_cli(*pretrain, *sets([*PRETRAIN, data, f"run.dir={pretrained}"]))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {**translation_corpus, "pretrained": pretrained}
 
 
 def finetune_args(task: dict[str, Path], run_dir: Path, *overrides: str, validation: Path | None = None) -> list[str]:
     return ["finetune", "configs/t5-tiny-translate.yaml", "--nproc", "2", *sets([
         f"finetune.train={task['train']}", f"finetune.validation={validation or task['validation']}",
         f"model.init_from={task['pretrained']}", f"run.dir={run_dir}", *FINETUNE, *overrides])]  # fmt: skip
-
-
-def bleu_of(result: object) -> float:
-    """The BLEU `lmscale eval MODEL --data PAIRS` printed."""
-    stdout = result.stdout  # type: ignore[attr-defined]
-    assert stdout.startswith("bleu "), stdout + result.stderr[-2000:]  # type: ignore[attr-defined]
-    return float(stdout.split()[1])
 
 
 def test_a_pretrained_t5_fine_tunes_to_translate_and_its_bleu_is_sacrebleu_over_transformers_outputs(

@@ -31,8 +31,9 @@ from lmscale.families import build_model, family_of
 from lmscale.files import replacing
 from lmscale.hf.convert import auto_class, hf_config_dict, tied_keys, to_hf
 from lmscale.hf.directory import LMSCALE_MODEL, load_hf_model
-from lmscale.models import ModelConfig, load_checked
+from lmscale.models import ModelConfig, encoder_decoder_inputs, load_checked
 from lmscale.progress import Progress
+from lmscale.tasks import task_of
 from lmscale.train import checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -82,7 +83,9 @@ def parity_batch(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     assert cfg.vocab_size is not None and cfg.seq_len is not None
     idx = torch.randint(0, cfg.vocab_size, (2, min(cfg.seq_len, 64)), generator=generator)
     adapter = family_of(cfg).hf
-    return adapter.parity_inputs(idx) if adapter is not None else {"idx": idx}
+    if adapter is not None:
+        return adapter.parity_inputs(idx)
+    return encoder_decoder_inputs(idx) if task_of(cfg).generates == "seq2seq" else {"idx": idx}
 
 
 def save_tokenizer(tokenizer_file: Path, output: Path, cfg: ModelConfig) -> None:
@@ -161,7 +164,7 @@ def write_hf_dir(model: nn.Module, tokenizer_file: Path, output: Path, dtype: st
     # writes T5's tie_word_embeddings as true whatever the head).
     written = json.loads((output / "config.json").read_text())
     (output / "config.json").write_text(json.dumps({**written, **config_dict}, indent=2) + "\n")
-    if family_of(cfg).generates == "causal":  # an encoder-decoder's generation settings are in its config.json
+    if task_of(cfg).generates == "causal":  # an encoder-decoder's generation settings are in its config.json
         eot_id = end_token_id(load_tokenizer(tokenizer_file))
         GenerationConfig(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id).save_pretrained(str(output))
     save_tokenizer(tokenizer_file, output, cfg)

@@ -20,6 +20,7 @@ from lmscale.data.tokenizer import T5_UNK as UNK
 from lmscale.data.tokenizer import load_tokenizer, sentinel
 from lmscale.errors import LmscaleError
 from lmscale.hf.adapter import HFAdapter
+from lmscale.models import encoder_decoder_inputs
 from lmscale.models.t5 import T5Config
 
 ATTENTION = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o"}
@@ -140,13 +141,6 @@ def tokenizer(tokenizer_file: Path, cfg: T5Config) -> tuple[Any, dict[str, Any]]
     return tok, special
 
 
-def parity_inputs(idx: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Inputs with the second row padded from its middle on, and decoder inputs of the same ids reversed."""
-    pad_mask = torch.ones_like(idx, dtype=torch.bool)
-    pad_mask[1, idx.shape[1] // 2 :] = False
-    return {"idx": idx, "pad_mask": pad_mask, "decoder_idx": idx.flip(1)}
-
-
 ADAPTER = HFAdapter(
     model_types=("t5",),
     config_dict=hf_config_dict,
@@ -156,5 +150,5 @@ ADAPTER = HFAdapter(
     auto_class=lambda cfg: "AutoModelForSeq2SeqLM",
     tied_keys=tied_keys,
     tokenizer=tokenizer,
-    parity_inputs=parity_inputs,
+    parity_inputs=encoder_decoder_inputs,
 )

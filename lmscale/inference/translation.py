@@ -11,7 +11,7 @@ from lmscale.bleu import TranslationScore, score
 from lmscale.data.seq2seq import Pairs
 from lmscale.errors import UsageError
 from lmscale.inference.seq2seq import input_ids, outputs
-from lmscale.models.t5 import T5
+from lmscale.models.seq2seq_search import EncoderDecoder
 
 
 def is_pairs_file(path: str, source_field: str) -> bool:
@@ -33,7 +33,7 @@ def check_lengths(pairs: Pairs, tok: Tokenizer, limit: int | None) -> None:
             raise UsageError(f"{pairs.path}:{number}: the source is {len(ids)} tokens, the model's inputs {limit}")
 
 
-def translate_and_score(model: T5, tok: Tokenizer, pairs: Pairs, num_beams: int, max_new_tokens: int,
+def translate_and_score(model: EncoderDecoder, tok: Tokenizer, pairs: Pairs, num_beams: int, max_new_tokens: int,
                         batch_size: int) -> tuple[list[str], TranslationScore]:  # fmt: skip
     """The model's output text for every source (special tokens dropped), and its BLEU and chrF."""
     check_lengths(pairs, tok, model.cfg.seq_len)

@@ -66,6 +66,15 @@ def initialise(model: nn.Module, generator: torch.Generator | None = None) -> No
         model.init_parameter(name, p, generator)
 
 
+def encoder_decoder_inputs(idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """An encoder-decoder's inputs for checks that compare two models (the export's): ``idx`` (B >= 2, S) with
+    the second row padded from its middle on, so that the check covers the padding mask, and decoder inputs
+    of the same ids reversed."""
+    pad_mask = torch.ones_like(idx, dtype=torch.bool)
+    pad_mask[1, idx.shape[1] // 2 :] = False
+    return {"idx": idx, "pad_mask": pad_mask, "decoder_idx": idx.flip(1)}
+
+
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters (tied ones once), full size even when ZeRO-3 has partitioned them."""
     return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -1,6 +1,8 @@
 """Recurrent language models, the baselines the Transformer replaced: stacked Elman (``tanh``), LSTM or GRU
 layers between a token embedding and a softmax head, tied to the embedding by default (Press and Wolf 2017),
-with dropout on the embeddings, between layers and before the head (Zaremba et al. 2014).
+with dropout on the embeddings, between layers and before the head (Zaremba et al. 2014). The config also
+describes the recurrent encoder-decoder with attention (``encoder_decoder: true``), whose model is in
+``lmscale.models.rnn_seq2seq``.
 
 Each layer is one ``torch.nn`` recurrent module (cuDNN's or oneDNN's fused kernels) in ``blocks``, so
 activation checkpointing, compilation and ZeRO-3 act per layer as they do on a Transformer's blocks. A
@@ -37,10 +39,25 @@ class RNNConfig:
     cell: Literal["tanh", "lstm", "gru"] = "lstm"
     """Elman's tanh RNN, the LSTM (Hochreiter and Schmidhuber 1997) or the GRU (Cho et al. 2014)."""
     d_model: int = 256
-    """The embedding and every layer's state size."""
+    """The embedding and every layer's state size (an encoder layer's two directions together)."""
     n_layers: int = 2
+    """Layers of the language model, or of the encoder."""
+    encoder_decoder: bool = False
+    """A bidirectional encoder and a decoder that attends to its states (``lmscale.models.rnn_seq2seq``),
+    trained on span corruption or source/target pairs as T5 is, instead of a language model."""
+    attention: Literal["dot", "additive"] = "additive"
+    """How the encoder-decoder's decoder scores the encoder's states: Luong et al.'s dot product (scaled by
+    d_model^-0.5) or Bahdanau et al.'s additive score."""
+    n_decoder_layers: int | None = None
+    """Layers of the encoder-decoder's decoder; default n_layers."""
     seq_len: int | None = None
-    """Tokens per training window (each starts from a zero state); default the dataset's seq_len."""
+    """Tokens per training window (each starts from a zero state), or the encoder's inputs; default the
+    dataset's seq_len."""
+    target_len: int | None = None
+    """The encoder-decoder's decoder positions; the run plan fills in the dataset's target length."""
+    decoder_start_id: int = 0
+    """The encoder-decoder's first decoder input: the tokenizer's padding id, as T5's; the run plan fills it
+    in."""
     vocab_size: int | None = None
     """Embedding rows; default the dataset tokenizer's vocabulary."""
     dropout: float = 0.0
@@ -49,16 +66,23 @@ class RNNConfig:
     """Uniform initialisation in [-init_std, init_std] of the embedding and the recurrent weights (Zaremba
     et al. used 0.05 to 0.1); the untied head is drawn as the Transformers' are, with std 0.02."""
     init_from: str | None = None
-    """An exported recurrent model directory to continue training from."""
+    """An exported recurrent model directory (or an lmscale run directory, for fine-tuning) to start from."""
+    data_format: Literal["causal", "span_corruption", "seq2seq"] | None = None
+    """What it trains on: causal shards for the language model; span corruption (default) or source/target
+    pairs (``lmscale finetune`` sets it) for the encoder-decoder."""
 
-    @property
-    def data_format(self) -> str:
-        return "causal"
+    def __post_init__(self) -> None:
+        if self.data_format is None:
+            object.__setattr__(self, "data_format", "span_corruption" if self.encoder_decoder else "causal")
 
     @property
     def flavor(self) -> str:
-        """The cell, under the name the other families give their variants (logs)."""
-        return self.cell
+        """The cell, under the name the other families give their variants (logs, the export's name)."""
+        return f"{self.cell} encoder-decoder, {self.attention} attention" if self.encoder_decoder else self.cell
+
+    @property
+    def decoder_layers(self) -> int:
+        return self.n_decoder_layers if self.n_decoder_layers is not None else self.n_layers
 
     @property
     def n_heads(self) -> int:
@@ -66,12 +90,24 @@ class RNNConfig:
         return 1
 
     def problems(self) -> list[str]:
-        return [] if self.cell in CELLS else [f"cell: {self.cell!r} is not one of {', '.join(CELLS)}"]
+        found = [] if self.cell in CELLS else [f"cell: {self.cell!r} is not one of {', '.join(CELLS)}"]
+        if (self.data_format == "causal") == self.encoder_decoder:
+            found.append(
+                f"data_format: {'an encoder-decoder' if self.encoder_decoder else 'a language model'} does not "
+                f"train on {self.data_format} shards"
+            )
+        if self.encoder_decoder and self.d_model % 2:
+            found.append(f"d_model: the encoder's two directions split it in halves, got an odd {self.d_model}")
+        if self.n_decoder_layers is not None and self.n_decoder_layers < 1:
+            found.append(f"n_decoder_layers: must be > 0, got {self.n_decoder_layers}")
+        return found
 
     def architecture(self) -> dict[str, object]:
         """The fields that decide what the weights mean: two models agreeing on them can swap weights."""
+        layers = {"encoder_decoder": self.encoder_decoder, "attention": self.attention,
+                  "decoder_layers": self.decoder_layers} if self.encoder_decoder else {}  # fmt: skip
         return {"cell": self.cell, "vocab_size": self.vocab_size, "d_model": self.d_model,
-                "n_layers": self.n_layers, "tie_embeddings": self.tie_embeddings}  # fmt: skip
+                "n_layers": self.n_layers, "tie_embeddings": self.tie_embeddings, **layers}  # fmt: skip
 
     @property
     def position_limit(self) -> int | None:
@@ -80,7 +116,7 @@ class RNNConfig:
 
     @property
     def block_count(self) -> int:
-        return self.n_layers
+        return self.n_layers + (self.decoder_layers if self.encoder_decoder else 0)
 
     def block_activation_elements(self) -> int:
         """Elements one layer keeps per token for its backward pass: its input and output, and its gates'
@@ -99,13 +135,27 @@ class RecurrentState:
     def length(self) -> int:
         return self.seen
 
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the states of the beams that continue, in their new order."""
+        self.layers = [None if state is None else _rows(state, rows) for state in self.layers]
+
+
+def _rows(state: State, rows: torch.Tensor) -> State:
+    """A layer's state (1, B, d) for the batch rows ``rows``."""
+    if isinstance(state, tuple):
+        return state[0][:, rows], state[1][:, rows]
+    return state[:, rows]
+
 
 class Layer(nn.Module):
-    """One recurrent layer and the dropout on its output."""
+    """One recurrent layer and the dropout on its output; ``bidirectional``, its two directions are each half
+    of d_model wide, so that their outputs together are d_model."""
 
-    def __init__(self, cfg: RNNConfig) -> None:
+    def __init__(self, cfg: RNNConfig, bidirectional: bool = False) -> None:
         super().__init__()
-        self.rnn = CELLS[cfg.cell](cfg.d_model, cfg.d_model, batch_first=True)  # nn.RNN's default is tanh
+        state = cfg.d_model // 2 if bidirectional else cfg.d_model
+        # nn.RNN's default is the tanh cell
+        self.rnn = CELLS[cfg.cell](cfg.d_model, state, batch_first=True, bidirectional=bidirectional)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(
@@ -117,33 +167,34 @@ class Layer(nn.Module):
         return self.dropout(out), state
 
 
-class RNN(nn.Module):
-    def __init__(self, cfg: RNNConfig, generator: torch.Generator | None = None) -> None:
-        """``generator`` draws the initial weights (default: torch's global RNG)."""
+class Recurrent(nn.Module):
+    """What both recurrent models hold: the token embedding and its dropout, their layers (``blocks``), and a
+    head tied to the embedding by default, initialised by :func:`init_recurrent`. A model adds its other
+    parts, then draws the initial weights (``lmscale.models.initialise``)."""
+
+    def __init__(self, cfg: RNNConfig, blocks: list[nn.Module]) -> None:
         super().__init__()
-        assert cfg.vocab_size is not None and cfg.seq_len is not None, "the run plan fills in vocab_size and seq_len"
+        assert cfg.vocab_size is not None, "the run plan fills in vocab_size"
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.emb_dropout = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Layer(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(blocks)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
-        initialise(self, generator)
 
-    @torch.no_grad()
     def init_parameter(self, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Initial value of parameter ``name``, written into ``p`` (the parameter, or a full-size stand-in for
         one that is partitioned across ranks)."""
-        if name.startswith("lm_head"):
-            nn.init.normal_(p, 0.0, 0.02, generator=generator)
-        elif "bias" in name:
-            nn.init.zeros_(p)
-            if self.cfg.cell == "lstm" and name.endswith("bias_hh_l0"):
-                # A forget gate open at the start lets gradients through early on (Jozefowicz et al. 2015).
-                p[self.cfg.d_model : 2 * self.cfg.d_model] = 1.0
-        else:
-            nn.init.uniform_(p, -self.cfg.init_std, self.cfg.init_std, generator=generator)
+        init_recurrent(self.cfg, name, p, generator)
+
+
+class RNN(Recurrent):
+    def __init__(self, cfg: RNNConfig, generator: torch.Generator | None = None) -> None:
+        """``generator`` draws the initial weights (default: torch's global RNG)."""
+        assert cfg.seq_len is not None, "the run plan fills in seq_len"
+        super().__init__(cfg, [Layer(cfg) for _ in range(cfg.n_layers)])
+        initialise(self, generator)
 
     def new_cache(self, capacity: int) -> RecurrentState:
         """What generation carries between steps (``capacity``, the positions a KV cache would hold, is not
@@ -184,6 +235,22 @@ class RNN(nn.Module):
             return self.lm_head(x), None
         loss, _ = linear_cross_entropy(x, self.lm_head.weight, targets)
         return None, loss
+
+
+@torch.no_grad()
+def init_recurrent(cfg: RNNConfig, name: str, p: torch.Tensor, generator: torch.Generator | None = None) -> None:
+    """Either recurrent model's initial weights: uniform in [-init_std, init_std], biases at zero but the LSTM's
+    forget gates, the untied head with std 0.02."""
+    if name.startswith("lm_head"):
+        nn.init.normal_(p, 0.0, 0.02, generator=generator)
+    elif "bias" in name:
+        nn.init.zeros_(p)
+        if cfg.cell == "lstm" and "bias_hh_l0" in name:
+            # A forget gate open at the start lets gradients through early on (Jozefowicz et al. 2015).
+            state = p.shape[0] // GATES["lstm"]  # gates in the order input, forget, cell, output
+            p[state : 2 * state] = 1.0
+    else:
+        nn.init.uniform_(p, -cfg.init_std, cfg.init_std, generator=generator)
 
 
 def _right_aligned(x: torch.Tensor, pad_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,6 +1,8 @@
-"""Greedy and beam search over an encoder-decoder (``lmscale.models.t5``), for ``lmscale generate`` and
-``lmscale eval`` and for validation during fine-tuning: the inputs encoded once, then the decoder one token
-at a time with a KV cache, whose cross-attention keys and values are computed on the first step only.
+"""Greedy and beam search over an encoder-decoder (T5, ``lmscale.models.t5``, or the recurrent one,
+``lmscale.models.rnn_seq2seq``), for ``lmscale generate`` and ``lmscale eval`` and for validation during
+fine-tuning: the inputs encoded once, then the decoder one token at a time with the cache the model makes
+(``new_decoder_cache``: T5's keys and values, the recurrent decoder's state), which a beam search reorders
+as beams continue (``reorder``).
 
 Inputs of different lengths are right-padded into one batch, the padding masked in the encoder and the
 cross-attention. A row stops at end of sequence; the batch stops when every row has, or at the budget.
@@ -15,14 +17,25 @@ they all are, a rank that is done keeps stepping its decoder without changing it
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 
-from lmscale.models.layers import KVCache
-from lmscale.models.t5 import T5
+
+class EncoderDecoder(Protocol):
+    """What the search calls of a model (or of the DeepSpeed engine around one, whose attributes are its)."""
+
+    cfg: Any
+    """Its ``decoder_start_id``: the decoder's first input."""
+
+    def encode(self, idx: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def new_decoder_cache(self, capacity: int) -> Any: ...
+
+    def __call__(self, idx: torch.Tensor | None, **inputs: Any) -> tuple[torch.Tensor, Any]: ...
 
 
-def encode_batch(model: T5, inputs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_batch(model: EncoderDecoder, inputs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's output (B, S, d) of the right-padded inputs, and their mask (B, S), True at real tokens."""
     if any(not row for row in inputs):
         raise ValueError("an empty input has no tokens to encode")
@@ -45,17 +58,16 @@ def alone(done: bool) -> bool:
 
 
 @torch.no_grad()
-def greedy(model: T5, inputs: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+def greedy(model: EncoderDecoder, inputs: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
            agree: Agree = alone) -> list[list[int]]:  # fmt: skip
     """The most likely next token at every step, for each input: its output tokens, without end of sequence."""
     memory, pad_mask = encode_batch(model, inputs, pad_id)
-    B, layers = len(inputs), model.cfg.decoder_layers
-    caches = (KVCache(layers, capacity=max_new_tokens), KVCache(layers))
+    B, cache = len(inputs), model.new_decoder_cache(max_new_tokens)
     token = torch.full((B, 1), model.cfg.decoder_start_id, dtype=torch.long, device=memory.device)
     outputs: list[list[int]] = [[] for _ in range(B)]
     finished = torch.zeros(B, dtype=torch.bool, device=memory.device)
     for _ in range(max_new_tokens):
-        logits = model(None, pad_mask=pad_mask, decoder_idx=token, memory=memory, caches=caches)[0][:, -1]
+        logits = model(None, pad_mask=pad_mask, decoder_idx=token, memory=memory, cache=cache)[0][:, -1]
         token = logits.argmax(dim=-1, keepdim=True)
         for row in range(B):
             if not finished[row] and int(token[row]) != eos_id:
@@ -66,15 +78,8 @@ def greedy(model: T5, inputs: list[list[int]], max_new_tokens: int, eos_id: int,
     return outputs
 
 
-def _reordered(cache: KVCache, beams: torch.Tensor) -> None:
-    """Keep the cached rows of the beams that continue, in their new order."""
-    for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
-        if keys is not None and values is not None:
-            cache.keys[layer], cache.values[layer] = keys[beams], values[beams]
-
-
 @torch.no_grad()
-def beam_search(model: T5, inputs: list[int], num_beams: int, max_new_tokens: int, eos_id: int, pad_id: int,
+def beam_search(model: EncoderDecoder, inputs: list[int], num_beams: int, max_new_tokens: int, eos_id: int, pad_id: int,
                 length_penalty: float = 1.0, agree: Agree = alone) -> list[int]:  # fmt: skip
     """The best output of a beam search for one input, scored as transformers' ``generate`` scores beams (its
     defaults: ``early_stopping=False``): each step keeps the ``num_beams`` best continuations that do not end,
@@ -84,8 +89,7 @@ def beam_search(model: T5, inputs: list[int], num_beams: int, max_new_tokens: in
     finished ones."""
     memory, pad_mask = encode_batch(model, [inputs], pad_id)
     memory, pad_mask = memory.expand(num_beams, -1, -1), pad_mask.expand(num_beams, -1)
-    device, layers = memory.device, model.cfg.decoder_layers
-    caches = (KVCache(layers, capacity=max_new_tokens), KVCache(layers))
+    device, cache = memory.device, model.new_decoder_cache(max_new_tokens)
     running = torch.zeros(num_beams, 0, dtype=torch.long, device=device)
     scores = torch.full((num_beams,), -1.0e9, device=device)
     scores[0] = 0.0  # one beam to start from: the others are copies of it
@@ -93,7 +97,7 @@ def beam_search(model: T5, inputs: list[int], num_beams: int, max_new_tokens: in
     token = torch.full((num_beams, 1), model.cfg.decoder_start_id, dtype=torch.long, device=device)
     done = False
     for generated in range(1, max_new_tokens + 1):
-        logits = model(None, pad_mask=pad_mask, decoder_idx=token, memory=memory, caches=caches)[0][:, -1].float()
+        logits = model(None, pad_mask=pad_mask, decoder_idx=token, memory=memory, cache=cache)[0][:, -1].float()
         if not done:
             totals = (torch.log_softmax(logits, dim=-1) + scores[:, None]).reshape(-1)
             top_scores, top = torch.topk(totals, 2 * num_beams)
@@ -107,7 +111,7 @@ def beam_search(model: T5, inputs: list[int], num_beams: int, max_new_tokens: in
             keep = torch.topk(top_scores - ends.float() * 1.0e9, num_beams).indices
             running = torch.cat([running[beams[keep]], tokens[keep, None]], dim=1)
             scores = top_scores[keep] - ends[keep].float() * 1.0e9
-            _reordered(caches[0], beams[keep])  # the cross-attention's are the same for every beam
+            cache.reorder(beams[keep])
             token = tokens[keep, None]
             done = bool(ends.all()) or (
                 len(finished) == num_beams and float(scores[0]) / generated**length_penalty <= finished[-1][0]
@@ -118,8 +122,8 @@ def beam_search(model: T5, inputs: list[int], num_beams: int, max_new_tokens: in
     return best[:-1] if best and best[-1] == eos_id else best
 
 
-def decode(model: T5, inputs: list[list[int]], num_beams: int, max_new_tokens: int, eos_id: int, pad_id: int,
-           agree: Agree = alone) -> list[list[int]]:  # fmt: skip
+def decode(model: EncoderDecoder, inputs: list[list[int]], num_beams: int, max_new_tokens: int, eos_id: int,
+           pad_id: int, agree: Agree = alone) -> list[list[int]]:  # fmt: skip
     """The output ids for a batch of inputs: greedy together, or a beam search for each."""
     if num_beams < 1 or max_new_tokens < 1:
         raise ValueError("the beams and the new tokens must be at least 1")

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmscale.models import initialise
+from lmscale.models.encoder_decoder import EncoderDecoderLM
 from lmscale.models.layers import KVCache, RMSNorm
-from lmscale.models.loss import IGNORE, linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -230,15 +230,32 @@ class Block(nn.Module):
         bias: torch.Tensor,
         memory: torch.Tensor | None = None,
         memory_bias: torch.Tensor | None = None,
-        caches: tuple[KVCache, KVCache] | None = None,
+        cache: DecoderCache | None = None,
         layer: int = 0,
     ) -> torch.Tensor:
-        self_cache, cross_cache = caches if caches is not None else (None, None)
+        self_cache, cross_cache = (cache.self_attention, cache.cross_attention) if cache is not None else (None, None)
         x = x + self.resid_dropout(self.attn(self.attn_norm(x), bias, cache=self_cache, layer=layer))
         if self.cross is not None and self.cross_norm is not None:
             assert memory is not None and memory_bias is not None
             x = x + self.resid_dropout(self.cross(self.cross_norm(x), memory_bias, memory, cross_cache, layer))
         return x + self.resid_dropout(self.mlp(self.mlp_norm(x)))
+
+
+class DecoderCache:
+    """What the decoder carries between generation steps: its self-attention's keys and values (``capacity``
+    positions), and the cross-attention's of the inputs, computed on the first step."""
+
+    def __init__(self, layers: int, capacity: int | None = None) -> None:
+        self.self_attention = KVCache(layers, capacity=capacity)
+        self.cross_attention = KVCache(layers)
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep the cached rows of the beams that continue, in their new order (the cross-attention's are the
+        same for every beam)."""
+        cache = self.self_attention
+        for layer, (keys, values) in enumerate(zip(cache.keys, cache.values, strict=True)):
+            if keys is not None and values is not None:
+                cache.keys[layer], cache.values[layer] = keys[rows], values[rows]
 
 
 def mask_bias(keep: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
@@ -248,7 +265,7 @@ def mask_bias(keep: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> 
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, float("-inf"))[:, None, None]
 
 
-class T5(nn.Module):
+class T5(EncoderDecoderLM):
     def __init__(self, cfg: T5Config, generator: torch.Generator | None = None) -> None:
         super().__init__()
         assert cfg.vocab_size is not None, "the run plan fills in vocab_size"
@@ -314,12 +331,11 @@ class T5(nn.Module):
         decoder_idx: torch.Tensor,
         memory: torch.Tensor,
         pad_mask: torch.Tensor | None = None,
-        caches: tuple[KVCache, KVCache] | None = None,
+        cache: DecoderCache | None = None,
     ) -> torch.Tensor:
         """The decoder's output (B, T, d) for its inputs ``decoder_idx`` (B, T) after ``memory``, the encoder's
-        output of inputs with ``pad_mask``. With ``caches`` (self- and cross-attention) ``decoder_idx`` holds
-        the new positions only."""
-        past = caches[0].length() if caches is not None else 0
+        output of inputs with ``pad_mask``. With a ``cache`` ``decoder_idx`` holds the new positions only."""
+        past = cache.self_attention.length() if cache is not None else 0
         T = decoder_idx.shape[1]
         x = self.dropout(self.tok_emb(decoder_idx))
         bias = self.decoder_bias(T, past + T, first_query=past)
@@ -329,7 +345,7 @@ class T5(nn.Module):
         if memory_bias is None:
             memory_bias = torch.zeros(1, 1, 1, memory.shape[1], dtype=bias.dtype, device=x.device)
         for layer, block in enumerate(self.decoder_blocks):
-            x = block(x, bias, memory, memory_bias, caches, layer)
+            x = block(x, bias, memory, memory_bias, cache, layer)
         return self.dropout(self.decoder_norm(x))
 
     def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -345,40 +361,9 @@ class T5(nn.Module):
             return self.lm_head(hidden)
         return F.linear(self.head_input(hidden), self.tok_emb.weight)
 
-    def shift_right(self, targets: torch.Tensor) -> torch.Tensor:
-        """The decoder's inputs for ``targets``: the start id, then the targets but the last (unscored
-        positions read as the start id, which is the padding id)."""
-        start = torch.full_like(targets[:, :1], self.cfg.decoder_start_id)
-        shifted = torch.cat([start, targets[:, :-1]], dim=1)
-        return shifted.masked_fill(shifted == IGNORE, self.cfg.decoder_start_id)
-
-    def forward(
-        self,
-        idx: torch.Tensor | None,
-        targets: torch.Tensor | None = None,
-        pad_mask: torch.Tensor | None = None,
-        decoder_idx: torch.Tensor | None = None,
-        memory: torch.Tensor | None = None,
-        caches: tuple[KVCache, KVCache] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Without ``targets``: the logits (B, T, vocab) of ``decoder_idx`` after the inputs ``idx``, and
-        None; a generation step passes the inputs' ``memory`` (:meth:`encode`) instead of ``idx`` and the
-        decoder's ``caches`` (:meth:`decode`). With ``targets`` ((B, T), IGNORE where not scored): the
-        predicted ids of the scored positions in row-major order (N,) and their mean cross-entropy, the
-        vocabulary projection run in chunks (``lmscale.models.loss``)."""
-        if memory is None:
-            assert idx is not None, "the encoder needs the inputs"
-            memory = self.encode(idx, pad_mask)
-        if targets is None:
-            assert decoder_idx is not None, "logits need the decoder's inputs"
-            return self.logits(self.decode(decoder_idx, memory, pad_mask, caches)), None
-        hidden = self.decode(self.shift_right(targets), memory, pad_mask)
-        scored = targets != IGNORE
-        loss, predictions = linear_cross_entropy(
-            self.head_input(hidden[scored]), self.head_weight, targets[scored], predictions=True
-        )
-        assert predictions is not None
-        return predictions, loss
+    def new_decoder_cache(self, capacity: int) -> DecoderCache:
+        """What generation carries between decoding steps, for outputs of ``capacity`` tokens."""
+        return DecoderCache(self.cfg.decoder_layers, capacity)
 
 
 def flops_per_token(cfg: T5Config, seq_len: int, predicted_fraction: float = 1.0) -> float:
