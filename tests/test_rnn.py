@@ -3,6 +3,8 @@ state carried between calls) and the FLOPs MFU counts, checked against PyTorch's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -75,3 +77,24 @@ def test_an_unknown_cell_is_one_line_naming_the_field() -> None:
         ConfigError, match=r"^model\.cell: expected one of 'tanh' \| 'lstm' \| 'gru', got 'transformer'$"
     ):
         from_dict({"model": {"family": "rnn", "cell": "transformer"}, "data": {"path": "x"}})
+
+
+def test_fine_tuning_a_language_model_is_refused_in_one_line(tmp_path: Path, dataset: Path) -> None:
+    """A causal model's task fine-tunes for nothing: `lmscale finetune` names the model and what it trained on."""
+    from launcher.finetune import resolve_task
+    from lmscale.config import load_config
+    from lmscale.export.export import write_model_dir
+
+    model = RNN(RNNConfig(d_model=16, n_layers=1, vocab_size=512, seq_len=8))
+    exported = tmp_path / "lm"
+    write_model_dir(model, dataset / "tokenizer.json", exported, "fp32", "5GB")
+    config = tmp_path / "ft.yaml"
+    config.write_text(f"model: {{family: rnn, init_from: {exported}}}\nfinetune: {{train: {tmp_path / 'pairs.jsonl'}}}\n"
+                      f"run: {{dir: {tmp_path / 'run'}}}\n")  # fmt: skip
+    with pytest.raises(ConfigError) as refused:
+        resolve_task(load_config(config), write=True)
+    assert str(refused.value) == (
+        f"model.init_from: {exported} holds a rnn model trained on causal data, which `lmscale finetune` has no "
+        "task for (it trains further models trained on mlm, span_corruption, classification, seq2seq)"
+    )
+    assert not (tmp_path / "run").exists()
