@@ -37,9 +37,10 @@ def exit_process(code: int) -> NoReturn:
     """End a rank or a launcher of ranks. One that finished or saved and stopped (0, 3, 130) has closed all it
     writes (checkpoints synced, W&B finished; logs and console are flushed here), so it skips the interpreter's
     teardown, which spends seconds in library finalizers (measured: 2-4 s per process on CPU ranks) that a job's
-    end, a preemption's save-and-exit and every test's run would wait for. Any other code exits normally, so
-    that the interpreter flushes what an error left open."""
-    if code not in (0, *SAVED_AND_STOPPED):
+    end, a preemption's save-and-exit and every test's run would wait for. A rank whose peer is gone (4) skips
+    it too: the broken process group's threads can abort the teardown. Any other code exits normally, so that
+    the interpreter flushes what an error left open."""
+    if code not in (0, *SAVED_AND_STOPPED, EXIT_PEER_LOST):
         sys.exit(code)
     logging.shutdown()
     sys.stdout.flush()

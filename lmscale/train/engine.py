@@ -63,8 +63,10 @@ def init_distributed(top: Topology, timeout_minutes: float) -> None:
 
 
 def shutdown_distributed() -> None:
-    """Leave the process group after a clean finish (NCCL warns of leaked resources otherwise)."""
-    torch.distributed.destroy_process_group()
+    """Leave the process group, if this rank joined one. Without it NCCL warns of leaked resources, and gloo's
+    threads can abort the process as it exits."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def device() -> torch.device:

@@ -441,7 +441,6 @@ def run(top: topology.Topology, run_dir: Path, resume: str, lease_id: str | None
         exit_code = trainer.fit()
     finally:
         trainer.close(exit_code)
-    shutdown_distributed()
     return exit_code
 
 
@@ -456,13 +455,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         top = topology.detect()
         rank = top.rank
-        return run(top, args.run_dir, args.resume, args.lease)
+        code = run(top, args.run_dir, args.resume, args.lease)
     except LmscaleError as err:
         if not (isinstance(err, AgreedError) and err.quiet):
             print(f"lmscale: error: {one_line(err)}", file=sys.stderr)
-        return err.exit_code
+        code = err.exit_code
     except Exception as err:  # the console gets one line, the rank's log the traceback
-        return report_crash(err, rank_log_path(args.run_dir, rank), rank)
+        code = report_crash(err, rank_log_path(args.run_dir, rank), rank)
+    if code != EXIT_PEER_LOST:
+        # Errors included: gloo's threads outliving the interpreter abort the rank (SIGABRT), which its launcher
+        # would report in place of the rank's own line. Not with a peer gone: NCCL's shutdown would wait for it.
+        shutdown_distributed()
+    return code
 
 
 def report_crash(err: Exception, log_path: Path, rank: int) -> int:
