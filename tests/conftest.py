@@ -213,6 +213,13 @@ def translation_corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pa
     return demo_translation(tmp_path_factory.mktemp("translation"))
 
 
+def first_pairs(pairs: Path, count: int, directory: Path) -> Path:
+    """A pairs file in ``directory`` of the first ``count`` lines of the JSONL file ``pairs``."""
+    subset = directory / f"{pairs.stem}{count}.jsonl"
+    subset.write_text("".join(pairs.read_text(encoding="utf-8").splitlines(keepends=True)[:count]), encoding="utf-8")
+    return subset
+
+
 def bleu_of(result: subprocess.CompletedProcess) -> float:
     """The BLEU `lmscale eval MODEL --data PAIRS` printed."""
     assert result.stdout.startswith("bleu "), result.stdout + result.stderr[-2000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import bleu_of, error_lines, metrics_records, run_cli, sets
+from .conftest import bleu_of, error_lines, first_pairs, metrics_records, run_cli, sets
 
 pytestmark = pytest.mark.slow
 
@@ -54,10 +54,8 @@ def test_a_pretrained_t5_fine_tunes_to_translate_and_its_bleu_is_sacrebleu_over_
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    validation = tmp_path / f"val{VALIDATION_PAIRS}.jsonl"
-    lines = translation["validation"].read_text().splitlines(keepends=True)[:VALIDATION_PAIRS]
-    validation.write_text("".join(lines))
-    rows = [json.loads(line) for line in lines]
+    validation = first_pairs(translation["validation"], VALIDATION_PAIRS, tmp_path)
+    rows = [json.loads(line) for line in validation.read_text().splitlines()]
     sources, references = [r["source"] for r in rows], [r["target"] for r in rows]
     copying = sacrebleu.corpus_bleu(sources, [references]).score
     before_dir = tmp_path / "before"
@@ -106,8 +104,7 @@ def test_under_zero_3_every_rank_generates_its_share_and_validation_equals_eval(
 ) -> None:
     """37 validation pairs on 2 ranks of 16: the last micro-batches are filled with repeats, and the ranks'
     batches finish decoding at different steps, while ZeRO-3 needs both ranks in every forward pass."""
-    validation = tmp_path / "val37.jsonl"
-    validation.write_text("".join(translation["validation"].read_text().splitlines(keepends=True)[:37]))
+    validation = first_pairs(translation["validation"], 37, tmp_path)
     run_dir = tmp_path / "z3"
     result = run_cli(*finetune_args(translation, run_dir, "zero.stage=3", "trainer.max_steps=40",
                                     "trainer.eval_every_steps=20", "finetune.num_beams=1", validation=validation))  # fmt: skip
