@@ -78,13 +78,25 @@ PRETRAINING_CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml") i
 
 
 @pytest.mark.parametrize("config", PRETRAINING_CONFIGS)
-def test_every_shipped_config_dry_runs(config: str, dataset: Path, mlm_dataset: Path, t5_dataset: Path) -> None:
+def test_every_shipped_config_dry_runs(
+    config: str, dataset: Path, mlm_dataset: Path, t5_dataset: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """``lmscale train --dry-run`` in this process: a process of its own would import torch again for each
+    config (tests/test_cli_e2e.py runs the command itself)."""
+    from launcher.cli import build_parser
+    from launcher.train import train
+
     trains_on = task_of(load_config(REPO / "configs" / config).model).name
     data = {"mlm": mlm_dataset, "span_corruption": t5_dataset}.get(trains_on, dataset)
-    result = run_cli("train", f"configs/{config}", "--dry-run", "--nproc", "2", "--set", f"data.path={data}")
-    assert result.returncode == 0, result.stderr
-    assert "train_micro_batch_size_per_gpu" in result.stdout and "zero_optimization" in result.stdout
-    assert "# estimated peak memory per cpu rank:" in result.stdout and "activations" in result.stdout
+    monkeypatch.chdir(REPO)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    code = train(build_parser().parse_args(["train", f"configs/{config}", "--dry-run", "--nproc", "2", "--set",
+                                            f"data.path={data}"]))  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "train_micro_batch_size_per_gpu" in printed.out and "zero_optimization" in printed.out
+    assert "# estimated peak memory per cpu rank:" in printed.out and "activations" in printed.out
 
 
 def test_cli_config_error_is_one_line_exit_2(tmp_path: Path) -> None:
