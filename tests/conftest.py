@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -236,6 +238,22 @@ def run_cli(
         [sys.executable, "-m", "launcher", *args], cwd=cwd or REPO, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )  # fmt: skip
+
+
+def run_here(*args: str) -> subprocess.CompletedProcess:
+    """``lmscale ARGS`` in the test's own process, for the commands that start no ranks (export, eval, generate,
+    report): a process of their own imports torch and transformers again, about 3 s a call. Its result reads as
+    ``run_cli``'s; a test of what the command's process does (its imports, its exit) runs ``run_cli``."""
+    from launcher.cli import main
+
+    assert args[0] in ("export", "eval", "generate", "report"), args
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.chdir(REPO), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as exit:  # argparse's refusals
+            code = exit.code if isinstance(exit.code, int) else 2
+    return subprocess.CompletedProcess(["lmscale", *args], code, out.getvalue(), err.getvalue())
 
 
 def damage_first_training_shard(dataset: Path, copy: Path) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import config_args, error_lines, metrics_records, run_cli, sets
+from .conftest import config_args, error_lines, metrics_records, run_cli, run_here, sets
 
 pytestmark = pytest.mark.slow
 
@@ -95,19 +95,19 @@ def test_a_pretrained_bert_exports_to_a_fill_mask_pipeline_and_scores_on_held_ou
     from transformers import AutoModelForMaskedLM, pipeline
 
     out = tmp_path / "exported"
-    result = run_cli("export", str(bert_run), "--output", str(out))
+    result = run_here("export", str(bert_run), "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "BertForMaskedLM" in result.stdout
     assert type(AutoModelForMaskedLM.from_pretrained(out)).__name__ == "BertForMaskedLM"
     filled = pipeline("fill-mask", model=str(out), top_k=5)("return the [MASK] of the object.")
     assert len(filled) == 5 and all(0.0 < f["score"] < 1.0 for f in filled)
     # The export and the run score the validation split alike (the same weights, the same seeded masks).
-    scored = [run_cli("eval", str(model), "--data", str(mlm_dataset)) for model in (out, bert_run)]
+    scored = [run_here("eval", str(model), "--data", str(mlm_dataset)) for model in (out, bert_run)]
     assert all(r.returncode == 0 for r in scored), scored[0].stderr[-2000:] + scored[1].stderr[-2000:]
     assert scored[0].stdout == scored[1].stdout
     loss, accuracy = (float(scored[0].stdout.split()[i]) for i in (1, 3))
     assert scored[0].stdout.split()[2] == "mlm_accuracy" and 0.0 < accuracy < 1.0 and loss < 6.0
-    text = run_cli("eval", str(out), "--data", str(corpus_dir), "--max-batches", "4")
+    text = run_here("eval", str(out), "--data", str(corpus_dir), "--max-batches", "4")
     assert text.returncode == 0 and "masked tokens, 0.15 masked)" in text.stdout, text.stderr[-2000:]
 
 
@@ -144,11 +144,11 @@ def test_a_pretrained_run_fine_tunes_into_a_classifier_well_above_chance(
     best = [r for r in records if r.get("event") == "checkpoint" and r.get("best")]
     assert best[-1]["step"] == min(s for s in scores if scores[s]["val_accuracy"] == scores[best_step]["val_accuracy"])
     assert (run_dir / "checkpoints" / "best").read_text() == f"step_{best[-1]['step']:08d}"
-    report = run_cli("report", str(run_dir))
+    report = run_here("report", str(run_dir))
     assert f"best val acc     {scores[best_step]['val_accuracy']:.4f} (step {best[-1]['step']})" in report.stdout
 
     out = tmp_path / "exported"
-    exported = run_cli("export", str(run_dir), "--output", str(out))
+    exported = run_here("export", str(run_dir), "--output", str(out))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"step_{best[-1]['step']:08d}" in exported.stdout and "BertForSequenceClassification" in exported.stdout
     config = AutoConfig.from_pretrained(out)
@@ -158,7 +158,7 @@ def test_a_pretrained_run_fine_tunes_into_a_classifier_well_above_chance(
     predicted = [p["label"] for p in classify([r["text"] for r in rows])]
     agreement = sum(p == r["label"] for p, r in zip(predicted, rows, strict=True)) / len(rows)
     assert agreement == pytest.approx(scores[best_step]["val_accuracy"], abs=1e-9)
-    scored = run_cli("eval", str(out), "--data", str(classification_task[1]))
+    scored = run_here("eval", str(out), "--data", str(classification_task[1]))
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert scored.stdout.startswith(f"accuracy {agreement:.4f}  macro_f1 ")
 

@@ -16,7 +16,7 @@ from lmscale.data.tokenizer import end_token_id, load_tokenizer
 from lmscale.errors import UsageError
 from lmscale.hf.directory import load_hf_model
 
-from .conftest import error_lines, metrics_records, run_cli
+from .conftest import error_lines, metrics_records, run_here
 from .distributed import train_in_process
 
 pytestmark = pytest.mark.slow
@@ -86,10 +86,10 @@ def test_multiple_choice_scores_are_lm_evaluation_harness_scores(
     task_file = tmp_path / "docstrings.jsonl"
     docstring_task(task_file)
     export = tmp_path / "export"
-    exported = run_cli("export", str(two_rank_reference), "--output", str(export))
+    exported = run_here("export", str(two_rank_reference), "--output", str(export))
     assert exported.returncode == 0, exported.stderr[-3000:]
 
-    from_export = run_cli("eval", str(export), "--task", str(task_file))
+    from_export = run_here("eval", str(export), "--task", str(task_file))
     assert from_export.returncode == 0, from_export.stderr[-3000:]
     printed = re.fullmatch(r"acc (\S+)  acc_norm (\S+)  \(60 examples, 4 choices\)\n", from_export.stdout)
     assert printed is not None, from_export.stdout
@@ -122,7 +122,7 @@ def test_a_bad_task_file_fails_in_one_line(two_rank_reference: Path, tmp_path: P
     )
     with pytest.raises(UsageError, match=r"bad.jsonl:2: 'choices' must be a list of at least two strings"):
         read_task(bad)
-    result = run_cli("eval", str(two_rank_reference), "--task", str(bad))
+    result = run_here("eval", str(two_rank_reference), "--task", str(bad))
     assert result.returncode == 2
     assert error_lines(result.stderr) == [f"lmscale: error: {bad}:2: 'choices' must be a list of at least two strings"]
 
@@ -143,13 +143,13 @@ def test_downstream_tasks_score_on_every_rank_during_training_as_eval_scores_the
     train_in_process(dataset, run_dir, 2, "zero.stage=3", "trainer.max_steps=6", f"trainer.downstream={task}")
     logged = {r["step"]: r for r in metrics_records(run_dir) if "downstream/docs/acc" in r}
     assert sorted(logged) == [3, 6]
-    scored = run_cli("eval", str(run_dir), "--task", str(task_file))  # the latest checkpoint: step 6
+    scored = run_here("eval", str(run_dir), "--task", str(task_file))  # the latest checkpoint: step 6
     assert scored.returncode == 0, scored.stderr[-2000:]
     printed = re.fullmatch(r"acc (\S+)  acc_norm (\S+)  \(41 examples, 3/4 choices\)\n", scored.stdout)
     assert printed is not None, scored.stdout
     assert float(printed.group(1)) == pytest.approx(logged[6]["downstream/docs/acc"], abs=5e-5)
     assert float(printed.group(2)) == pytest.approx(logged[6]["downstream/docs/acc_norm"], abs=5e-5)
-    report = run_cli("report", str(run_dir), "--output", str(tmp_path / "report.png"))
+    report = run_here("report", str(run_dir), "--output", str(tmp_path / "report.png"))
     assert report.returncode == 0, report.stderr[-2000:]
     acc, norm = logged[6]["downstream/docs/acc"], logged[6]["downstream/docs/acc_norm"]
     assert re.search(rf"docs acc / acc_norm +{acc:.4f} / {norm:.4f} \(step 6\)", report.stdout), report.stdout

@@ -20,7 +20,7 @@ from lmscale.inference.generate import SamplingOptions, generate
 from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.train.checkpoint_manifest import digest
 
-from .conftest import TINY_OVERRIDES, run_cli
+from .conftest import TINY_OVERRIDES, run_cli, run_here
 
 FLAVORS = {
     "gpt2": dict(flavor="gpt2"),
@@ -119,7 +119,7 @@ def test_train_export_load_with_transformers(flavor: str, stage: int, dataset: P
     extra = ["model.flavor=llama", "model.n_kv_heads=2", "model.tie_embeddings=false"] if flavor == "llama" else []
     run_dir, out = tmp_path / "run", tmp_path / "exported"
     train(run_dir, dataset, f"zero.stage={stage}", "trainer.max_steps=3", "trainer.eval_every_steps=3", *extra)
-    result = run_cli("export", str(run_dir), "--output", str(out))
+    result = run_here("export", str(run_dir), "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "logits check: max |diff|" in result.stdout
     for name in (
@@ -138,7 +138,7 @@ def test_train_export_load_with_transformers(flavor: str, stage: int, dataset: P
     val_loss = next(r["val_loss"] for r in logged if "val_loss" in r)
     assert validation_loss(model.eval(), dataset) == pytest.approx(val_loss, abs=1e-5)
     assert_matches_transformers(model, out)
-    gen = run_cli("generate", str(out), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature", "0")
+    gen = run_here("generate", str(out), "--prompt", "Return the", "--max-new-tokens", "8", "--temperature", "0")
     assert gen.returncode == 0 and gen.stdout.startswith("Return the"), gen.stderr
 
 
@@ -147,7 +147,7 @@ def test_export_then_init_from_continues_from_the_same_weights(
     dataset: Path, three_steps: Path, tmp_path: Path
 ) -> None:
     out, second = tmp_path / "exported", tmp_path / "second"
-    assert run_cli("export", str(three_steps), "--output", str(out)).returncode == 0
+    assert run_here("export", str(three_steps), "--output", str(out)).returncode == 0
     # ZeRO-3 reads the weights on rank 0 and writes them into the partitioned model one parameter at a time.
     for stage in (2, 3):
         train(second / str(stage), dataset, "trainer.max_steps=1", f"model.init_from={out}", f"zero.stage={stage}")
@@ -190,25 +190,25 @@ def test_export_bad_inputs(dataset: Path, three_steps: Path, tmp_path: Path) -> 
     run_dir = tmp_path / "run"
     empty = tmp_path / "empty"
     (empty / "checkpoints").mkdir(parents=True)
-    result = run_cli("export", str(empty), "--output", str(tmp_path / "x"))
+    result = run_here("export", str(empty), "--output", str(tmp_path / "x"))
     assert result.returncode == 1 and "no complete checkpoint to export" in result.stderr
     shutil.copytree(three_steps, run_dir)
     # A damaged tag: a file of its manifest is gone.
     half = run_dir / "checkpoints" / "step_00000009"
     shutil.copytree(run_dir / "checkpoints" / "step_00000003", half)
     (half / "lmscale_state.json").unlink()
-    result = run_cli("export", str(run_dir), "--checkpoint", "step_00000009", "--output", str(tmp_path / "x"))
+    result = run_here("export", str(run_dir), "--checkpoint", "step_00000009", "--output", str(tmp_path / "x"))
     assert result.returncode == 1
     assert f"checkpoint step_00000009 fails verification: {half}/lmscale_state.json: missing" in result.stderr
     # latest (step 3) is exported.
-    ok = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
+    ok = run_here("export", str(run_dir), "--output", str(tmp_path / "ok"))
     assert ok.returncode == 0 and "step_00000003" in ok.stdout
     # eval takes the run directory too (consolidating its latest checkpoint) and scores like the export.
-    from_run = run_cli("eval", str(run_dir), "--data", str(dataset))
-    from_export = run_cli("eval", str(tmp_path / "ok"), "--data", str(dataset))
+    from_run = run_here("eval", str(run_dir), "--data", str(dataset))
+    from_export = run_here("eval", str(tmp_path / "ok"), "--data", str(dataset))
     assert from_run.returncode == 0 and from_export.returncode == 0, from_run.stderr[-2000:]
     assert from_run.stdout == from_export.stdout and len(from_run.stdout.splitlines()) == 1
-    again = run_cli("export", str(run_dir), "--output", str(tmp_path / "ok"))
+    again = run_here("export", str(run_dir), "--output", str(tmp_path / "ok"))
     assert again.returncode == 2 and "output exists (pass --overwrite" in again.stderr
     # A checkpoint whose recorded config describes another model shape.
     state_file = run_dir / "checkpoints" / "step_00000003" / "lmscale_state.json"
@@ -219,7 +219,7 @@ def test_export_bad_inputs(dataset: Path, three_steps: Path, tmp_path: Path) -> 
     manifest = json.loads(manifest_file.read_text())
     manifest["files"]["lmscale_state.json"] = dict(zip(("size", "sha256"), digest(state_file), strict=True))
     manifest_file.write_text(json.dumps(manifest))
-    result = run_cli("export", str(run_dir), "--output", str(tmp_path / "y"))
+    result = run_here("export", str(run_dir), "--output", str(tmp_path / "y"))
     assert result.returncode == 1 and "a checkpoint of another model shape" in result.stderr
     assert len(result.stderr.strip().splitlines()) <= 3
 
@@ -254,12 +254,12 @@ def test_eval_reports_the_models_loss_on_a_dataset_and_on_text(dataset: Path, co
     with torch.no_grad():
         tokens = torch.from_numpy(rows.astype(np.int64))
         expected = model(tokens[:, :-1], tokens[:, 1:])[1].item()
-    result = run_cli("eval", str(out), "--data", str(dataset), "--batch-size", "1000")
+    result = run_cli("eval", str(out), "--data", str(dataset), "--batch-size", "1000")  # as its own process
     assert result.returncode == 0, result.stderr
     loss = float(result.stdout.split()[1])
     assert loss == pytest.approx(expected, abs=1e-4)
     assert f"({rows.shape[0] * 64:,} tokens)" in result.stdout
-    text = run_cli("eval", str(out), "--data", str(corpus_dir / "stdlib-docs-0.jsonl"))
+    text = run_here("eval", str(out), "--data", str(corpus_dir / "stdlib-docs-0.jsonl"))
     assert text.returncode == 0 and "perplexity" in text.stdout, text.stderr
 
 

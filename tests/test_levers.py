@@ -11,7 +11,7 @@ from lmscale.models.bert import Bert, BertConfig
 from lmscale.models.gpt import GPT, GPTConfig
 from lmscale.train.levers import apply_activation_checkpointing, recomputed_blocks
 
-from .conftest import FORTY_STEPS, losses, metrics_records, run_cli
+from .conftest import FORTY_STEPS, losses, metrics_records, run_cli, run_here
 from .distributed import train_in_process
 
 
@@ -157,7 +157,7 @@ def test_a_bf16_zero1_run_on_cpu_ranks_accumulates_in_fp32_resumes_exactly_and_e
     assert losses(part) == losses(full) and sorted(losses(full)) == list(range(1, 7))
     assert losses(full)[6] < losses(full)[1]
     assert written_by_bf16_optimizer(full / "checkpoints" / "step_00000006")
-    result = run_cli("export", str(full), "--output", str(out))
+    result = run_here("export", str(full), "--output", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "logits check: max |diff|" in result.stdout
     from transformers import AutoModelForCausalLM

@@ -13,7 +13,7 @@ from lmscale.report import summarize, write_report
 from lmscale.train.metrics import wandb_mode
 from lmscale.train.peak import gpu_peak_flops, measure_cpu_peak_flops
 
-from .conftest import run_cli
+from .conftest import run_cli, run_here
 
 
 def test_peak_flops_table_and_cpu_measurement() -> None:
@@ -71,7 +71,7 @@ def test_summary_values(tmp_path: Path) -> None:
 
 def test_report_renders_png_and_html(tmp_path: Path) -> None:
     run = synthetic_run(tmp_path)
-    result = run_cli("report", str(run), "--output", str(tmp_path / "r.png"))
+    result = run_cli("report", str(run), "--output", str(tmp_path / "r.png"))  # as its own process
     assert result.returncode == 0, result.stderr
     assert "best val loss    5.2000 (step 30)" in result.stdout and "resumes          1" in result.stdout
     image = np.asarray(Image.open(tmp_path / "r.png").convert("L"))
@@ -80,7 +80,7 @@ def test_report_renders_png_and_html(tmp_path: Path) -> None:
     write_report(run, tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert "<th>mean MFU</th><td>30.00%</td>" in page and "data:image/png;base64," in page
-    bad = run_cli("report", str(tmp_path), "--output", str(tmp_path / "x.png"))
+    bad = run_here("report", str(tmp_path), "--output", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "metrics.jsonl: no metrics" in bad.stderr
 
 

@@ -26,7 +26,7 @@ from lmscale.data.shard_cache import ShardCache
 from lmscale.data.stream import CorruptShard, ShardStream, StreamSource, read_shard, split_shards
 from lmscale.errors import UsageError
 
-from .conftest import error_lines, losses, run_cli, train_args
+from .conftest import error_lines, losses, run_cli, run_here, train_args
 from .distributed import free_port
 from .test_prepare import corpus_documents
 
@@ -237,9 +237,9 @@ def test_training_from_s3_through_dropped_connections_trains_as_from_local_disk_
     # The run keeps the dataset's tokenizer, so that it exports and evaluates without the bucket.
     assert (run_dir / "tokenizer.json").read_bytes() == (dataset / "tokenizer.json").read_bytes()
     export = tmp_path / "export"
-    assert run_cli("export", str(run_dir), "--output", str(export)).returncode == 0
-    remote = run_cli("eval", str(export), "--data", remote_dataset)
-    local = run_cli("eval", str(export), "--data", str(dataset))
+    assert run_here("export", str(run_dir), "--output", str(export)).returncode == 0
+    remote = run_here("eval", str(export), "--data", remote_dataset)
+    local = run_here("eval", str(export), "--data", str(dataset))
     assert remote.returncode == 0, remote.stderr[-3000:]
     assert remote.stdout == local.stdout and "perplexity" in remote.stdout
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import bleu_of, first_pairs, metrics_records, run_cli, sets
+from .conftest import bleu_of, first_pairs, metrics_records, run_cli, run_here, sets
 
 pytestmark = pytest.mark.slow
 
@@ -46,8 +46,8 @@ def test_the_recurrent_encoder_decoder_fine_tunes_to_translate_under_zero_3_and_
     validation = first_pairs(translation_corpus["validation"], VALIDATION_PAIRS, tmp_path)
     scoring = ["--data", str(validation), "--num-beams", "1", "--max-new-tokens", str(BUDGET)]
     before_dir = tmp_path / "before"
-    assert run_cli("export", str(pretrained), "--output", str(before_dir)).returncode == 0
-    before = run_cli("eval", str(before_dir), *scoring, "--batch-size", "16")  # it writes to the budget: batched
+    assert run_here("export", str(pretrained), "--output", str(before_dir)).returncode == 0
+    before = run_here("eval", str(before_dir), *scoring, "--batch-size", "16")  # it writes to the budget: batched
     assert bleu_of(before) < 0.1, before.stdout
 
     run_dir = tmp_path / "ft"
@@ -64,16 +64,16 @@ def test_the_recurrent_encoder_decoder_fine_tunes_to_translate_under_zero_3_and_
 
     # The export is lmscale's own directory (transformers has no class for it): eval and generate load it.
     export = tmp_path / "export"
-    exported = run_cli("export", str(run_dir), "--output", str(export))
+    exported = run_here("export", str(run_dir), "--output", str(export))
     assert exported.returncode == 0 and "step_00000500" in exported.stdout, exported.stderr[-2000:]
     config = json.loads((export / "config.json").read_text())
     assert config["architectures"] == ["lmscale rnn (lstm encoder-decoder, additive attention)"]
     assert config["lmscale_model"]["data_format"] == "seq2seq" and config["lmscale_model"]["encoder_decoder"]
     outputs = tmp_path / "outputs.jsonl"
     # One pair at a time, as tests/test_t5_finetune.py scores its ZeRO-3 export against validation.
-    scored = run_cli("eval", str(export), *scoring, "--batch-size", "1", "--outputs", str(outputs))
+    scored = run_here("eval", str(export), *scoring, "--batch-size", "1", "--outputs", str(outputs))
     assert bleu_of(scored) == round(scores[500]["val_bleu"], 2), scored.stdout
     first = json.loads(outputs.read_text().splitlines()[0])
-    written = run_cli("generate", str(export), "--prompt", first["source"], "--max-new-tokens", str(BUDGET))
+    written = run_here("generate", str(export), "--prompt", first["source"], "--max-new-tokens", str(BUDGET))
     assert written.returncode == 0, written.stderr[-2000:]
     assert written.stdout.splitlines()[:2] == [f"=== {first['source']}", first["output"]], written.stdout

@@ -13,7 +13,7 @@ import torch
 from lmscale.data.tokenizer import end_token_id, load_tokenizer
 from lmscale.hf.directory import load_hf_model
 
-from .conftest import config_args, metrics_records, run_cli, sets
+from .conftest import config_args, metrics_records, run_cli, run_here, sets
 from .test_export import validation_loss
 
 pytestmark = pytest.mark.slow
@@ -61,7 +61,7 @@ def test_a_recurrent_lm_trains_resumes_exactly_and_its_export_scores_as_the_run(
     assert [step_losses(again_dir)[s] for s in range(11, 21)] == [losses[s] for s in range(11, 21)]
 
     export = tmp_path / "export"
-    exported = run_cli("export", str(run_dir), "--output", str(export))
+    exported = run_here("export", str(run_dir), "--output", str(export))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"lmscale rnn ({cell})" in exported.stdout and "logits check: max |diff| 0 " in exported.stdout
     assert sorted(p.name for p in export.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
@@ -69,8 +69,8 @@ def test_a_recurrent_lm_trains_resumes_exactly_and_its_export_scores_as_the_run(
     model, _ = load_hf_model(export)
     val_loss = [r["val_loss"] for r in metrics_records(run_dir) if r.get("step") == 20 and "val_loss" in r]
     assert validation_loss(model, dataset, micro_batch=4, batches=2) == pytest.approx(val_loss[0], abs=1e-5)
-    of_export = printed_loss(run_cli("eval", str(export), "--data", str(dataset)))
-    by_position = run_cli("eval", str(run_dir), "--data", str(dataset), "--per-position")
+    of_export = printed_loss(run_here("eval", str(export), "--data", str(dataset)))
+    by_position = run_here("eval", str(run_dir), "--data", str(dataset), "--per-position")
     assert printed_loss(by_position) == of_export, by_position.stdout
     written = json.loads((run_dir / "per_position.json").read_text())
     curve = written["per_position_loss"]
@@ -113,7 +113,7 @@ def test_zero_3_partitions_the_fused_lstm_weights_and_trains_as_zero_2(dataset: 
     assert runs[3] == pytest.approx(runs[2], abs=1e-6)
 
     # The two runs compared: a table with a row each, and their curves overlaid under a legend.
-    report = run_cli("report", str(tmp_path / "zero2"), str(tmp_path / "zero3"), "--output", str(tmp_path / "c.png"))
+    report = run_here("report", str(tmp_path / "zero2"), str(tmp_path / "zero3"), "--output", str(tmp_path / "c.png"))
     assert report.returncode == 0, report.stderr[-2000:]
     header, *rows = report.stdout.splitlines()[:3]
     assert header.split("  ")[0] == "run" and [row.split()[0] for row in rows] == ["zero2", "zero3"]

@@ -166,7 +166,7 @@ def test_eval_on_pairs_scores_transformers_outputs_with_sacrebleu(t5_dataset: Pa
     from lmscale.data.translation_pairs import language_pairs
     from lmscale.export.export import write_hf_dir
 
-    from .conftest import error_lines, run_cli
+    from .conftest import error_lines, run_here
 
     torch.manual_seed(4)
     write_hf_dir(T5(tiny(vocab_size=600, n_decoder_layers=2)), t5_dataset / "tokenizer.json", tmp_path / "export",
@@ -174,7 +174,7 @@ def test_eval_on_pairs_scores_transformers_outputs_with_sacrebleu(t5_dataset: Pa
     pairs = language_pairs("de")["validation"][:24]
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"source": p.source, "target": p.target}) + "\n" for p in pairs))
-    result = run_cli("eval", str(tmp_path / "export"), "--data", str(data), "--max-new-tokens", "10",
+    result = run_here("eval", str(tmp_path / "export"), "--data", str(data), "--max-new-tokens", "10",
                      "--outputs", str(tmp_path / "outputs.jsonl"))  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "export"))
@@ -192,6 +192,6 @@ def test_eval_on_pairs_scores_transformers_outputs_with_sacrebleu(t5_dataset: Pa
         ('{"source": "a", "target": "b"}\n{"source": "c", "target": " "}', "2: 'target' is empty"),
     ):
         (tmp_path / "bad.jsonl").write_text(row + "\n")
-        bad = run_cli("eval", str(tmp_path / "export"), "--data", str(tmp_path / "bad.jsonl"))
+        bad = run_here("eval", str(tmp_path / "export"), "--data", str(tmp_path / "bad.jsonl"))
         assert bad.returncode == 2
         assert error_lines(bad.stderr) == [f"lmscale: error: {tmp_path / 'bad.jsonl'}:{fault}"]

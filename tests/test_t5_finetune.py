@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import bleu_of, error_lines, first_pairs, metrics_records, run_cli, sets
+from .conftest import bleu_of, error_lines, first_pairs, metrics_records, run_cli, run_here, sets
 
 pytestmark = pytest.mark.slow
 
@@ -59,10 +59,10 @@ def test_a_pretrained_t5_fine_tunes_to_translate_and_its_bleu_is_sacrebleu_over_
     sources, references = [r["source"] for r in rows], [r["target"] for r in rows]
     copying = sacrebleu.corpus_bleu(sources, [references]).score
     before_dir = tmp_path / "before"
-    assert run_cli("export", str(translation["pretrained"]), "--output", str(before_dir)).returncode == 0
+    assert run_here("export", str(translation["pretrained"]), "--output", str(before_dir)).returncode == 0
     # Greedy and batched, to save suite time: the model before fine-tuning writes every output to the budget
     # (with 4 beams, one pair at a time, it scored 0 too).
-    before = bleu_of(run_cli("eval", str(before_dir), "--data", str(validation), "--batch-size", "16",
+    before = bleu_of(run_here("eval", str(before_dir), "--data", str(validation), "--batch-size", "16",
                              "--max-new-tokens", str(BUDGET)))  # fmt: skip
 
     run_dir = tmp_path / "ft"
@@ -81,12 +81,12 @@ def test_a_pretrained_t5_fine_tunes_to_translate_and_its_bleu_is_sacrebleu_over_
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["finetune"]["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
     assert config["model"]["data_format"] == "seq2seq" and config["finetune"]["num_beams"] == 4
-    report = run_cli("report", str(run_dir))
+    report = run_here("report", str(run_dir))
     assert f"best val BLEU    {best:.4f} (step {best_step})" in report.stdout, report.stdout
 
     # The export holds the best checkpoint; transformers' beam search over it scores what validation scored.
     export = tmp_path / "export"
-    exported = run_cli("export", str(run_dir), "--output", str(export))
+    exported = run_here("export", str(run_dir), "--output", str(export))
     assert exported.returncode == 0 and f"step_{best_step:08d}" in exported.stdout, exported.stderr[-2000:]
     tok = AutoTokenizer.from_pretrained(str(export))
     theirs = AutoModelForSeq2SeqLM.from_pretrained(str(export)).eval()
@@ -112,8 +112,8 @@ def test_under_zero_3_every_rank_generates_its_share_and_validation_equals_eval(
     scores = {r["step"]: r for r in metrics_records(run_dir) if "val_bleu" in r}
     assert sorted(scores) == [20, 40]
     export = tmp_path / "export"
-    assert run_cli("export", str(run_dir), "--output", str(export), "--checkpoint", "step_00000040").returncode == 0
-    scored = run_cli("eval", str(export), "--data", str(validation), "--batch-size", "1")
+    assert run_here("export", str(run_dir), "--output", str(export), "--checkpoint", "step_00000040").returncode == 0
+    scored = run_here("eval", str(export), "--data", str(validation), "--batch-size", "1")
     assert bleu_of(scored) == round(scores[40]["val_bleu"], 2)
 
 

@@ -15,7 +15,7 @@ from lmscale.data.shard import PrepareOptions, prepare
 from lmscale.data.span_corruption import Lengths
 from lmscale.errors import UsageError
 
-from .conftest import config_args, metrics_records, run_cli, sets
+from .conftest import config_args, metrics_records, run_cli, run_here, sets
 
 pytestmark = pytest.mark.slow
 
@@ -65,7 +65,7 @@ def test_t5_pretrains_under_zero_2_resumes_exactly_and_exports_to_transformers(
     assert [step_records(again_dir)[s]["loss"] for s in range(11, 21)] == [steps[s]["loss"] for s in range(11, 21)]
 
     export = tmp_path / "export"
-    exported = run_cli("export", str(run_dir), "--output", str(export))
+    exported = run_here("export", str(run_dir), "--output", str(export))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "T5ForConditionalGeneration" in exported.stdout and "transformers" not in exported.stderr
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
@@ -86,14 +86,14 @@ def test_t5_pretrains_under_zero_2_resumes_exactly_and_exports_to_transformers(
     torch.testing.assert_close(logits, reference, atol=1e-4, rtol=1e-4)
     # `lmscale generate` on the export: transformers' beam search output, as text.
     text = "Return the <extra_id_0> of a list."
-    generated = run_cli("generate", str(export), "--input", text, "--num-beams", "3", "--max-new-tokens", "8")
+    generated = run_here("generate", str(export), "--input", text, "--num-beams", "3", "--max-new-tokens", "8")
     assert generated.returncode == 0, generated.stderr[-3000:]
     beams = theirs.generate(**tok(text, return_tensors="pt"), num_beams=3, max_new_tokens=8)[0]
     expected = tok.decode([t for t in beams.tolist()[1:] if t not in (tok.eos_token_id, tok.pad_token_id)])
     assert generated.stdout.splitlines()[:2] == [f"=== {text}", expected]
     # The loss on the validation split's corrupted samples, from the run and from its export alike.
-    from_run = run_cli("eval", str(run_dir), "--data", str(t5_dataset))
-    from_export = run_cli("eval", str(export), "--data", str(t5_dataset))
+    from_run = run_here("eval", str(run_dir), "--data", str(t5_dataset))
+    from_export = run_here("eval", str(export), "--data", str(t5_dataset))
     assert from_run.returncode == 0, from_run.stderr[-3000:]
     assert from_run.stdout == from_export.stdout and "target tokens" in from_run.stdout
     assert float(from_run.stdout.split()[1]) == pytest.approx(steps[20]["val_loss"], abs=0.3)
