@@ -243,7 +243,10 @@ def run_cli(
 def run_here(*args: str) -> subprocess.CompletedProcess:
     """``lmscale ARGS`` in the test's own process, for the commands that start no ranks (export, eval, generate,
     report): a process of their own imports torch and transformers again, about 3 s a call. Its result reads as
-    ``run_cli``'s; a test of what the command's process does (its imports, its exit) runs ``run_cli``."""
+    ``run_cli``'s. ``run_cli`` stays for a test of what the command's process does (its imports, its exit),
+    and for outputs compared exactly with what ranks decoded: in the full suite, after other tests ran in
+    this process, an in-process eval's beams once scored BLEU 0.51 where validation and a fresh process
+    scored 0.54."""
     from launcher.cli import main
 
     assert args[0] in ("export", "eval", "generate", "report"), args

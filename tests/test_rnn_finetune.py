@@ -71,9 +71,9 @@ def test_the_recurrent_encoder_decoder_fine_tunes_to_translate_under_zero_3_and_
     assert config["lmscale_model"]["data_format"] == "seq2seq" and config["lmscale_model"]["encoder_decoder"]
     outputs = tmp_path / "outputs.jsonl"
     # One pair at a time, as tests/test_t5_finetune.py scores its ZeRO-3 export against validation.
-    scored = run_here("eval", str(export), *scoring, "--batch-size", "1", "--outputs", str(outputs))
+    scored = run_cli("eval", str(export), *scoring, "--batch-size", "1", "--outputs", str(outputs))  # see run_here
     assert bleu_of(scored) == round(scores[500]["val_bleu"], 2), scored.stdout
     first = json.loads(outputs.read_text().splitlines()[0])
-    written = run_here("generate", str(export), "--prompt", first["source"], "--max-new-tokens", str(BUDGET))
+    written = run_cli("generate", str(export), "--prompt", first["source"], "--max-new-tokens", str(BUDGET))
     assert written.returncode == 0, written.stderr[-2000:]
     assert written.stdout.splitlines()[:2] == [f"=== {first['source']}", first["output"]], written.stdout

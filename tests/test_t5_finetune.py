@@ -113,7 +113,7 @@ def test_under_zero_3_every_rank_generates_its_share_and_validation_equals_eval(
     assert sorted(scores) == [20, 40]
     export = tmp_path / "export"
     assert run_here("export", str(run_dir), "--output", str(export), "--checkpoint", "step_00000040").returncode == 0
-    scored = run_here("eval", str(export), "--data", str(validation), "--batch-size", "1")
+    scored = run_cli("eval", str(export), "--data", str(validation), "--batch-size", "1")  # see run_here
     assert bleu_of(scored) == round(scores[40]["val_bleu"], 2)
 
 
